@@ -1,1 +1,42 @@
-"""kernels."""
+"""kernels: stateless tensor ops over a block-paged KV cache.
+
+Triton kernels with pure-torch references of the same signatures. Each public op takes
+`backend="auto" | "triton" | "torch"`: "auto" runs the Triton kernel on CUDA tensors
+and the reference on CPU tensors. The package imports without Triton (the references
+still work); the kernel modules (`*_kernel.py`) are imported on first Triton use.
+
+KV storage is one block-major tensor `kv: [num_blocks, num_layers, 2, block_size,
+num_kv_heads, head_dim]`; attention and `store_kv` take the per-layer views
+`kv[:, layer, 0]` (K) and `kv[:, layer, 1]` (V), `copy_blocks` takes whole pools.
+"""
+
+from __future__ import annotations
+
+from kernels._triton import HAS_TRITON, TRITON_VERSION, Backend
+from kernels.copy import copy_blocks
+from kernels.decode import DecodePlan, decode_workspace, paged_decode, plan_decode
+from kernels.prefill import paged_prefill
+from kernels.reference import (
+    copy_blocks_reference,
+    paged_decode_reference,
+    paged_prefill_reference,
+    store_kv_reference,
+)
+from kernels.store import store_kv
+
+__all__ = [
+    "HAS_TRITON",
+    "TRITON_VERSION",
+    "Backend",
+    "DecodePlan",
+    "copy_blocks",
+    "copy_blocks_reference",
+    "decode_workspace",
+    "paged_decode",
+    "paged_decode_reference",
+    "paged_prefill",
+    "paged_prefill_reference",
+    "plan_decode",
+    "store_kv",
+    "store_kv_reference",
+]
