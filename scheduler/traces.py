@@ -16,6 +16,7 @@ Paths ending in `.gz` are read and written gzip-compressed.
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import math
 import os
@@ -80,19 +81,32 @@ class TraceFormatError(ValueError):
 # -- reading lines --------------------------------------------------------------------
 
 
-def _open(path: PathLike, *, write: bool) -> IO[str]:
-    """Open a text file for reading or writing, gzip-compressed when named `*.gz`."""
+def _open_text_writer(path: PathLike) -> IO[str]:
+    """Open a text file for writing, gzip-compressed when named `*.gz`."""
     if os.fspath(path).endswith(".gz"):
-        if write:
-            return gzip.open(path, "wt", encoding="utf-8")
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, "w" if write else "r", encoding="utf-8")
+        return gzip.open(path, "wt", encoding="utf-8", compresslevel=6)
+    return open(path, "w", encoding="utf-8")
+
+
+def _open_binary_reader(path: PathLike) -> io.BufferedIOBase:
+    """Open a file for reading bytes, decompressing when named `*.gz`."""
+    if os.fspath(path).endswith(".gz"):
+        return gzip.open(path, "rb")
+    return open(path, "rb")
 
 
 def _json_lines(path: PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield `(line_number, object)` for each non-blank line; raise on bad JSON."""
-    with _open(path, write=False) as f:
-        for line_number, line in enumerate(f, start=1):
+    with _open_binary_reader(path) as f:
+        for line_number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise TraceFormatError(
+                    path,
+                    line_number,
+                    f"not UTF-8 text: byte {raw[exc.start]:#04x} at column {exc.start + 1}",
+                ) from None
             if not line.strip():
                 continue
             try:
@@ -101,8 +115,6 @@ def _json_lines(path: PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
                 raise TraceFormatError(
                     path, line_number, f"invalid JSON: {exc.msg} (column {exc.colno})"
                 ) from None
-            except UnicodeDecodeError as exc:
-                raise TraceFormatError(path, line_number, f"not UTF-8 text: {exc}") from None
             if not isinstance(obj, dict):
                 raise TraceFormatError(
                     path, line_number, f"expected a JSON object, got {_json_type(obj)}"
@@ -221,7 +233,7 @@ def write_trace(workload: Workload, path: PathLike) -> None:
         "tokens_per_block": workload.tokens_per_block,
     }
     dumps = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
-    with _open(path, write=True) as f:
+    with _open_text_writer(path) as f:
         f.write(dumps(header) + "\n")
         for r in workload.requests:
             line = {
