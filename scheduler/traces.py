@@ -293,6 +293,11 @@ def load_trace(path: PathLike) -> Workload:
                 f"unknown field {unknown[0]!r} (expected {', '.join(sorted(_REQUEST_FIELDS))})"
             )
         if header_tpb is None:
+            if "tokens_per_block" not in obj:
+                raise fields.error(
+                    "missing field 'tokens_per_block': give it in a header line "
+                    "or on the first request line"
+                )
             header_tpb = fields.get_int("tokens_per_block", 1)
         elif "tokens_per_block" in obj:
             tpb = fields.get_int("tokens_per_block", 1)
@@ -437,7 +442,8 @@ def _infer_conversations(
     """Per request: conversation number, turn index, is-follow-up (see `load_mooncake`).
 
     A trie over full-block id chains: `children[(node, id)] -> node`. Each node records
-    the conversation that created it and the latest request whose full blocks end there.
+    the conversation that created it and the latest request of that conversation whose
+    full blocks end there (the only requests that may be extended).
     """
     children: dict[tuple[int, int], int] = {}
     creator: list[int] = [-1]  # node -> conversation that inserted it; node 0 is the root
@@ -457,7 +463,7 @@ def _infer_conversations(
                 break
             node = child
             p = ends_here.get(node, -1)
-            if p >= 0 and creator[node] == sessions[p] and input_lens[p] < input_len:
+            if p >= 0 and input_lens[p] < input_len:
                 parent = p
         if parent >= 0 and parent not in has_followup:
             session = sessions[parent]
@@ -476,8 +482,8 @@ def _infer_conversations(
                 child = children[(node, key)] = len(creator)
                 creator.append(session)
             node = child
-        if num_full:
-            ends_here[node] = i
+        if num_full and creator[node] == session:
+            ends_here[node] = i  # only a request whose conversation owns its last block
     return sessions, turns, followups
 
 
