@@ -343,23 +343,25 @@ def as_id_tensor(op: str, name: str, ids: object) -> torch.Tensor:
     Raises `ValueError` for a CUDA tensor: ids feed host-side planning (grouping into
     runs, range checks), and reading them from the GPU would be a hidden sync.
     """
-    if isinstance(ids, torch.Tensor):
-        if ids.device.type != "cpu":
-            raise ValueError(
-                f"{op}: {name} must be a Python sequence or a CPU tensor (planning reads it on "
-                f"the host); got a tensor on {ids.device}"
-            )
-        if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
-            raise TypeError(f"{op}: {name} must hold integers; got {name}.dtype={ids.dtype}")
-        t = ids.to(torch.int64)
-    else:
-        try:
-            t = torch.as_tensor(ids, dtype=torch.int64)
-        except (TypeError, ValueError, RuntimeError) as exc:
-            raise TypeError(
-                f"{op}: {name} must be a sequence of ints or a 1-D integer tensor; got "
-                f"{type(ids).__name__} ({exc})"
-            ) from exc
+    if isinstance(ids, torch.Tensor) and ids.device.type != "cpu":
+        raise ValueError(
+            f"{op}: {name} must be a Python sequence or a CPU tensor (planning reads it on "
+            f"the host); got a tensor on {ids.device}"
+        )
+    try:
+        t = torch.as_tensor(ids)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise TypeError(
+            f"{op}: {name} must be a sequence of ints or a 1-D integer tensor; got "
+            f"{type(ids).__name__} ({exc})"
+        ) from exc
+    if t.numel() == 0:
+        t = t.to(torch.int64)  # an empty list comes back as float32
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise TypeError(
+            f"{op}: {name} must be a sequence of ints or a 1-D integer tensor; got dtype {t.dtype}"
+        )
+    t = t.to(torch.int64)
     if t.dim() != 1:
         raise ValueError(f"{op}: {name} must be 1-D; got shape {tuple(t.shape)}")
     return t

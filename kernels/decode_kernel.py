@@ -158,5 +158,6 @@ def _decode_merge_kernel(
     o_offs = seq * stride_ob + head * stride_oh + d * stride_od
     tl.store(out_ptr + o_offs, o.to(out_ptr.dtype.element_ty), mask=d_mask)
     if WRITE_LSE:
-        lse_out = tl.where(total == 0.0, float("-inf"), safe_max + tl.log(total))
+        safe_total = tl.where(total == 0.0, 1.0, total)
+        lse_out = tl.where(total == 0.0, float("-inf"), safe_max + tl.log(safe_total))
         tl.store(lse_ptr + seq * stride_lb + head * stride_lh, lse_out)

@@ -41,15 +41,13 @@ def _store_kv_kernel(
     h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)  # [BLOCK_H] kv heads
     d = tl.arange(0, HEAD_DIM_PAD)
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
-    valid = (slot >= 0) & (slot < num_slots)
-    slot = tl.where(valid, slot, 0)  # keep even masked addresses inside the cache
-    block_id = slot // BLOCK_SIZE
-    offset = slot % BLOCK_SIZE
-    mask = (h < NUM_KV_HEADS)[:, None] & (d < HEAD_DIM)[None, :] & valid  # [BLOCK_H, D_PAD]
-    dst = (
-        block_id * stride_cb + offset * stride_ct + h[:, None] * stride_ch + d[None, :] * stride_cd
-    )
-    k_src = token * stride_kt + h[:, None] * stride_kh + d[None, :] * stride_kd
-    v_src = token * stride_vt + h[:, None] * stride_vh + d[None, :] * stride_vd
-    tl.store(k_cache_ptr + dst, tl.load(k_ptr + k_src, mask=mask), mask=mask)
-    tl.store(v_cache_ptr + dst, tl.load(v_ptr + v_src, mask=mask), mask=mask)
+    if (slot >= 0) & (slot < num_slots):
+        block_id = slot // BLOCK_SIZE
+        offset = slot % BLOCK_SIZE
+        mask = (h < NUM_KV_HEADS)[:, None] & (d < HEAD_DIM)[None, :]  # [BLOCK_H, D_PAD]
+        dst = block_id * stride_cb + offset * stride_ct
+        dst += h[:, None] * stride_ch + d[None, :] * stride_cd
+        k_src = token * stride_kt + h[:, None] * stride_kh + d[None, :] * stride_kd
+        v_src = token * stride_vt + h[:, None] * stride_vh + d[None, :] * stride_vd
+        tl.store(k_cache_ptr + dst, tl.load(k_ptr + k_src, mask=mask), mask=mask)
+        tl.store(v_cache_ptr + dst, tl.load(v_ptr + v_src, mask=mask), mask=mask)
