@@ -1,0 +1,357 @@
+"""BlockManager: sequences' block tables on one pool, with content-hash prefix reuse."""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from pagedkv.block_pool import BlockPool
+from pagedkv.block_table import BlockTable
+from pagedkv.errors import InvariantError, OutOfBlocksError
+from pagedkv.hashing import BlockHasher, TokenInput, as_token_array
+
+SeqId = Hashable
+
+
+@dataclass(frozen=True, slots=True)
+class AppendResult:
+    """What `BlockManager.append_tokens` did.
+
+    Attributes:
+        num_cached_tokens: leading new tokens served from the prefix cache (their K/V is
+            already in `hit_block_ids`; do not compute them).
+        compute_start: sequence position of the first token to compute.
+        slot_mapping: int64 `[num_tokens - compute_start]`, the slot each token to
+            compute writes its K/V to.
+        hit_block_ids: cached blocks now shared by this sequence.
+        new_block_ids: blocks freshly allocated for it.
+    """
+
+    num_cached_tokens: int
+    compute_start: int
+    slot_mapping: np.ndarray
+    hit_block_ids: list[int]
+    new_block_ids: list[int]
+
+
+@dataclass(frozen=True, slots=True)
+class ForkResult:
+    """What `BlockManager.fork` did: shared full blocks, and a partial block to copy.
+
+    `copy_src_block` -> `copy_dst_block` must be copied (whole block) by the caller before
+    the child runs; both are None when the parent ended on a block boundary.
+    """
+
+    shared_block_ids: list[int]
+    copy_src_block: int | None
+    copy_dst_block: int | None
+
+
+class BlockManager:
+    """Owns the block tables of many sequences on one `BlockPool`.
+
+    Tokens are appended per sequence; blocks are allocated as needed; full blocks are
+    hashed once, as they fill, and become findable (indexed) once `mark_computed` says
+    their K/V has been written. A sequence whose tokens so far are all computed and end
+    on a block boundary reuses cached blocks for the next full blocks whose hash chain
+    matches (longest prefix, stopping at the first miss).
+
+    Every mutating call checks first and then mutates: on error nothing has changed.
+    """
+
+    def __init__(self, pool: BlockPool, hasher: BlockHasher) -> None:
+        self.pool = pool
+        self.hasher = hasher
+        self.block_size = hasher.block_size
+        self._tables: dict[SeqId, BlockTable] = {}
+
+    # ------------------------------------------------------------------ queries
+    def __contains__(self, seq_id: SeqId) -> bool:
+        return seq_id in self._tables
+
+    def __len__(self) -> int:
+        return len(self._tables)
+
+    def sequences(self) -> Iterator[SeqId]:
+        return iter(self._tables)
+
+    def table(self, seq_id: SeqId) -> BlockTable:
+        """The block table of a sequence (read it; mutate only through the manager).
+
+        Raises:
+            KeyError: unknown sequence id.
+        """
+        try:
+            return self._tables[seq_id]
+        except KeyError:
+            raise KeyError(f"unknown sequence id {seq_id!r}") from None
+
+    def match_prefix(
+        self, tokens: TokenInput, *, tenant: str = "default", extra_keys: bytes = b""
+    ) -> list[int]:
+        """Block ids holding the longest cached prefix of `tokens` (full blocks only).
+
+        The walk stops at the first miss. Changes nothing (a cached hit stays reclaimable).
+        """
+        arr = as_token_array(tokens)
+        hashes, contents = self.hasher.hash_chain(
+            self.hasher.root(tenant, extra_keys), arr, with_content=True
+        )
+        return self._match(hashes, contents, len(hashes))
+
+    def num_cached_tokens(
+        self, tokens: TokenInput, *, tenant: str = "default", extra_keys: bytes = b""
+    ) -> int:
+        """How many leading tokens of a prompt are cached in full blocks. Changes nothing."""
+        return (
+            len(self.match_prefix(tokens, tenant=tenant, extra_keys=extra_keys)) * self.block_size
+        )
+
+    def _match(self, hashes: list[bytes], contents: list[bytes], limit: int) -> list[int]:
+        match = self.pool.match
+        hits: list[int] = []
+        for i in range(min(limit, len(hashes))):
+            block_id = match(hashes[i], contents[i])
+            if block_id is None:
+                break
+            hits.append(block_id)
+        return hits
+
+    # ------------------------------------------------------------------ mutations
+    def add_sequence(
+        self, seq_id: SeqId, *, tenant: str = "default", extra_keys: bytes = b""
+    ) -> BlockTable:
+        """Create an empty sequence.
+
+        Raises:
+            ValueError: `seq_id` already exists.
+            TypeError: tenant is not a str or extra_keys not bytes.
+        """
+        if seq_id in self._tables:
+            raise ValueError(f"sequence id {seq_id!r} already exists")
+        root = self.hasher.root(tenant, extra_keys)
+        table = BlockTable(seq_id, block_size=self.block_size, tenant=tenant, root=root)
+        self._tables[seq_id] = table
+        return table
+
+    def append_tokens(
+        self, seq_id: SeqId, tokens: TokenInput, *, max_cached_tokens: int | None = None
+    ) -> AppendResult:
+        """Append tokens to a sequence, reusing cached blocks where the prefix matches.
+
+        Args:
+            seq_id: an existing sequence.
+            tokens: new token ids (int32 range).
+            max_cached_tokens: at most this many of the new tokens may come from the
+                cache (pass `len(tokens) - 1` when the model needs the last token's logits).
+
+        Returns:
+            An `AppendResult`; the tokens from `compute_start` on must be computed and
+            their K/V written to `slot_mapping`, then `mark_computed` called.
+
+        Raises:
+            KeyError: unknown sequence id.
+            TypeError / ValueError: bad tokens or a negative `max_cached_tokens`.
+            OutOfBlocksError: not enough blocks; nothing was changed.
+        """
+        table = self.table(seq_id)
+        arr = as_token_array(tokens)
+        if max_cached_tokens is not None and max_cached_tokens < 0:
+            raise ValueError(f"max_cached_tokens must be >= 0, got {max_cached_tokens}")
+        bs = self.block_size
+        start = table.num_tokens
+        end = start + len(arr)
+        first_block = start // bs
+        # hash each block that becomes full, once: old partial tokens + the new ones
+        head = table.tokens[first_block * bs : start]
+        segment = np.concatenate((head, arr)) if len(head) else arr
+        new_hashes, contents = self.hasher.hash_chain(
+            table.parent_hash(first_block), segment, with_content=True
+        )
+        hits: list[int] = []
+        if start % bs == 0 and table.num_computed_tokens == start:
+            limit = len(new_hashes)
+            if max_cached_tokens is not None:
+                limit = min(limit, max_cached_tokens // bs)
+            hits = self._match(new_hashes, contents, limit)
+        num_new = -(-end // bs) - len(table.block_ids) - len(hits)
+        # a cached hit stops being reclaimable once acquired
+        available = self.pool.num_available - sum(map(self.pool.is_cached, hits))
+        if num_new > available:
+            raise OutOfBlocksError(
+                f"sequence {seq_id!r}: appending {len(arr)} tokens needs {num_new} new blocks, "
+                f"{available} available",
+                needed=num_new,
+                available=available,
+            )
+        # ---- mutate (nothing below can fail)
+        self.pool.acquire(hits)
+        new_ids = self.pool.allocate(num_new)
+        table.block_ids.extend(hits)
+        table.block_ids.extend(new_ids)
+        table._extend_tokens(arr)
+        table.hashes.extend(new_hashes)
+        num_cached = len(hits) * bs
+        if hits:
+            table.num_computed_tokens += num_cached
+            table.num_registered_blocks += len(hits)
+        compute_start = start + num_cached
+        return AppendResult(
+            num_cached_tokens=num_cached,
+            compute_start=compute_start,
+            slot_mapping=self._slot_mapping(table, compute_start, end),
+            hit_block_ids=hits,
+            new_block_ids=new_ids,
+        )
+
+    def _slot_mapping(self, table: BlockTable, start: int, end: int) -> np.ndarray:
+        bs = self.block_size
+        if start >= end:
+            return np.empty(0, dtype=np.int64)
+        first = start // bs
+        ids = np.asarray(table.block_ids[first : -(-end // bs)], dtype=np.int64)
+        pos = np.arange(start, end, dtype=np.int64)
+        # slot = block_id * block_size + offset, per token, vectorised over the new span
+        slots: np.ndarray = ids[pos // bs - first] * bs + pos % bs
+        return slots
+
+    def mark_computed(self, seq_id: SeqId, num_tokens: int | None = None) -> None:
+        """Record that K/V of the first `num_tokens` positions is written (default: all).
+
+        Full blocks that became computed are registered in the index. When an identical
+        block (same hash and content) is already indexed, the sequence switches to it and
+        its own copy is freed: the K/V bytes are the same, memory holds them once.
+
+        Raises:
+            KeyError: unknown sequence id.
+            ValueError: `num_tokens` beyond the sequence or below what was already computed.
+        """
+        table = self.table(seq_id)
+        n = table.num_tokens if num_tokens is None else num_tokens
+        if not table.num_computed_tokens <= n <= table.num_tokens:
+            raise ValueError(
+                f"sequence {seq_id!r}: num_tokens must be in "
+                f"[{table.num_computed_tokens}, {table.num_tokens}], got {n}"
+            )
+        table.num_computed_tokens = n
+        pool = self.pool
+        for i in range(table.num_registered_blocks, n // self.block_size):
+            block_id = table.block_ids[i]
+            content = table.block_content(i)
+            if not pool.register(block_id, table.hashes[i], content):
+                # an identical block is already indexed: share it and free this copy, so
+                # memory holds one copy and every computed full block stays findable
+                twin = pool.match(table.hashes[i], content)
+                if twin is not None:
+                    pool.acquire([twin])
+                    pool.release([block_id])
+                    table.block_ids[i] = twin
+        table.num_registered_blocks = max(table.num_registered_blocks, n // self.block_size)
+
+    def fork(self, src_id: SeqId, dst_id: SeqId) -> ForkResult:
+        """Create `dst_id` as a copy of `src_id` sharing its full blocks.
+
+        The partial last block is never shared: the child gets a fresh block, and the
+        caller copies the parent's partial block into it (see `ForkResult`).
+
+        Raises:
+            KeyError: unknown `src_id`. ValueError: `dst_id` exists, or the parent has
+                tokens not yet computed. OutOfBlocksError: no block for the partial tail.
+        """
+        src = self.table(src_id)
+        if dst_id in self._tables:
+            raise ValueError(f"sequence id {dst_id!r} already exists")
+        if src.num_computed_tokens != src.num_tokens:
+            raise ValueError(
+                f"fork: sequence {src_id!r} has {src.num_tokens - src.num_computed_tokens} "
+                "tokens not yet computed; fork between steps"
+            )
+        num_full = src.num_full_blocks
+        partial = src.num_tokens % self.block_size != 0
+        if partial and not self.pool.can_allocate(1):
+            raise OutOfBlocksError(
+                f"fork {src_id!r} -> {dst_id!r}: no block for the partial last block",
+                needed=1,
+                available=self.pool.num_available,
+            )
+        shared = src.block_ids[:num_full]
+        self.pool.acquire(shared)
+        dst = BlockTable(dst_id, block_size=self.block_size, tenant=src.tenant, root=src.root)
+        dst.block_ids = list(shared)
+        dst.hashes = list(src.hashes)
+        dst._extend_tokens(src.tokens)
+        dst.num_computed_tokens = src.num_computed_tokens
+        dst.num_registered_blocks = src.num_registered_blocks
+        copy_src = copy_dst = None
+        if partial:
+            (copy_dst,) = self.pool.allocate(1)
+            copy_src = src.block_ids[-1]
+            dst.block_ids.append(copy_dst)
+        self._tables[dst_id] = dst
+        return ForkResult(shared_block_ids=shared, copy_src_block=copy_src, copy_dst_block=copy_dst)
+
+    def free_sequence(self, seq_id: SeqId) -> BlockTable:
+        """Remove a sequence and release its blocks tail-first.
+
+        Its computed full blocks stay cached (findable by hash) until reclaimed.
+        Returns the removed table.
+
+        Raises:
+            KeyError: unknown sequence id.
+        """
+        table = self.table(seq_id)
+        self.pool.release(table.block_ids[::-1])
+        del self._tables[seq_id]
+        return table
+
+    # ------------------------------------------------------------------ checks
+    def holders(self) -> dict[int, int]:
+        """Block id -> number of tables holding it."""
+        counts: dict[int, int] = {}
+        for table in self._tables.values():
+            for block_id in table.block_ids:
+                counts[block_id] = counts.get(block_id, 0) + 1
+        return counts
+
+    def check_invariants(self, *, deep: bool = True) -> None:
+        """Check the pool and every table; `deep` also re-derives every hash chain.
+
+        Raises:
+            InvariantError: with the numbers that disagree.
+        """
+        self.pool.check_invariants(self.holders())
+        bs = self.block_size
+        for seq_id, t in self._tables.items():
+            if len(t.block_ids) != -(-t.num_tokens // bs):
+                raise InvariantError(
+                    f"seq {seq_id!r}: {len(t.block_ids)} blocks for {t.num_tokens} tokens"
+                )
+            if len(t.hashes) != t.num_tokens // bs:
+                raise InvariantError(
+                    f"seq {seq_id!r}: {len(t.hashes)} hashes for {t.num_full_blocks} full blocks"
+                )
+            if not t.num_registered_blocks <= t.num_computed_tokens // bs:
+                raise InvariantError(
+                    f"seq {seq_id!r}: {t.num_registered_blocks} blocks registered but only "
+                    f"{t.num_computed_tokens} tokens computed"
+                )
+            if deep:
+                expect, _ = self.hasher.hash_chain(t.root, t.tokens)
+                if expect != t.hashes:
+                    raise InvariantError(f"seq {seq_id!r}: stored hash chain is stale")
+            for i, block_id in enumerate(t.block_ids):
+                key = self.pool.key_of(block_id)
+                want = t.hashes[i] if i < t.num_registered_blocks else None
+                collided = (
+                    key is None
+                    and want is not None
+                    and self.pool.has_key(want)
+                    and self.pool.match(want, t.block_content(i)) is None
+                )
+                if key != want and not collided:
+                    raise InvariantError(
+                        f"seq {seq_id!r}: block {block_id} at index {i} is indexed under "
+                        f"{key!r}, expected {want!r} (registered {t.num_registered_blocks})"
+                    )
