@@ -8,6 +8,7 @@ problems raise `ValueError`; each message names what was received and what was e
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -152,7 +153,7 @@ def check_out(
 def check_scale(op: str, scale: float | None, head_dim: int) -> float:
     """Return the softmax scale: `scale`, or `1/sqrt(head_dim)` when None."""
     if scale is None:
-        return float(head_dim) ** -0.5
+        return 1.0 / math.sqrt(head_dim)
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"{op}: scale must be a float or None; got {type(scale).__name__}")
     return float(scale)
@@ -401,7 +402,7 @@ def check_copy_args(
         if bool(bad.any()):
             i = int(bad.nonzero()[0, 0])
             raise ValueError(f"{op}: {name}[{i}]={int(ids[i])} is outside [0, {n}) (shape[0])")
-    if did.unique().numel() != did.numel():
+    if len(set(did.tolist())) != did.numel():
         raise ValueError(f"{op}: dst_ids must be unique; got duplicates in {did.tolist()[:32]}")
     if s.untyped_storage().data_ptr() == d.untyped_storage().data_ptr() and s.numel() and d.numel():
         same_view = s.data_ptr() == d.data_ptr() and s.stride() == d.stride() and s.shape == d.shape

@@ -206,11 +206,8 @@ def paged_decode(
     check_kernel_runnable(op, decode_kernel._paged_decode_kernel, q.device)
     plan = _plan_for(q, k_cache, block_tables, max_seq_len, num_splits)
     num_seqs, num_q_heads, head_dim = q.shape
-    single = plan.num_splits == 1
     need = plan.workspace_numel(num_seqs, num_q_heads, head_dim)
-    if workspace is None:
-        workspace = torch.empty(max(1, need), dtype=torch.float32, device=q.device)
-    elif (
+    if workspace is not None and (
         workspace.dtype != torch.float32
         or workspace.device != q.device
         or workspace.dim() != 1
@@ -227,11 +224,17 @@ def paged_decode(
     write_lse = return_lse or lse is not None
     if write_lse and lse is None:
         lse = torch.empty((num_seqs, num_q_heads), dtype=torch.float32, device=q.device)
-    lse_arg = lse if lse is not None else workspace  # never written unless write_lse
+    if need == 0:
+        # One split writes `out` directly; the workspace pointers are never dereferenced.
+        part_out = part_lse = out
+    else:
+        if workspace is None:
+            workspace = torch.empty(need, dtype=torch.float32, device=q.device)
+        part_numel = num_seqs * num_q_heads * plan.num_splits * head_dim
+        part_out = workspace[:part_numel]  # [B, Hq, num_splits, D] flattened
+        part_lse = workspace[part_numel:need]  # [B, Hq, num_splits] flattened
+    lse_arg = lse if lse is not None else out  # only written when write_lse
     lse_strides = lse.stride() if lse is not None else (0, 0)
-    part_numel = num_seqs * num_q_heads * plan.num_splits * head_dim
-    part_out = workspace[:part_numel]  # [B, Hq, num_splits, D] flattened
-    part_lse = workspace[part_numel:]  # [B, Hq, num_splits] flattened
     group = dims.group_size
     upcast = interpreting() and q.dtype == torch.bfloat16
     with device_context(q.device):
@@ -246,14 +249,14 @@ def paged_decode(
             HEAD_DIM_PAD=max(16, next_pow2(head_dim)),
             BLOCK_SIZE=dims.cache.block_size,
             BLOCK_N=plan.block_n,
-            SINGLE_SPLIT=single,
+            SINGLE_SPLIT=need == 0,
             WRITE_LSE=write_lse,
             UPCAST=upcast,
             DOT_PRECISION="ieee" if q.dtype == torch.float32 or upcast else "tf32",
             num_warps=plan.num_warps,
             num_stages=plan.num_stages,
         )  # fmt: skip
-        if not single:
+        if need:
             decode_kernel._decode_merge_kernel[(num_seqs, num_q_heads)](
                 part_out, part_lse, out, lse_arg, plan.num_splits,
                 *out.stride(), *lse_strides,

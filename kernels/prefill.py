@@ -108,6 +108,11 @@ def paged_prefill(
     num_tokens, _, head_dim = q.shape
     if num_tokens == 0:
         return out
+    if dims.num_seqs > 65535 or dims.num_q_heads > 65535:  # CUDA grid y/z limits
+        raise ValueError(
+            f"{op}: at most 65535 sequences and 65535 query heads per launch; got "
+            f"B={dims.num_seqs}, Hq={dims.num_q_heads}"
+        )
     cfg = prefill_config(head_dim, q.device)
     bound = num_tokens if max_query_len is None else min(max_query_len, num_tokens)
     grid = (cdiv(bound, cfg.block_m), dims.num_seqs, dims.num_q_heads)

@@ -126,11 +126,17 @@ def test_decode_kernel_rejects_small_workspace() -> None:
 
 
 @needs_interpreter
-def test_decode_kernel_allocates_nothing_with_buffers(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("num_splits", [3, 1], ids=["3splits-workspace", "1split-no-workspace"])
+def test_decode_kernel_allocates_nothing_with_buffers(
+    monkeypatch: pytest.MonkeyPatch, num_splits: int
+) -> None:
     case = make_case([300, 7], block_size=16, num_kv_heads=2, head_dim=64, dtype=torch.float16)
     q = randn(2, 4, 64, dtype=torch.float16)
     args = (q, case.k_cache, case.v_cache, case.block_tables, case.seq_lens)
-    workspace = decode_workspace(q, case.k_cache, case.block_tables, num_splits=3)
+    # One split needs no workspace at all.
+    workspace = None
+    if num_splits > 1:
+        workspace = decode_workspace(q, case.k_cache, case.block_tables, num_splits=num_splits)
     out, lse = torch.empty_like(q), torch.empty(2, 4)
     want = paged_decode_reference(*args)
 
@@ -140,7 +146,7 @@ def test_decode_kernel_allocates_nothing_with_buffers(monkeypatch: pytest.Monkey
     for name in ("empty", "empty_like", "zeros", "zeros_like", "full", "tensor"):
         monkeypatch.setattr(torch, name, refuse)
     paged_decode(
-        *args, out=out, lse=lse, workspace=workspace, num_splits=3, backend="triton"
+        *args, out=out, lse=lse, workspace=workspace, num_splits=num_splits, backend="triton"
     )  # fmt: skip
     monkeypatch.undo()
     assert_close(out, want, torch.float16)
@@ -177,3 +183,19 @@ def test_plan_rejects_bad_hints() -> None:
         plan_decode(max_blocks=4, device=torch.device("cpu"), num_splits=0, **common)
     with pytest.raises(TypeError, match="max_seq_len must be an int; got float"):
         plan_decode(max_blocks=4, device=torch.device("cpu"), max_seq_len=3.0, **common)  # type: ignore[arg-type]
+
+
+@needs_interpreter
+@pytest.mark.parametrize("head_dim", [80, 96])
+def test_decode_kernel_non_power_of_two_head_dim(head_dim: int) -> None:
+    # head_dim is padded to a power of two inside the kernel and masked.
+    case = make_case(
+        [1, 33, 90], block_size=16, num_kv_heads=2, head_dim=head_dim, dtype=torch.float16
+    )
+    q = randn(3, 6, head_dim, dtype=torch.float16)
+    args = (q, case.k_cache, case.v_cache, case.block_tables, case.seq_lens)
+    assert_close(
+        paged_decode(*args, num_splits=2, backend="triton"),
+        paged_decode_reference(*args),
+        torch.float16,
+    )

@@ -100,3 +100,13 @@ def test_prefill_kernel_honours_strides_scale_and_empty_sequences() -> None:
     assert res is out
     want, _ = naive_attention(q, case, query_lens, 0.2)
     assert_close(out, want, dtype)
+
+
+def test_prefill_kernel_non_power_of_two_head_dim() -> None:
+    shapes = [(0, 9), (17, 35)]
+    lens, query_lens = [p + n for p, n in shapes], [n for _, n in shapes]
+    case = make_case(lens, block_size=16, num_kv_heads=1, head_dim=80, dtype=torch.bfloat16)
+    q = randn(sum(query_lens), 3, 80, dtype=torch.bfloat16)
+    args = (q, case.k_cache, case.v_cache, case.block_tables, query_start_loc(query_lens))
+    out = paged_prefill(*args, case.seq_lens, backend="triton")
+    assert_close(out, paged_prefill_reference(*args, case.seq_lens), torch.bfloat16)
