@@ -42,3 +42,17 @@ def check_positive_int(op: str, name: str, value: object) -> int:
     if value < 1:
         raise ValueError(f"{op}: {name} must be >= 1; got {name}={value}")
     return value
+
+
+# The Triton kernels keep a [rows, head_dim] tile per operand in shared memory/registers;
+# past this the fixed tile configs no longer fit (the torch reference has no limit).
+MAX_TRITON_HEAD_DIM = 256
+
+
+def check_triton_head_dim(op: str, head_dim: int) -> None:
+    """Raise `ValueError` if the Triton kernels cannot take this head dim."""
+    if head_dim > MAX_TRITON_HEAD_DIM:
+        raise ValueError(
+            f"{op}: the Triton kernels support head_dim <= {MAX_TRITON_HEAD_DIM}; got "
+            f"head_dim={head_dim} (use backend='torch')"
+        )

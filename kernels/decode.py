@@ -14,7 +14,14 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels._plan import PROGRAMS_PER_SM, cdiv, check_positive_int, next_pow2, num_sms
+from kernels._plan import (
+    PROGRAMS_PER_SM,
+    cdiv,
+    check_positive_int,
+    check_triton_head_dim,
+    next_pow2,
+    num_sms,
+)
 from kernels._triton import (
     Backend,
     check_kernel_runnable,
@@ -67,6 +74,7 @@ def plan_decode(
     device: torch.device,
     max_seq_len: int | None = None,
     num_splits: int | None = None,
+    dtype: torch.dtype = torch.bfloat16,
 ) -> DecodePlan:
     """Choose tile size and split count for `paged_decode` (host only, no sync).
 
@@ -74,6 +82,8 @@ def plan_decode(
     num_kv_heads` (sequence, KV head) pairs, so batch 1 with a 32k context still fills the
     GPU, while each split keeps at least `MIN_TILES_PER_SPLIT` tiles of work. The length is
     taken as `max_seq_len` if given, else the table's capacity `max_blocks * block_size`.
+    `dtype` only sets the pipeline depth (fp32 tiles take twice the shared memory); the
+    split count and workspace size do not depend on it.
 
     Raises:
         TypeError, ValueError: a non-positive `max_seq_len` or `num_splits`.
@@ -97,7 +107,7 @@ def plan_decode(
         tokens_per_split=tiles_per_split * block_n,
         block_n=block_n,
         num_warps=4,
-        num_stages=2 if head_dim > 128 else 3,
+        num_stages=2 if head_dim > 128 or dtype == torch.float32 else 3,
     )
 
 
@@ -117,6 +127,7 @@ def _plan_for(
         device=q.device,
         max_seq_len=max_seq_len,
         num_splits=num_splits,
+        dtype=q.dtype,
     )
 
 
@@ -204,6 +215,7 @@ def paged_decode(
     from kernels import decode_kernel
 
     check_kernel_runnable(op, decode_kernel._paged_decode_kernel, q.device)
+    check_triton_head_dim(op, dims.cache.head_dim)
     plan = _plan_for(q, k_cache, block_tables, max_seq_len, num_splits)
     num_seqs, num_q_heads, head_dim = q.shape
     need = plan.workspace_numel(num_seqs, num_q_heads, head_dim)

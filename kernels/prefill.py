@@ -7,7 +7,7 @@ from typing import NamedTuple
 
 import torch
 
-from kernels._plan import cdiv, check_positive_int, next_pow2
+from kernels._plan import cdiv, check_positive_int, check_triton_head_dim, next_pow2
 from kernels._triton import (
     Backend,
     check_kernel_runnable,
@@ -28,14 +28,19 @@ class PrefillConfig(NamedTuple):
     num_stages: int
 
 
-def prefill_config(head_dim: int, device: torch.device) -> PrefillConfig:
-    """Fixed tile configs by head dim (multi-config autotuning needs a GPU at import).
+def prefill_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> PrefillConfig:
+    """Fixed tile configs by head dim and dtype (multi-config autotuning needs a GPU).
 
-    Under the interpreter the tiles are small so tiny test shapes still span several
-    query and key tiles (BLOCK_M != BLOCK_N, as on the GPU).
+    Sized so the pipelined K/V tiles plus the Q tile stay well under an H100's 227 KB of
+    shared memory per block (fp32 tiles are twice as large, hence smaller tiles). Under
+    the interpreter the tiles are small so tiny test shapes still span several query and
+    key tiles (BLOCK_M != BLOCK_N, as on the GPU).
     """
     if device.type != "cuda":
         return PrefillConfig(block_m=32, block_n=16, num_warps=4, num_stages=1)
+    if dtype == torch.float32:
+        block_n = 32 if head_dim <= 128 else 16
+        return PrefillConfig(block_m=64, block_n=block_n, num_warps=4, num_stages=2)
     if head_dim <= 64:
         return PrefillConfig(block_m=128, block_n=64, num_warps=4, num_stages=3)
     if head_dim <= 128:
@@ -103,6 +108,7 @@ def paged_prefill(
     from kernels import prefill_kernel
 
     check_kernel_runnable(op, prefill_kernel._paged_prefill_kernel, q.device)
+    check_triton_head_dim(op, dims.cache.head_dim)
     if out is None:
         out = torch.empty_like(q)
     num_tokens, _, head_dim = q.shape
@@ -113,7 +119,7 @@ def paged_prefill(
             f"{op}: at most 65535 sequences and 65535 query heads per launch; got "
             f"B={dims.num_seqs}, Hq={dims.num_q_heads}"
         )
-    cfg = prefill_config(head_dim, q.device)
+    cfg = prefill_config(head_dim, q.dtype, q.device)
     bound = num_tokens if max_query_len is None else min(max_query_len, num_tokens)
     grid = (cdiv(bound, cfg.block_m), dims.num_seqs, dims.num_q_heads)
     upcast = interpreting() and q.dtype == torch.bfloat16

@@ -139,6 +139,16 @@ def test_kernel_compiled_for_gpu_is_refused_on_cpu() -> None:
 
 
 @needs_interpreter
+def test_triton_head_dim_limit() -> None:
+    case = make_case([3], block_size=16, num_kv_heads=1, head_dim=512, dtype=torch.float32)
+    q = randn(1, 1, 512, dtype=torch.float32)
+    args = (q, case.k_cache, case.v_cache, case.block_tables, case.seq_lens)
+    with pytest.raises(ValueError, match=r"support head_dim <= 256; got head_dim=512"):
+        paged_decode(*args, backend="triton")
+    assert paged_decode(*args).shape == q.shape  # the reference takes any head_dim
+
+
+@needs_interpreter
 def test_auto_backend_on_cpu_is_the_reference() -> None:
     want = paged_decode_reference(Q, K, V, TABLES, LENS)
     assert torch.equal(paged_decode(Q, K, V, TABLES, LENS), want)
