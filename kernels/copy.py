@@ -15,7 +15,13 @@ from typing import NamedTuple
 import torch
 
 from kernels._plan import cdiv
-from kernels._triton import HAS_TRITON, check_kernel_runnable, device_context, resolve_backend
+from kernels._triton import (
+    HAS_TRITON,
+    Backend,
+    check_kernel_runnable,
+    device_context,
+    resolve_backend,
+)
 from kernels._validate import check_copy_args
 from kernels.reference import copy_blocks_reference
 
@@ -53,7 +59,8 @@ def _rows_contiguous(t: torch.Tensor) -> bool:
 
 def _as_words(t: torch.Tensor) -> torch.Tensor:
     """`t` as `[num_blocks, block_numel]` integers of the same width (a view, no copy)."""
-    words = t.view(_INT_VIEW[t.element_size()]) if t.dtype.is_floating_point else t
+    integer = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+    words = t if t.dtype in integer else t.view(_INT_VIEW[t.element_size()])
     return words.as_strided((t.shape[0], t[0].numel()), (t.stride(0), 1))
 
 
@@ -99,7 +106,7 @@ def copy_blocks(
     dst_ids: object,
     *,
     non_blocking: bool = False,
-    backend: str = "auto",
+    backend: Backend = "auto",
 ) -> None:
     """Copy whole blocks `src[src_ids[i]] -> dst[dst_ids[i]]`, bit-exact, any tier to any tier.
 

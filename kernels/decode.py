@@ -236,6 +236,8 @@ def paged_decode(
     write_lse = return_lse or lse is not None
     if write_lse and lse is None:
         lse = torch.empty((num_seqs, num_q_heads), dtype=torch.float32, device=q.device)
+    if num_seqs == 0:  # an empty grid is not launchable
+        return (out, lse) if return_lse and lse is not None else out
     if need == 0:
         # One split writes `out` directly; the workspace pointers are never dereferenced.
         part_out = part_lse = out

@@ -108,3 +108,12 @@ def test_copy_blocks_rejects_mismatched_pools_and_overlap() -> None:
         copy_blocks(src, [1, 2], [0], [0])  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="backend must be one of"):
         copy_blocks(src, pool(4), [0], [0], backend="cuda")
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bool, torch.int64], ids=str)
+def test_copy_kernel_moves_raw_words_of_any_dtype(dtype: torch.dtype) -> None:
+    src = (torch.randn(6, 3, 5) * 100).to(dtype)
+    dst = torch.zeros_like(src)
+    copy_blocks(src, dst, [5, 0, 2], [1, 2, 4], backend="triton")
+    assert torch.equal(dst[[1, 2, 4]], src[[5, 0, 2]]) and not dst[[0, 3, 5]].any()

@@ -199,3 +199,14 @@ def test_decode_kernel_non_power_of_two_head_dim(head_dim: int) -> None:
         paged_decode_reference(*args),
         torch.float16,
     )
+
+
+@needs_interpreter
+def test_decode_kernel_empty_batch() -> None:
+    case = make_case([5], block_size=16, num_kv_heads=1, head_dim=64, dtype=torch.float32)
+    q = torch.empty(0, 2, 64)
+    empty_tables, empty_lens = case.block_tables[:0], case.seq_lens[:0]
+    out, lse = paged_decode(
+        q, case.k_cache, case.v_cache, empty_tables, empty_lens, return_lse=True, backend="triton"
+    )
+    assert out.shape == (0, 2, 64) and lse.shape == (0, 2)
