@@ -121,9 +121,17 @@ class BlockManager:
 
     # ------------------------------------------------------------------ mutations
     def add_sequence(
-        self, seq_id: SeqId, *, tenant: str = "default", extra_keys: bytes = b""
+        self,
+        seq_id: SeqId,
+        *,
+        tenant: str = "default",
+        extra_keys: bytes = b"",
+        root: bytes | None = None,
     ) -> BlockTable:
         """Create an empty sequence.
+
+        `root` (the chain's root hash) defaults to `hasher.root(tenant, extra_keys)`; pass
+        another table's `root` to recreate that sequence in another tier.
 
         Raises:
             ValueError: `seq_id` already exists.
@@ -131,13 +139,19 @@ class BlockManager:
         """
         if seq_id in self._tables:
             raise ValueError(f"sequence id {seq_id!r} already exists")
-        root = self.hasher.root(tenant, extra_keys)
+        if root is None:
+            root = self.hasher.root(tenant, extra_keys)
         table = BlockTable(seq_id, block_size=self.block_size, tenant=tenant, root=root)
         self._tables[seq_id] = table
         return table
 
     def append_tokens(
-        self, seq_id: SeqId, tokens: TokenInput, *, max_cached_tokens: int | None = None
+        self,
+        seq_id: SeqId,
+        tokens: TokenInput,
+        *,
+        max_cached_tokens: int | None = None,
+        known_hashes: list[bytes] | None = None,
     ) -> AppendResult:
         """Append tokens to a sequence, reusing cached blocks where the prefix matches.
 
@@ -167,9 +181,17 @@ class BlockManager:
         # hash each block that becomes full, once: old partial tokens + the new ones
         head = table.tokens[first_block * bs : start]
         segment = np.concatenate((head, arr)) if len(head) else arr
-        new_hashes, contents = self.hasher.hash_chain(
-            table.parent_hash(first_block), segment, with_content=True
-        )
+        parent = table.parent_hash(first_block)
+        if known_hashes is None:
+            new_hashes, contents = self.hasher.hash_chain(parent, segment, with_content=True)
+        else:
+            if len(known_hashes) < end // bs:
+                raise ValueError(
+                    f"known_hashes has {len(known_hashes)} hashes, the sequence will have "
+                    f"{end // bs} full blocks"
+                )
+            new_hashes = list(known_hashes[first_block : end // bs])
+            contents = self.hasher.chain_contents(parent, segment, new_hashes)
         hits: list[int] = []
         if start % bs == 0 and table.num_computed_tokens == start:
             limit = len(new_hashes)
@@ -201,12 +223,22 @@ class BlockManager:
         return AppendResult(
             num_cached_tokens=num_cached,
             compute_start=compute_start,
-            slot_mapping=self._slot_mapping(table, compute_start, end),
+            slot_mapping=self.slot_mapping(seq_id, compute_start, end),
             hit_block_ids=hits,
             new_block_ids=new_ids,
         )
 
-    def _slot_mapping(self, table: BlockTable, start: int, end: int) -> np.ndarray:
+    def slot_mapping(self, seq_id: SeqId, start: int, end: int) -> np.ndarray:
+        """Slots of positions `[start, end)` of a sequence: int64 `[end - start]`.
+
+        Raises:
+            KeyError: unknown sequence. ValueError: the range is outside the sequence.
+        """
+        table = self.table(seq_id)
+        if not 0 <= start <= end <= table.num_tokens:
+            raise ValueError(
+                f"slot_mapping: need 0 <= start <= end <= {table.num_tokens}, got [{start}, {end})"
+            )
         bs = self.block_size
         if start >= end:
             return np.empty(0, dtype=np.int64)
@@ -315,13 +347,21 @@ class BlockManager:
                 counts[block_id] = counts.get(block_id, 0) + 1
         return counts
 
-    def check_invariants(self, *, deep: bool = True) -> None:
+    def check_invariants(
+        self, *, deep: bool = True, extra_holders: dict[int, int] | None = None
+    ) -> None:
         """Check the pool and every table; `deep` also re-derives every hash chain.
+
+        Args:
+            extra_holders: references held outside tables (e.g. by in-flight transfers).
 
         Raises:
             InvariantError: with the numbers that disagree.
         """
-        self.pool.check_invariants(self.holders())
+        holders = self.holders()
+        for block_id, n in (extra_holders or {}).items():
+            holders[block_id] = holders.get(block_id, 0) + n
+        self.pool.check_invariants(holders)
         bs = self.block_size
         for seq_id, t in self._tables.items():
             if len(t.block_ids) != -(-t.num_tokens // bs):

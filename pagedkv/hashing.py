@@ -118,6 +118,20 @@ class BlockHasher:
         """Hash of a block given its content bytes."""
         return xxhash.xxh3_128_digest(content, seed=self._seed)
 
+    def chain_contents(self, parent: bytes, tokens: np.ndarray, hashes: list[bytes]) -> list[bytes]:
+        """Content bytes of each full block of `tokens`, given the chain's known hashes.
+
+        The same bytes `hash_chain(..., with_content=True)` returns, without hashing:
+        `hashes[i]` must be the hash of block i (from a table hashed with this hasher).
+        """
+        buf = memoryview(tokens.tobytes())
+        width = self._block_bytes
+        contents: list[bytes] = []
+        for i in range(len(tokens) // self.block_size):
+            contents.append(parent + buf[i * width : (i + 1) * width])
+            parent = hashes[i]
+        return contents
+
     def hash_chain(
         self, parent: bytes, tokens: np.ndarray, *, with_content: bool = False
     ) -> tuple[list[bytes], list[bytes]]:
@@ -125,8 +139,8 @@ class BlockHasher:
 
         Args:
             parent: hash of the block before `tokens[0]` (or the tenant root).
-            tokens: int32 array whose length is a multiple of... anything; only the
-                `len(tokens) // block_size` full blocks are hashed.
+            tokens: int32 array; its `len(tokens) // block_size` full blocks are hashed
+                (a partial tail is ignored).
             with_content: also return each block's content bytes (for registering).
 
         Returns:

@@ -1,0 +1,412 @@
+"""TieredKVCache: a GPU tier and a host tier of blocks, and the transfers between them.
+
+- A sequence *on GPU* has a table in the GPU manager. *Offloading* copies its blocks to
+  the host tier (blocks the host already holds by hash are shared, not copied twice);
+  once the copy completes the host copies become findable and the GPU blocks are
+  released (they stay findable on the GPU until reclaimed). An *offloaded* sequence has a
+  table in the host manager, which keeps its host blocks referenced.
+- *Restoring* (an offloaded sequence, or any token history via `begin_sequence`) takes
+  GPU hits first, then host hits for the rest of the hash chain, copies those into new
+  GPU blocks and registers them once the copy completes.
+- While a copy is in flight its source blocks are referenced (cannot be reclaimed) and
+  its destination blocks are unregistered (cannot be found or read by anyone else).
+- A failed or cancelled copy keeps the longest correctly moved prefix, frees the rest,
+  and reports how many tokens are valid, so the caller recomputes the remainder.
+
+Metadata only: the bytes move in the `TransferEngine` (real or simulated).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+from pagedkv.block_manager import BlockManager, SeqId
+from pagedkv.errors import InvariantError, OutOfBlocksError
+from pagedkv.hashing import TokenInput, as_token_array
+from pagedkv.transfer import Direction, TransferEngine, TransferHandle
+
+Location = Literal["gpu", "host", "offloading", "restoring"]
+
+
+@dataclass(frozen=True, slots=True)
+class PrefixPlan:
+    """How a sequence's tokens will be made resident on the GPU.
+
+    Attributes:
+        num_gpu_cached_tokens: leading tokens already in GPU blocks (no work).
+        num_host_cached_tokens: tokens after those being copied from the host tier.
+        compute_start: first position the model must compute, valid once the restore
+            copy (if any) completed successfully; see `TransferResult.valid_tokens`.
+        slot_mapping: int64 slots of positions `[compute_start, num_tokens)`.
+        pending: whether a host-to-GPU copy is in flight (wait for it before computing).
+    """
+
+    num_gpu_cached_tokens: int
+    num_host_cached_tokens: int
+    compute_start: int
+    slot_mapping: np.ndarray
+    pending: bool
+
+
+@dataclass(frozen=True, slots=True)
+class TransferResult:
+    """The outcome of one sequence's offload or restore.
+
+    Attributes:
+        ok: every block moved.
+        num_blocks_copied: blocks whose bytes moved successfully.
+        failed_blocks: table positions (block indices) that were not moved.
+        valid_tokens: restore: leading GPU tokens whose K/V is valid (compute the rest);
+            offload: tokens now held on the host (0 when the offload was rolled back).
+    """
+
+    seq_id: SeqId
+    direction: Direction
+    ok: bool
+    num_blocks_copied: int
+    failed_blocks: list[int]
+    valid_tokens: int
+
+
+@dataclass(eq=False)
+class _Pending:
+    seq_id: SeqId
+    handle: TransferHandle
+    positions: list[int]  # table block index of each copied pair
+    held_host: list[int] = field(default_factory=list)  # host refs held for the copy
+    first_position: int = 0  # table position where the copied range starts
+    cancelled: bool = False
+    free_after: bool = False
+
+
+class TieredKVCache:
+    """Coordinates a GPU `BlockManager`, an optional host `BlockManager` and an engine.
+
+    Both managers must share one `BlockHasher` (same chains on both tiers).
+
+    Invariants (see `check_invariants`): each sequence is in exactly one location; a
+    sequence has both a GPU and a host table only while a copy between them is in flight;
+    pool refcounts equal table holders plus the references in-flight copies hold.
+    """
+
+    def __init__(
+        self, gpu: BlockManager, host: BlockManager | None, engine: TransferEngine | None
+    ) -> None:
+        if host is not None:
+            if host.hasher is not gpu.hasher:
+                raise ValueError("TieredKVCache: the GPU and host managers must share a hasher")
+            if engine is None:
+                raise ValueError("TieredKVCache: a host tier needs a transfer engine")
+        self.gpu = gpu
+        self.host = host
+        self.engine = engine
+        self.block_size = gpu.block_size
+        self._pending: dict[SeqId, _Pending] = {}
+
+    # ------------------------------------------------------------------ queries
+    def location(self, seq_id: SeqId) -> Location | None:
+        """Where a sequence is, or None when this cache does not hold it."""
+        pending = self._pending.get(seq_id)
+        if pending is not None:
+            return "offloading" if pending.handle.direction == "offload" else "restoring"
+        if seq_id in self.gpu:
+            return "gpu"
+        if self.host is not None and seq_id in self.host:
+            return "host"
+        return None
+
+    def is_pending(self, seq_id: SeqId) -> bool:
+        return seq_id in self._pending
+
+    @property
+    def num_pending(self) -> int:
+        return len(self._pending)
+
+    def cached_prefix(
+        self, tokens: TokenInput, *, tenant: str = "default", extra_keys: bytes = b""
+    ) -> tuple[int, int]:
+        """(GPU tokens, host tokens) of a prompt's longest cached prefix. Changes nothing."""
+        gpu_ids = self.gpu.match_prefix(tokens, tenant=tenant, extra_keys=extra_keys)
+        if self.host is None:
+            return len(gpu_ids) * self.block_size, 0
+        hasher = self.gpu.hasher
+        arr = as_token_array(tokens)
+        hashes, contents = hasher.hash_chain(
+            hasher.root(tenant, extra_keys), arr, with_content=True
+        )
+        k1 = len(gpu_ids)
+        k2 = 0
+        match = self.host.pool.match
+        while k1 + k2 < len(hashes) and match(hashes[k1 + k2], contents[k1 + k2]) is not None:
+            k2 += 1
+        return k1 * self.block_size, k2 * self.block_size
+
+    # ------------------------------------------------------------------ GPU sequences
+    def begin_sequence(
+        self,
+        seq_id: SeqId,
+        tokens: TokenInput,
+        *,
+        tenant: str = "default",
+        extra_keys: bytes = b"",
+        max_cached_tokens: int | None = None,
+    ) -> PrefixPlan:
+        """Create a GPU sequence for `tokens`, reusing GPU then host blocks by hash.
+
+        Raises:
+            ValueError: `seq_id` already exists in either tier.
+            OutOfBlocksError: not enough GPU blocks; nothing changed.
+        """
+        self._check_new(seq_id)
+        self.gpu.add_sequence(seq_id, tenant=tenant, extra_keys=extra_keys)
+        try:
+            r = self.gpu.append_tokens(seq_id, tokens, max_cached_tokens=max_cached_tokens)
+        except BaseException:
+            self.gpu.free_sequence(seq_id)
+            raise
+        table = self.gpu.table(seq_id)
+        bs = self.block_size
+        k1 = len(r.hit_block_ids)
+        host_ids: list[int] = []
+        if self.host is not None:
+            limit = len(table.hashes)
+            if max_cached_tokens is not None:
+                limit = min(limit, max_cached_tokens // bs)
+            match = self.host.pool.match
+            for i in range(k1, limit):
+                block_id = match(table.hashes[i], table.block_content(i))
+                if block_id is None:
+                    break
+                host_ids.append(block_id)
+        if host_ids:
+            assert self.host is not None and self.engine is not None
+            self.host.pool.acquire(host_ids)
+            positions = list(range(k1, k1 + len(host_ids)))
+            handle = self.engine.submit(
+                "restore", host_ids, [table.block_ids[i] for i in positions]
+            )
+            self._pending[seq_id] = _Pending(
+                seq_id, handle, positions, held_host=host_ids, first_position=k1
+            )
+        num_host = len(host_ids) * bs
+        return PrefixPlan(
+            num_gpu_cached_tokens=k1 * bs,
+            num_host_cached_tokens=num_host,
+            compute_start=r.compute_start + num_host,
+            slot_mapping=r.slot_mapping[num_host:],
+            pending=bool(host_ids),
+        )
+
+    def offload(self, seq_id: SeqId) -> TransferHandle:
+        """Start copying a GPU sequence to the host tier.
+
+        Its GPU blocks stay referenced until the copy completes (see `poll`).
+
+        Raises:
+            ValueError: no host tier; the sequence is not on the GPU, has a copy in
+                flight, or has tokens not yet computed.
+            OutOfBlocksError: the host tier lacks room; nothing changed.
+        """
+        host, engine = self._need_host()
+        self._check_idle_on_gpu(seq_id, "offload")
+        g = self.gpu.table(seq_id)
+        if g.num_computed_tokens != g.num_tokens:
+            raise ValueError(
+                f"offload {seq_id!r}: {g.num_tokens - g.num_computed_tokens} tokens are not "
+                "computed yet; offload between steps"
+            )
+        host.add_sequence(seq_id, tenant=g.tenant, root=g.root)
+        try:
+            r = host.append_tokens(seq_id, g.tokens, known_hashes=g.hashes)
+        except BaseException:
+            host.free_sequence(seq_id)
+            raise
+        k = len(r.hit_block_ids)  # already on the host: shared, not copied again
+        h = host.table(seq_id)
+        positions = list(range(k, len(h.block_ids)))
+        handle = engine.submit(
+            "offload", [g.block_ids[i] for i in positions], [h.block_ids[i] for i in positions]
+        )
+        self._pending[seq_id] = _Pending(seq_id, handle, positions, first_position=k)
+        return handle
+
+    def restore(self, seq_id: SeqId) -> PrefixPlan:
+        """Start bringing an offloaded sequence back into (new) GPU blocks.
+
+        Blocks still cached on the GPU are reused without a copy.
+
+        Raises:
+            ValueError: the sequence is not offloaded (or has a copy in flight).
+            OutOfBlocksError: not enough GPU blocks; nothing changed.
+        """
+        host, engine = self._need_host()
+        if self.location(seq_id) != "host":
+            raise ValueError(
+                f"restore {seq_id!r}: expected an offloaded sequence, it is at "
+                f"{self.location(seq_id)!r}"
+            )
+        h = host.table(seq_id)
+        self.gpu.add_sequence(seq_id, tenant=h.tenant, root=h.root)
+        try:
+            r = self.gpu.append_tokens(seq_id, h.tokens, known_hashes=h.hashes)
+        except BaseException:
+            self.gpu.free_sequence(seq_id)
+            raise
+        k = len(r.hit_block_ids)
+        g = self.gpu.table(seq_id)
+        positions = list(range(k, len(g.block_ids)))
+        handle = engine.submit(
+            "restore", [h.block_ids[i] for i in positions], [g.block_ids[i] for i in positions]
+        )
+        self._pending[seq_id] = _Pending(seq_id, handle, positions, first_position=k)
+        return PrefixPlan(
+            num_gpu_cached_tokens=k * self.block_size,
+            num_host_cached_tokens=h.num_tokens - k * self.block_size,
+            compute_start=h.num_tokens,
+            slot_mapping=np.empty(0, dtype=np.int64),
+            pending=bool(positions),
+        )
+
+    def drop_offloaded(self, seq_id: SeqId) -> None:
+        """Release an offloaded sequence's host blocks (its full blocks stay findable
+        in the host cache until reclaimed).
+
+        Raises:
+            ValueError: the sequence is not offloaded.
+        """
+        host, _engine = self._need_host()
+        if self.location(seq_id) != "host":
+            raise ValueError(
+                f"drop_offloaded {seq_id!r}: expected an offloaded sequence, it is at "
+                f"{self.location(seq_id)!r}"
+            )
+        host.free_sequence(seq_id)
+
+    def free(self, seq_id: SeqId) -> None:
+        """Release a sequence wherever it is. With a copy in flight, the release happens
+        when the copy completes (its blocks cannot be reused before).
+
+        Raises:
+            KeyError: this cache does not hold the sequence.
+        """
+        pending = self._pending.get(seq_id)
+        if pending is not None:
+            pending.free_after = True
+            return
+        if seq_id in self.gpu:
+            self.gpu.free_sequence(seq_id)
+        elif self.host is not None and seq_id in self.host:
+            self.host.free_sequence(seq_id)
+        else:
+            raise KeyError(f"unknown sequence id {seq_id!r}")
+
+    def cancel(self, seq_id: SeqId) -> None:
+        """Treat a sequence's in-flight copy as failed once the hardware is done with it.
+
+        Raises:
+            ValueError: no copy is in flight for it.
+        """
+        if seq_id not in self._pending:
+            raise ValueError(f"cancel {seq_id!r}: no transfer in flight")
+        self._pending[seq_id].cancelled = True
+
+    # ------------------------------------------------------------------ completion
+    def poll(self) -> list[TransferResult]:
+        """Commit every finished copy (never blocks). Returns their results."""
+        done = [p for p in self._pending.values() if p.handle.done()]
+        return [self._complete(p) for p in done]
+
+    def wait(self, seq_id: SeqId) -> TransferResult | None:
+        """Block until a sequence's copy finishes and commit it (None if none in flight)."""
+        pending = self._pending.get(seq_id)
+        if pending is None:
+            return None
+        pending.handle.wait()
+        return self._complete(pending)
+
+    def wait_all(self) -> list[TransferResult]:
+        """Block until every copy finishes; commit them in submission order."""
+        out = []
+        for pending in list(self._pending.values()):
+            pending.handle.wait()
+            out.append(self._complete(pending))
+        return out
+
+    def _complete(self, p: _Pending) -> TransferResult:
+        del self._pending[p.seq_id]
+        failed_pairs = set(range(len(p.positions))) if p.cancelled else p.handle.failed
+        failed = sorted(p.positions[i] for i in failed_pairs)
+        bs = self.block_size
+        assert self.host is not None
+        if p.handle.direction == "offload":
+            h = self.host.table(p.seq_id)
+            if not failed:
+                self.host.mark_computed(p.seq_id)
+                self.gpu.free_sequence(p.seq_id)
+                valid = h.num_tokens
+            else:
+                # keep the good prefix findable on the host; the GPU copy is untouched
+                self.host.mark_computed(p.seq_id, min(failed[0] * bs, h.num_tokens))
+                self.host.free_sequence(p.seq_id)
+                valid = 0
+        else:
+            g = self.gpu.table(p.seq_id)
+            valid = g.num_tokens if not failed else failed[0] * bs
+            if p.held_host:  # begin_sequence: restored only full blocks of a longer prompt
+                valid = min(valid, (p.first_position + len(p.positions)) * bs)
+                self.host.pool.release(p.held_host[::-1])
+            self.gpu.mark_computed(p.seq_id, valid)
+            if p.seq_id in self.host:  # restore of an offloaded sequence
+                self.host.free_sequence(p.seq_id)
+        result = TransferResult(
+            seq_id=p.seq_id,
+            direction=p.handle.direction,
+            ok=not failed,
+            num_blocks_copied=len(p.positions) - len(failed),
+            failed_blocks=failed,
+            valid_tokens=valid,
+        )
+        if p.free_after:
+            self.free(p.seq_id)
+        return result
+
+    # ------------------------------------------------------------------ checks
+    def check_invariants(self, *, deep: bool = True) -> None:
+        """Both tiers' invariants, with in-flight references counted as holders.
+
+        Raises:
+            InvariantError: with the numbers that disagree.
+        """
+        self.gpu.check_invariants(deep=deep)
+        if self.host is None:
+            return
+        held: dict[int, int] = {}
+        for p in self._pending.values():
+            for block_id in p.held_host:
+                held[block_id] = held.get(block_id, 0) + 1
+        self.host.check_invariants(deep=deep, extra_holders=held)
+        both = set(self.gpu.sequences()) & set(self.host.sequences())
+        stray = both - set(self._pending)
+        if stray:
+            raise InvariantError(f"sequences in both tiers with no copy in flight: {stray}")
+
+    # ------------------------------------------------------------------ helpers
+    def _need_host(self) -> tuple[BlockManager, TransferEngine]:
+        if self.host is None or self.engine is None:
+            raise ValueError("this TieredKVCache has no host tier")
+        return self.host, self.engine
+
+    def _check_new(self, seq_id: SeqId) -> None:
+        if self.location(seq_id) is not None:
+            raise ValueError(f"sequence id {seq_id!r} already exists ({self.location(seq_id)})")
+
+    def _check_idle_on_gpu(self, seq_id: SeqId, what: str) -> None:
+        loc = self.location(seq_id)
+        if loc != "gpu":
+            raise ValueError(f"{what} {seq_id!r}: expected a sequence on the GPU, it is at {loc!r}")
+
+
+__all__ = ["Location", "OutOfBlocksError", "PrefixPlan", "TieredKVCache", "TransferResult"]

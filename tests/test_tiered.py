@@ -1,0 +1,190 @@
+"""Two tiers on CPU tensors: offload / restore round trips, sharing, faults, deferral."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pagedkv.errors import OutOfBlocksError
+from pagedkv.transfer import FaultInjectingEngine, SimulatedTransferEngine
+from tests.tier_helpers import make_cache, read_tokens
+
+
+def compute(cache, store, seq_id, gen) -> None:  # type: ignore[no-untyped-def]
+    """Fill the uncomputed tokens of a GPU sequence with random K/V, then mark them."""
+    t = cache.gpu.table(seq_id)
+    slots = cache.gpu.slot_mapping(seq_id, t.num_computed_tokens, t.num_tokens).tolist()
+    for slot in slots:
+        bs = store.spec.block_size
+        store.kv[slot // bs, :, :, slot % bs] = torch.randn(
+            store.kv.shape[1:3] + store.kv.shape[4:], generator=gen
+        )
+    cache.gpu.mark_computed(seq_id)
+
+
+def test_round_trip_bit_exact_with_sharing_and_partial_blocks() -> None:
+    cache, gpu, _host = make_cache(num_gpu=16, num_host=16)
+    gen = torch.Generator().manual_seed(0)
+    common = list(range(100, 108))  # two full blocks shared by both sessions
+    cache.begin_sequence("a", [*common, 1, 2, 3, 4, 5])  # partial last block (1 token)
+    compute(cache, gpu, "a", gen)
+    cache.begin_sequence("b", [*common, 9, 9])
+    compute(cache, gpu, "b", gen)
+    assert cache.gpu.table("b").block_ids[:2] == cache.gpu.table("a").block_ids[:2]
+    before = {
+        s: read_tokens(gpu, cache.gpu.table(s).block_ids, cache.gpu.table(s).num_tokens)
+        for s in "ab"
+    }
+    old_ids = {s: list(cache.gpu.table(s).block_ids) for s in "ab"}
+
+    cache.offload("a")
+    cache.offload("b")  # a's host copies are not findable while in flight: b copies all
+    results = cache.wait_all()
+    assert [r.ok for r in results] == [True, True]
+    assert [r.num_blocks_copied for r in results] == [4, 3]
+    for s in "ab":  # again, one after the other
+        cache.restore(s)
+        cache.wait(s)
+    cache.offload("a")
+    cache.wait("a")
+    cache.offload("b")
+    results = [cache.wait("b")]
+    assert results[0] is not None and results[0].ok
+    # b's shared prefix was already on the host: only its own tail block was copied
+    assert [r.num_blocks_copied for r in results] == [1]  # type: ignore[union-attr]
+    assert cache.location("a") == cache.location("b") == "host"
+    assert cache.cached_prefix([*common, 9, 9, 1, 1]) == (8, 0)  # GPU copies still cached
+
+    cache.gpu.pool.evict(cache.gpu.pool.num_cached)  # reclaim the GPU copies
+    gpu.kv.fill_(float("nan"))  # overwrite the whole GPU pool
+    squatters = cache.gpu.pool.allocate(3)  # occupy low ids so the restore lands elsewhere
+    assert cache.cached_prefix([*common, 9, 9, 1, 1]) == (0, 8)  # now only on the host
+
+    for s in "ab":
+        plan = cache.restore(s)
+        # b finds the common prefix that a's restore just brought back to the GPU
+        assert plan.pending and plan.num_gpu_cached_tokens == {"a": 0, "b": 8}[s]
+        (r,) = [cache.wait(s)]
+        assert r is not None and r.ok and r.valid_tokens == cache.gpu.table(s).num_tokens
+    for s in "ab":
+        t = cache.gpu.table(s)
+        assert t.block_ids != old_ids[s] and set(t.block_ids).isdisjoint(squatters)
+        after = read_tokens(gpu, t.block_ids, t.num_tokens)
+        assert torch.equal(after.view(torch.int32), before[s].view(torch.int32))  # bit-exact
+    assert cache.gpu.table("a").block_ids[:2] == cache.gpu.table("b").block_ids[:2]
+    cache.gpu.pool.release(squatters)
+    cache.check_invariants()
+
+
+def test_begin_sequence_uses_gpu_then_host_hits_and_reports_them() -> None:
+    cache, gpu, _host = make_cache(num_gpu=12, num_host=12)
+    gen = torch.Generator().manual_seed(1)
+    tokens = list(range(16))  # 4 full blocks
+    cache.begin_sequence("a", tokens)
+    compute(cache, gpu, "a", gen)
+    kv = read_tokens(gpu, cache.gpu.table("a").block_ids, 16)
+    cache.offload("a")
+    cache.wait_all()
+    cache.drop_offloaded("a")  # only hash-cache entries remain, on both tiers
+    cache.gpu.pool.evict(2)  # reclaim the two tail blocks on the GPU (tail-first order)
+    plan = cache.begin_sequence("b", [*tokens, 50], max_cached_tokens=16)
+    assert (plan.num_gpu_cached_tokens, plan.num_host_cached_tokens) == (8, 8)
+    assert plan.compute_start == 16 and len(plan.slot_mapping) == 1 and plan.pending
+    r = cache.wait("b")
+    assert r is not None and r.ok and r.valid_tokens == 16
+    assert torch.equal(read_tokens(gpu, cache.gpu.table("b").block_ids, 16), kv)
+    cache.check_invariants()
+    # another tenant with the same tokens gets nothing from either tier
+    assert cache.cached_prefix(tokens, tenant="other") == (0, 0)
+
+
+def test_failed_offload_keeps_gpu_copy_and_good_host_prefix() -> None:
+    fail_dst: set[int] = set()
+    cache, gpu, _host = make_cache(
+        num_gpu=8, num_host=8, wrap=FaultInjectingEngine,
+        fail=lambda d, s, t: d == "offload" and t in fail_dst,
+    )  # fmt: skip
+    gen = torch.Generator().manual_seed(2)
+    cache.begin_sequence("a", list(range(14)))
+    compute(cache, gpu, "a", gen)
+    fail_dst.add(2)  # the third host block (the third block of "a") fails to copy
+    cache.offload("a")
+    (r,) = cache.wait_all()
+    assert not r.ok and r.failed_blocks == [2] and r.valid_tokens == 0
+    assert cache.location("a") == "gpu"  # rolled back: the session is intact on the GPU
+    assert cache.host.pool.num_in_use == 0
+    assert cache.host.num_cached_tokens(list(range(14))) == 8  # good prefix is findable
+    cache.check_invariants()
+
+
+def test_failed_restore_reports_valid_prefix_and_never_serves_garbage() -> None:
+    fail_src: set[int] = set()
+    cache, gpu, _host = make_cache(
+        num_gpu=8, num_host=8, wrap=FaultInjectingEngine,
+        fail=lambda d, s, t: d == "restore" and s in fail_src,
+    )  # fmt: skip
+    gen = torch.Generator().manual_seed(3)
+    cache.begin_sequence("a", list(range(14)))
+    compute(cache, gpu, "a", gen)
+    cache.offload("a")
+    cache.wait_all()
+    cache.gpu.pool.evict(cache.gpu.pool.num_cached)
+    fail_src.add(cache.host.table("a").block_ids[1])
+    cache.restore("a")
+    r = cache.wait("a")
+    assert r is not None and not r.ok and r.failed_blocks == [1] and r.valid_tokens == 4
+    t = cache.gpu.table("a")
+    assert t.num_computed_tokens == 4 and t.num_tokens == 14
+    # the un-restored blocks are not findable on the GPU; the caller recomputes from 4
+    assert cache.gpu.num_cached_tokens(list(range(14))) == 4
+    assert len(cache.gpu.slot_mapping("a", 4, 14)) == 10
+    cache.check_invariants()
+
+
+def test_out_of_host_blocks_changes_nothing() -> None:
+    cache, gpu, _host = make_cache(num_gpu=8, num_host=2)
+    cache.begin_sequence("a", list(range(13)))
+    compute(cache, gpu, "a", torch.Generator().manual_seed(4))
+    with pytest.raises(OutOfBlocksError, match="4 new blocks, 2 available"):
+        cache.offload("a")
+    assert cache.location("a") == "gpu" and len(cache.host) == 0
+    cache.check_invariants()
+
+
+def test_free_during_transfer_is_deferred_and_leaks_nothing() -> None:
+    now = [0.0]
+    cache, _gpu, _host = make_cache(num_gpu=8, num_host=8)
+    cache.engine = SimulatedTransferEngine(
+        bytes_per_block=1000, bandwidth_bytes_per_s=1e6, latency_s=0.0, clock=lambda: now[0]
+    )
+    cache.begin_sequence("a", list(range(9)))
+    cache.gpu.mark_computed("a")
+    h = cache.offload("a")
+    assert h.ready_at == pytest.approx(3e-3) and cache.location("a") == "offloading"
+    cache.free("a")
+    assert cache.poll() == [] and cache.gpu.pool.num_in_use == 3  # still held by the copy
+    now[0] = 1.0
+    (r,) = cache.poll()
+    assert r.ok and cache.location("a") is None
+    assert cache.gpu.pool.num_in_use == cache.host.pool.num_in_use == 0
+    assert cache.host.num_cached_tokens(list(range(9))) == 8
+    cache.check_invariants()
+
+
+def test_bad_calls() -> None:
+    cache, _gpu, _host = make_cache(num_gpu=4, num_host=4)
+    cache.begin_sequence("a", [1, 2, 3])
+    with pytest.raises(ValueError, match="not computed yet"):
+        cache.offload("a")
+    with pytest.raises(ValueError, match="already exists"):
+        cache.begin_sequence("a", [1])
+    with pytest.raises(ValueError, match="expected an offloaded sequence, it is at 'gpu'"):
+        cache.restore("a")
+    with pytest.raises(ValueError, match="no transfer in flight"):
+        cache.cancel("a")
+    with pytest.raises(KeyError, match="unknown sequence"):
+        cache.free("zz")
+    with pytest.raises(OutOfBlocksError):
+        cache.begin_sequence("b", list(range(20)))
+    assert cache.location("b") is None
+    cache.check_invariants()
