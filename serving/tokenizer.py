@@ -214,6 +214,8 @@ class ByteTokenizer:
         """`ids` as a list of Python ints (NumPy or torch integers and arrays accepted)."""
         if hasattr(ids, "tolist"):  # a torch tensor or NumPy array: plain ints at once
             ids = ids.tolist()
+        if not isinstance(ids, Iterable):
+            raise TypeError(f"{op}: ids must be an iterable of ints, got {type(ids).__name__}")
         out: list[int] = []
         for pos, i in enumerate(ids):
             if isinstance(i, bool) or not isinstance(i, Integral) or not 0 <= i < VOCAB_SIZE:
