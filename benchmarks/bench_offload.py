@@ -1,0 +1,198 @@
+"""Offload / restore throughput of whole sessions (prints a table, asserts nothing).
+
+    python benchmarks/bench_offload.py [--tokens 1024 8192 32768] [--json PATH]
+
+Llama-3-8B KV shapes (32 layers, 8 KV heads, head_dim 128, bf16: 128 KiB per token),
+block_size 16. For each session size, a session is offloaded GPU -> host and restored
+host -> GPU through `TieredKVCache` (metadata, planning and `copy_blocks` included), and
+compared with a single large `copy_` of the same number of bytes between the same kinds
+of memory, measured in the same run. On a GPU the host store is pinned, and a decode
+kernel is timed alone and while an offload runs on the transfer stream (the compute
+stream must not be blocked). Without a GPU the "device" store is CPU memory, so the table
+shows CPU-to-CPU copies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from pagedkv.block_manager import BlockManager
+from pagedkv.block_pool import BlockPool
+from pagedkv.hashing import BlockHasher
+from pagedkv.kv_store import KVStore
+from pagedkv.spec import KVSpec
+from pagedkv.tiered import TieredKVCache
+from pagedkv.transfer import CopyTransferEngine
+
+SPEC = KVSpec(num_layers=32, num_kv_heads=8, head_dim=128, dtype="bfloat16", block_size=16)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_s(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
+    fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def bench_size(num_tokens: int, device: torch.device, repeats: int) -> dict[str, float]:
+    num_blocks = SPEC.num_blocks_for(num_tokens)
+    gpu = KVStore(SPEC, num_blocks, device=device)
+    host = KVStore(SPEC, num_blocks, device="cpu", pin_memory=None)
+    gpu.kv.view(torch.int16).random_()
+    hasher = BlockHasher(block_size=SPEC.block_size)
+    cache = TieredKVCache(
+        BlockManager(BlockPool(num_blocks, name="gpu"), hasher),
+        BlockManager(BlockPool(num_blocks, name="host"), hasher),
+        CopyTransferEngine(gpu, host),
+    )
+    tokens = torch.randint(0, 128_000, (num_tokens,), dtype=torch.int32).numpy()
+    nbytes = num_blocks * SPEC.bytes_per_block
+
+    def round_trip(direction: str) -> None:
+        seq = "s"
+        if direction == "offload":
+            cache.offload(seq)
+            r = cache.wait(seq)
+        else:
+            cache.restore(seq)
+            r = cache.wait(seq)
+        assert r is not None and r.ok
+
+    # a fresh session each time, so nothing is already on the destination tier; only the
+    # offload (or restore) call and its completion are timed
+    def cycle(times: dict[str, list[float]]) -> None:
+        cache.begin_sequence("s", tokens)
+        cache.gpu.mark_computed("s")
+        for direction in ("offload", "restore"):
+            if direction == "restore":
+                cache.gpu.pool.evict(num_blocks)  # the GPU copies are gone: really copy
+            sync(device)
+            t0 = time.perf_counter()
+            cache.offload("s") if direction == "offload" else cache.restore("s")
+            r = cache.wait("s")
+            sync(device)
+            times[direction].append(time.perf_counter() - t0)
+            assert r is not None and r.ok
+        cache.free("s")
+        cache.host.pool.evict(num_blocks)
+        cache.gpu.pool.evict(num_blocks)
+
+    times: dict[str, list[float]] = {"offload": [], "restore": []}
+    for _ in range(repeats + 1):  # the first cycle warms up
+        cycle(times)
+    t_off = statistics.median(times["offload"][1:])
+    t_res = statistics.median(times["restore"][1:])
+
+    # baseline: one large copy_ of the same bytes between the same kinds of memory
+    flat_src = gpu.kv.view(-1)
+    flat_dst = host.kv.view(-1)
+    nb = device.type == "cuda"
+    t_d2h = median_s(lambda: flat_dst.copy_(flat_src, non_blocking=nb), device, repeats)
+    t_h2d = median_s(lambda: flat_src.copy_(flat_dst, non_blocking=nb), device, repeats)
+    out = {
+        "tokens": num_tokens,
+        "bytes": nbytes,
+        "offload_gbps": nbytes / t_off / 1e9,
+        "restore_gbps": nbytes / t_res / 1e9,
+        "copy_d2h_gbps": nbytes / t_d2h / 1e9,
+        "copy_h2d_gbps": nbytes / t_h2d / 1e9,
+    }
+    if device.type == "cuda":
+        out.update(bench_overlap(cache, gpu, tokens, device, repeats))
+    return out
+
+
+def bench_overlap(
+    cache: TieredKVCache, gpu: KVStore, tokens: object, device: torch.device, repeats: int
+) -> dict[str, float]:
+    """Decode kernel time alone vs while an offload runs on the transfer stream."""
+    from kernels import decode_workspace, paged_decode
+
+    batch, hq = 8, 32
+    ctx_blocks = min(gpu.num_blocks, 256)
+    tables = torch.arange(ctx_blocks, dtype=torch.int32, device=device).repeat(batch, 1)
+    lens = torch.full((batch,), ctx_blocks * SPEC.block_size, dtype=torch.int32, device=device)
+    q = torch.randn(batch, hq, SPEC.head_dim, dtype=torch.bfloat16, device=device)
+    out = torch.empty_like(q)
+    ws = decode_workspace(q, gpu.k_cache(0), tables)
+
+    def decode() -> None:
+        for layer in range(SPEC.num_layers):
+            paged_decode(q, gpu.k_cache(layer), gpu.v_cache(layer), tables, lens,
+                         out=out, workspace=ws)  # fmt: skip
+
+    alone = median_s(decode, device, repeats)
+    cache.begin_sequence("o", tokens)  # type: ignore[arg-type]
+    cache.gpu.mark_computed("o")
+    cache.offload("o")  # enqueued on the transfer stream; now time decode concurrently
+    sync_free = time.perf_counter()
+    decode()
+    torch.cuda.current_stream(device).synchronize()
+    with_offload = time.perf_counter() - sync_free
+    offload_done = cache.is_pending("o")
+    cache.wait("o")
+    cache.free("o")
+    return {
+        "decode_ms_alone": alone * 1e3,
+        "decode_ms_with_offload": with_offload * 1e3,
+        "offload_still_running_after_decode": float(offload_done),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--tokens", type=int, nargs="+", default=None,
+                    help="session sizes (default: 1024 8192 32768 on GPU, 1024 8192 on CPU)")  # fmt: skip
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--json", help="write the raw numbers here")
+    args = ap.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    sizes = args.tokens or ([1024, 8192, 32768] if device.type == "cuda" else [1024, 8192])
+    env = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "host_pinned": device.type == "cuda",
+    }  # fmt: skip
+    print(f"env: {env}")
+    kind = "GPU<->pinned host" if device.type == "cuda" else "CPU->CPU (no GPU)"
+    print(f"session offload/restore, Llama-3-8B KV (128 KiB/token), {kind}")
+    header = f"{'tokens':>7} {'MiB':>7} {'offload GB/s':>13} {'copy_ GB/s':>11} {'ratio':>6} {'restore GB/s':>13} {'copy_ GB/s':>11} {'ratio':>6}"
+    print(header)
+    rows = []
+    for n in sizes:
+        r = bench_size(n, device, args.repeats)
+        rows.append(r)
+        print(
+            f"{n:>7} {r['bytes'] / 2**20:>7.0f} {r['offload_gbps']:>13.2f} {r['copy_d2h_gbps']:>11.2f} "
+            f"{r['offload_gbps'] / r['copy_d2h_gbps']:>6.2f} {r['restore_gbps']:>13.2f} "
+            f"{r['copy_h2d_gbps']:>11.2f} {r['restore_gbps'] / r['copy_h2d_gbps']:>6.2f}"
+        )
+        if "decode_ms_alone" in r:
+            print(f"        decode 32 layers B=8: {r['decode_ms_alone']:.3f} ms alone, "
+                  f"{r['decode_ms_with_offload']:.3f} ms during offload")  # fmt: skip
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"env": env, "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
