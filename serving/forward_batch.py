@@ -101,7 +101,12 @@ class ForwardBatch:
                 f"max_blocks >= 1, got shape {tuple(self.block_tables.shape)}"
             )
         max_query_len = _check_int("max_query_len", self.max_query_len, 1)
-        _check_int("max_seq_len", self.max_seq_len, max_query_len)
+        _check_int("max_seq_len", self.max_seq_len, 1)
+        if self.max_seq_len < max_query_len:
+            raise ValueError(
+                f"ForwardBatch.max_seq_len={self.max_seq_len} must be >= max_query_len="
+                f"{max_query_len} (a sequence holds its new tokens)"
+            )
         if not num_seqs <= num_tokens <= num_seqs * max_query_len:
             raise ValueError(
                 f"ForwardBatch: need B <= T <= B * max_query_len (every sequence has 1 to "
