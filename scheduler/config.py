@@ -1,0 +1,55 @@
+"""SchedulerConfig: the admission, pinning and eviction knobs."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SchedulerConfig:
+    """How the scheduler admits turns and makes room.
+
+    Attributes:
+        max_pinned_sessions: sessions holding GPU blocks at once (ACTIVE + IDLE).
+        high_watermark: admitted turns keep GPU blocks in use at or under this fraction
+            of the pool (the rest is headroom for decode growth and in-flight restores).
+        max_queue: waiting turns beyond which a new one is refused at once.
+        queue_timeout_s: a turn waiting longer is refused.
+        idle_ttl_s: a pinned IDLE session idle this long is offloaded proactively (None:
+            only under pressure).
+        pin_sessions: keep a session's blocks referenced between turns (connection-scoped
+            caching). False releases them to the hash cache at each turn's end.
+        offload_on_release: with `pin_sessions=False`, copy a turn's blocks to the host
+            tier when the turn ends (write-through, as a host-tier prefix cache does).
+        reuse_prefix: look up cached prefixes at all (False models a stateless server).
+        offload_idle: make room by offloading idle sessions to the host when that beats
+            recomputing them (False: always drop).
+        tenant_max_pinned: optional per-tenant caps on pinned sessions.
+    """
+
+    max_pinned_sessions: int = 64
+    high_watermark: float = 0.95
+    max_queue: int = 256
+    queue_timeout_s: float = 30.0
+    idle_ttl_s: float | None = None
+    pin_sessions: bool = True
+    offload_on_release: bool = False
+    reuse_prefix: bool = True
+    offload_idle: bool = True
+    tenant_max_pinned: Mapping[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.max_pinned_sessions < 1:
+            raise ValueError(f"max_pinned_sessions must be >= 1, got {self.max_pinned_sessions}")
+        if not 0.0 < self.high_watermark <= 1.0:
+            raise ValueError(f"high_watermark must be in (0, 1], got {self.high_watermark}")
+        if self.max_queue < 0:
+            raise ValueError(f"max_queue must be >= 0, got {self.max_queue}")
+        if self.queue_timeout_s < 0:
+            raise ValueError(f"queue_timeout_s must be >= 0, got {self.queue_timeout_s}")
+        if self.idle_ttl_s is not None and self.idle_ttl_s < 0:
+            raise ValueError(f"idle_ttl_s must be >= 0 or None, got {self.idle_ttl_s}")
+        for tenant, cap in self.tenant_max_pinned.items():
+            if cap < 1:
+                raise ValueError(f"tenant_max_pinned[{tenant!r}] must be >= 1, got {cap}")

@@ -1,0 +1,73 @@
+"""Victim choice: which idle session makes room, and whether it is offloaded or dropped."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping
+from typing import Literal
+
+from scheduler.cost import CostModel
+from scheduler.session import Session
+
+Action = Literal["offload", "drop"]
+
+
+class IdleSessions:
+    """IDLE pinned sessions, per priority, least recently active first (O(1) updates)."""
+
+    def __init__(self) -> None:
+        self._by_priority: dict[int, OrderedDict[object, Session]] = {}
+
+    def __len__(self) -> int:
+        return sum(len(d) for d in self._by_priority.values())
+
+    def __contains__(self, session_id: object) -> bool:
+        return any(session_id in d for d in self._by_priority.values())
+
+    def add(self, session: Session) -> None:
+        """Append as the most recently active of its priority."""
+        self._by_priority.setdefault(session.priority, OrderedDict())[session.session_id] = session
+
+    def remove(self, session: Session) -> None:
+        d = self._by_priority.get(session.priority)
+        if d is not None:
+            d.pop(session.session_id, None)
+
+    def oldest_first(self) -> Iterator[Session]:
+        """Every idle session: lowest priority first, then least recently active."""
+        for priority in sorted(self._by_priority):
+            yield from list(self._by_priority[priority].values())
+
+    def candidates(
+        self,
+        *,
+        max_priority: int,
+        exclude: object,
+        tenant: str | None,
+        over_cap: Mapping[str, bool],
+    ) -> Iterator[Session]:
+        """Victims in the order they should be taken.
+
+        Only sessions of priority <= `max_priority` (a requester never evicts a more
+        important session); sessions of tenants over their pinned cap first; then lowest
+        priority, least recently active. With `tenant` set, only that tenant's sessions
+        (a tenant at its cap makes room from its own sessions).
+        """
+        pool = [
+            s
+            for s in self.oldest_first()
+            if s.priority <= max_priority
+            and s.session_id != exclude
+            and (tenant is None or s.tenant == tenant)
+        ]
+        yield from (s for s in pool if over_cap.get(s.tenant, False))
+        yield from (s for s in pool if not over_cap.get(s.tenant, False))
+
+
+def choose_action(
+    *, num_blocks: int, host_room: bool, offload_enabled: bool, cost: CostModel
+) -> Action:
+    """Offload when the host tier has room and restoring beats recomputing; else drop."""
+    if offload_enabled and host_room and cost.restore_is_cheaper(num_blocks):
+        return "offload"
+    return "drop"

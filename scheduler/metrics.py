@@ -1,0 +1,31 @@
+"""Counters a server exports: cheap integer increments, always on."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass(slots=True)
+class SchedulerMetrics:
+    """Monotonic counters (sessions by state are computed on demand by the scheduler)."""
+
+    turns_started: int = 0
+    turns_completed: int = 0
+    tokens_prompt: int = 0  # new prompt tokens presented by turns (incl. resumed history)
+    tokens_hit_pinned: int = 0  # served by the session's own pinned blocks
+    tokens_hit_gpu: int = 0  # served by the GPU hash cache
+    tokens_hit_host: int = 0  # served by the host tier (restored)
+    tokens_computed: int = 0  # prefilled
+    blocks_offloaded: int = 0
+    blocks_restored: int = 0
+    blocks_dropped: int = 0
+    bytes_offloaded: int = 0
+    bytes_restored: int = 0
+    sessions_offloaded: int = 0
+    sessions_dropped: int = 0
+    transfer_failures: int = 0
+    admission_waits: int = 0
+    admission_refusals: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)

@@ -1,0 +1,619 @@
+"""SessionScheduler: connection-scoped sessions on a two-tier paged KV cache.
+
+Event driven: no threads, no sleeps. A server (or the simulator) calls `begin_turn`,
+`append_tokens`, `mark_computed`, `end_turn`, `close_session`, and `poll()` whenever time
+passes or a copy may have finished; the injected clock is the only source of time.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from pagedkv.errors import OutOfBlocksError
+from pagedkv.hashing import TokenInput, as_token_array
+from pagedkv.tiered import TieredKVCache, TransferResult
+from scheduler.config import SchedulerConfig
+from scheduler.cost import CostModel
+from scheduler.errors import OverCapacityError, SessionError
+from scheduler.eviction import IdleSessions, choose_action
+from scheduler.metrics import SchedulerMetrics
+from scheduler.session import Session, SessionState
+
+S = SessionState
+
+
+@dataclass(frozen=True, slots=True)
+class TurnPlan:
+    """What the model must compute for a turn that is ready to run.
+
+    Attributes:
+        session_id: the session.
+        num_tokens: sequence length after this turn's input.
+        compute_start: first position to compute (everything before is cached).
+        slot_mapping: int64 slots of positions `[compute_start, num_tokens)`.
+        block_ids: the session's GPU block table.
+        hit_pinned / hit_gpu / hit_host: cached tokens by source (the session's own
+            pinned blocks, the GPU hash cache, the host tier).
+    """
+
+    session_id: object
+    num_tokens: int
+    compute_start: int
+    slot_mapping: np.ndarray
+    block_ids: list[int]
+    hit_pinned: int
+    hit_gpu: int
+    hit_host: int
+
+    @property
+    def cached_tokens(self) -> int:
+        return self.compute_start
+
+    @property
+    def num_computed(self) -> int:
+        return self.num_tokens - self.compute_start
+
+
+@dataclass(frozen=True, slots=True)
+class TurnReady:
+    """poll() event: a waiting turn can run now."""
+
+    session_id: object
+    plan: TurnPlan
+
+
+@dataclass(frozen=True, slots=True)
+class TurnRefused:
+    """poll() event: a waiting turn was refused (timeout); the session is IDLE-less."""
+
+    session_id: object
+    error: OverCapacityError
+
+
+Event = TurnReady | TurnRefused
+
+
+@dataclass(slots=True)
+class _Hits:
+    pinned: int = 0
+    gpu: int = 0
+    host: int = 0
+
+
+class SessionScheduler:
+    """Admission, pinning, idle offload/eviction and reconnect for many sessions.
+
+    Invariants (see `check_invariants`): pinned sessions (ACTIVE + IDLE) never exceed
+    `max_pinned_sessions`; every pinned session has its blocks on the GPU; an IDLE session
+    is in the idle LRU; a QUEUED session is in exactly one queue; an ACTIVE session is
+    never chosen as a victim.
+    """
+
+    def __init__(
+        self,
+        cache: TieredKVCache,
+        config: SchedulerConfig,
+        *,
+        clock: Callable[[], float],
+        cost: CostModel | None = None,
+    ) -> None:
+        self.cache = cache
+        self.config = config
+        self.clock = clock
+        self.cost = cost or CostModel(block_size=cache.block_size)
+        self.metrics = SchedulerMetrics()
+        self._sessions: dict[object, Session] = {}
+        self._queues: dict[int, OrderedDict[object, Session]] = {}
+        self._idle = IdleSessions()
+        self._offloaded: OrderedDict[object, Session] = OrderedDict()  # host-pinned, LRU
+        self._waiting: dict[object, _Hits] = {}  # ACTIVE, transfer in flight
+        self._pinned = 0
+        self._pinned_by_tenant: Counter[str] = Counter()
+        self._events: deque[Event] = deque()
+        self._block_limit = int(config.high_watermark * cache.gpu.pool.num_blocks)
+
+    # ------------------------------------------------------------------ queries
+    def session(self, session_id: object) -> Session:
+        """The record of an open session.
+
+        Raises:
+            SessionError: unknown (or closed) session id.
+        """
+        s = self._sessions.get(session_id)
+        if s is None:
+            raise SessionError(f"unknown session id {session_id!r}")
+        return s
+
+    @property
+    def num_pinned(self) -> int:
+        return self._pinned
+
+    @property
+    def num_queued(self) -> int:
+        return sum(len(q) for q in self._queues.values())
+
+    def sessions_by_state(self) -> dict[str, int]:
+        counts = Counter(
+            S.QUEUED.value if s.is_queued else s.state.value for s in self._sessions.values()
+        )
+        return {state.value: counts.get(state.value, 0) for state in SessionState}
+
+    # ------------------------------------------------------------------ lifecycle
+    def open_session(
+        self, session_id: object, *, tenant: str = "default", priority: int = 0
+    ) -> Session:
+        """Register a new connection's session (no blocks until its first turn).
+
+        Raises:
+            SessionError: the id is already open. TypeError: tenant not a str.
+        """
+        if session_id in self._sessions:
+            raise SessionError(f"session id {session_id!r} is already open")
+        if not isinstance(tenant, str):
+            raise TypeError(f"tenant must be a str, got {type(tenant).__name__}")
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise TypeError(f"priority must be an int, got {priority!r}")
+        now = self.clock()
+        s = Session(session_id, tenant, priority, opened_at=now, last_active=now)
+        self._sessions[session_id] = s
+        return s
+
+    def resume(
+        self,
+        session_id: object,
+        tokens: TokenInput,
+        *,
+        tenant: str = "default",
+        priority: int = 0,
+    ) -> TurnPlan | None:
+        """Open a session for a client that reconnects with its full token history.
+
+        The longest cached prefix (GPU, then host) is reused; only the rest is computed.
+        Returns the plan, or None when the turn waits (a `TurnReady` comes from `poll`).
+
+        Raises:
+            SessionError / TypeError / ValueError: as `open_session` and `begin_turn`.
+            OverCapacityError: the admission queue is full; the session is not opened.
+        """
+        self.open_session(session_id, tenant=tenant, priority=priority)
+        try:
+            return self.begin_turn(session_id, tokens)
+        except BaseException:
+            del self._sessions[session_id]
+            raise
+
+    def begin_turn(self, session_id: object, new_tokens: TokenInput) -> TurnPlan | None:
+        """Start a turn with the client's new input tokens.
+
+        Returns the plan when the turn can run now, None when it waits for room or for a
+        host-to-GPU copy (its `TurnReady` or `TurnRefused` then comes from `poll`).
+
+        Raises:
+            SessionError: unknown session, or a turn is already running or queued.
+            TypeError / ValueError: bad tokens.
+            OverCapacityError: the queue is full, or the turn can never fit; the session
+                is left as it was.
+        """
+        s = self.session(session_id)
+        if s.state not in (S.NEW, S.IDLE, S.OFFLOADED, S.DROPPED) or s.is_queued:
+            state = "queued" if s.is_queued else s.state.value
+            raise SessionError(
+                f"begin_turn {session_id!r}: session is {state}; "
+                "expected new, idle, offloaded or dropped (one turn at a time)"
+            )
+        tokens = as_token_array(new_tokens, what="new_tokens")
+        total = self._seq_len(s) + len(tokens)
+        if -(-total // self.cache.block_size) > self._block_limit:
+            raise self._refuse(
+                s, "too_large", f"{total} tokens need more blocks than the GPU watermark "
+                f"allows ({self._block_limit})",
+            )  # fmt: skip
+        s.pending_tokens = tokens
+        if not self._queues_ahead(s):
+            started = self._try_start(s)
+            if started is not None:
+                return started if isinstance(started, TurnPlan) else None
+        if self.num_queued >= self.config.max_queue:
+            s.pending_tokens = None
+            raise self._refuse(s, "queue_full", f"{self.num_queued} turns already waiting")
+        s.queued_at = self.clock()
+        self._queues.setdefault(s.priority, OrderedDict())[session_id] = s
+        self.metrics.admission_waits += 1
+        return None
+
+    def append_tokens(self, session_id: object, token_ids: TokenInput) -> np.ndarray:
+        """Append generated tokens to an ACTIVE session; returns their int64 slots.
+
+        Makes room from idle sessions if the GPU pool is short.
+
+        Raises:
+            SessionError: the session is not ACTIVE and ready.
+            OutOfBlocksError: no room even after evicting idle sessions; nothing changed.
+        """
+        s = self._active(session_id, "append_tokens")
+        tokens = as_token_array(token_ids)
+        table = self.cache.gpu.table(session_id)
+        need = -(-(table.num_tokens + len(tokens)) // self.cache.block_size) - len(table.block_ids)
+        if need > self.cache.gpu.pool.num_available:
+            self._make_room(s, need, need_slot=False, respect_watermark=False)
+        r = self.cache.gpu.append_tokens(session_id, tokens)
+        return r.slot_mapping
+
+    def mark_computed(self, session_id: object) -> None:
+        """Record that the model wrote K/V for every token of an ACTIVE session."""
+        self._active(session_id, "mark_computed")
+        self.cache.gpu.mark_computed(session_id)
+
+    def end_turn(self, session_id: object) -> None:
+        """Finish an ACTIVE session's turn: it becomes IDLE and stays pinned (or, with
+        `pin_sessions=False`, is released to the hash cache).
+
+        Raises:
+            SessionError: not ACTIVE, or tokens were appended but never computed.
+        """
+        s = self._active(session_id, "end_turn")
+        table = self.cache.gpu.table(session_id)
+        if table.num_computed_tokens != table.num_tokens:
+            raise SessionError(
+                f"end_turn {session_id!r}: {table.num_tokens - table.num_computed_tokens} "
+                "tokens were never computed (call mark_computed after the forward pass)"
+            )
+        self.metrics.turns_completed += 1
+        s.last_active = self.clock()
+        s.num_turns += 1
+        if self.config.pin_sessions:
+            s.state = S.IDLE
+            self._idle.add(s)
+        else:
+            self._unpin(s)
+            if self.config.offload_on_release and self.cache.host is not None:
+                self._offload(s, reason="release")
+            else:
+                self._drop(s, reason="release")
+        self._admit_queued()
+
+    def close_session(self, session_id: object) -> None:
+        """Close a session in any state; everything it held is released (its full blocks
+        stay in the hash caches). Safe while a turn runs or a copy is in flight.
+
+        Raises:
+            SessionError: unknown session id.
+        """
+        s = self.session(session_id)
+        self._queues.get(s.priority, OrderedDict()).pop(session_id, None)
+        self._idle.remove(s)
+        self._offloaded.pop(session_id, None)
+        self._waiting.pop(session_id, None)
+        if s.is_pinned:
+            self._unpin(s)
+        if self.cache.location(session_id) is not None:
+            self.cache.free(session_id)
+        s.state = S.CLOSED
+        s.history = s.pending_tokens = None
+        del self._sessions[session_id]
+        self._admit_queued()
+
+    # ------------------------------------------------------------------ time
+    def poll(self) -> list[Event]:
+        """Advance: commit finished copies, refuse timed-out turns, offload sessions idle
+        past the TTL, admit waiting turns. Returns the events since the last poll."""
+        for result in self.cache.poll():
+            self._on_transfer(result)
+        now = self.clock()
+        for queue in self._queues.values():
+            for s in list(queue.values()):
+                assert s.queued_at is not None
+                if now - s.queued_at > self.config.queue_timeout_s:
+                    del queue[s.session_id]
+                    err = self._refuse(s, "timeout", f"waited {now - s.queued_at:.3f}s")
+                    s.queued_at = None
+                    s.pending_tokens = None
+                    self._events.append(TurnRefused(s.session_id, err))
+        if self.config.idle_ttl_s is not None and self.cache.host is not None:
+            for s in list(self._idle.oldest_first()):
+                if now - s.last_active >= self.config.idle_ttl_s:
+                    self._evict(s)
+        self._admit_queued()
+        events = list(self._events)
+        self._events.clear()
+        return events
+
+    def next_deadline(self) -> float | None:
+        """The next time `poll` has timed work to do (a queue timeout or an idle TTL)."""
+        times = [
+            s.queued_at + self.config.queue_timeout_s
+            for q in self._queues.values()
+            for s in q.values()
+            if s.queued_at is not None
+        ]
+        if self.config.idle_ttl_s is not None and self.cache.host is not None:
+            times += [s.last_active + self.config.idle_ttl_s for s in self._idle.oldest_first()]
+        return min(times, default=None)
+
+    # ------------------------------------------------------------------ starting turns
+    def _seq_len(self, s: Session) -> int:
+        loc = self.cache.location(s.session_id)
+        if loc in ("gpu", "restoring", "offloading"):
+            return self.cache.gpu.table(s.session_id).num_tokens
+        if loc == "host":
+            assert self.cache.host is not None
+            return self.cache.host.table(s.session_id).num_tokens
+        return 0 if s.history is None else len(s.history)
+
+    def _queues_ahead(self, s: Session) -> bool:
+        """Whether turns of equal or higher priority already wait (FIFO fairness)."""
+        return any(len(q) for p, q in self._queues.items() if p >= s.priority)
+
+    def _try_start(self, s: Session) -> TurnPlan | bool | None:
+        """Start `s`'s pending turn if room allows: a plan (ready), True (waiting on a
+        copy), or None (no room: queue it)."""
+        assert s.pending_tokens is not None
+        tokens = s.pending_tokens
+        bs = self.cache.block_size
+        loc = self.cache.location(s.session_id)
+        if loc in ("offloading", "restoring"):
+            return None  # wait for the copy to finish first
+        if s.state == S.IDLE:
+            table = self.cache.gpu.table(s.session_id)
+            need = -(-(table.num_tokens + len(tokens)) // bs) - len(table.block_ids)
+            if not self._make_room(s, need, need_slot=False):
+                return None
+            self._idle.remove(s)
+            s.state = S.ACTIVE
+            return self._ready(s, _Hits(pinned=table.num_tokens))
+        # NEW, DROPPED or OFFLOADED: needs a pin slot and blocks for the whole sequence
+        total = self._seq_len(s) + len(tokens)
+        if not self._make_room(s, -(-total // bs), need_slot=True):
+            return None
+        if s.state == S.OFFLOADED:
+            try:
+                plan = self.cache.restore(s.session_id)
+            except OutOfBlocksError:
+                return None
+            self._offloaded.pop(s.session_id, None)
+            hits = _Hits(gpu=plan.num_gpu_cached_tokens)
+        else:
+            history = tokens if s.history is None else np.concatenate((s.history, tokens))
+            max_cached = max(len(history) - 1, 0) if self.config.reuse_prefix else 0
+            try:
+                plan = self.cache.begin_sequence(
+                    s.session_id, history, tenant=s.tenant, max_cached_tokens=max_cached
+                )
+            except OutOfBlocksError:
+                return None
+            s.history = None
+            s.pending_tokens = None  # the new tokens are in the sequence already
+            hits = _Hits(gpu=plan.num_gpu_cached_tokens)
+        self._pin(s)
+        s.state = S.ACTIVE
+        if plan.pending:
+            self._waiting[s.session_id] = hits
+            return True
+        return self._ready(s, hits)
+
+    def _ready(self, s: Session, hits: _Hits) -> TurnPlan:
+        """Build the plan of a turn whose blocks are all on the GPU (after any restore)."""
+        table = self.cache.gpu.table(s.session_id)
+        if hits.pinned == 0:  # whatever is computed beyond the GPU hits came from the host
+            hits.host = table.num_computed_tokens - hits.gpu
+        if s.pending_tokens is not None:  # a restored session: now append the new input
+            self.cache.gpu.append_tokens(s.session_id, s.pending_tokens)
+            s.pending_tokens = None
+        start = table.num_computed_tokens
+        plan = TurnPlan(
+            session_id=s.session_id,
+            num_tokens=table.num_tokens,
+            compute_start=start,
+            slot_mapping=self.cache.gpu.slot_mapping(s.session_id, start, table.num_tokens),
+            block_ids=list(table.block_ids),
+            hit_pinned=hits.pinned,
+            hit_gpu=hits.gpu,
+            hit_host=hits.host,
+        )
+        m = self.metrics
+        m.turns_started += 1
+        m.tokens_prompt += plan.num_tokens
+        m.tokens_hit_pinned += hits.pinned
+        m.tokens_hit_gpu += hits.gpu
+        m.tokens_hit_host += hits.host
+        m.tokens_computed += plan.num_computed
+        return plan
+
+    # ------------------------------------------------------------------ making room
+    def _make_room(
+        self, s: Session, need_blocks: int, *, need_slot: bool, respect_watermark: bool = True
+    ) -> bool:
+        """Evict idle sessions until `s` has a pin slot (if needed) and `need_blocks`
+        fit. True when room exists now; False when it does not (yet)."""
+        pool = self.cache.gpu.pool
+        tenant_cap = self.config.tenant_max_pinned.get(s.tenant)
+
+        def short() -> tuple[int, bool, bool]:
+            blocks = need_blocks - pool.num_available
+            if respect_watermark:
+                blocks = max(blocks, pool.num_in_use + need_blocks - self._block_limit)
+            slot = need_slot and self._pinned >= self.config.max_pinned_sessions
+            tenant_slot = (
+                need_slot
+                and tenant_cap is not None
+                and self._pinned_by_tenant[s.tenant] >= tenant_cap
+            )
+            return blocks, slot, tenant_slot
+
+        blocks, slot, tenant_slot = short()
+        if blocks <= 0 and not slot and not tenant_slot:
+            return True
+        over_cap = {
+            t: n > self.config.tenant_max_pinned.get(t, n)
+            for t, n in self._pinned_by_tenant.items()
+        }
+        for victim in list(
+            self._idle.candidates(
+                max_priority=s.priority,
+                exclude=s.session_id,
+                tenant=s.tenant if tenant_slot else None,
+                over_cap=over_cap,
+            )
+        ):
+            self._evict(victim)
+            blocks, slot, tenant_slot = short()
+            if blocks <= 0 and not slot and not tenant_slot:
+                return True
+        return False
+
+    def _evict(self, s: Session) -> None:
+        """Take an IDLE session off the GPU: offload it or drop it (cost model)."""
+        self._idle.remove(s)
+        self._unpin(s)
+        table = self.cache.gpu.table(s.session_id)
+        host = self.cache.host
+        action = "drop"
+        if host is not None:
+            num_blocks = len(table.block_ids)
+            self._make_host_room(num_blocks)
+            action = choose_action(
+                num_blocks=num_blocks,
+                host_room=host.pool.num_available >= num_blocks,
+                offload_enabled=self.config.offload_idle,
+                cost=self.cost,
+            )
+        if action == "offload":
+            self._offload(s, reason="offload")
+        else:
+            self._drop(s, reason="drop")
+
+    def _make_host_room(self, num_blocks: int) -> None:
+        """Drop offloaded sessions (oldest first) until the host has `num_blocks`."""
+        host = self.cache.host
+        assert host is not None
+        while host.pool.num_available < num_blocks and self._offloaded:
+            _sid, victim = self._offloaded.popitem(last=False)
+            history = host.table(victim.session_id).tokens.copy()
+            self.cache.drop_offloaded(victim.session_id)
+            victim.history = history
+            victim.state = S.DROPPED
+            self.metrics.sessions_dropped += 1
+
+    def _offload(self, s: Session, *, reason: str) -> None:
+        try:
+            handle = self.cache.offload(s.session_id)
+        except OutOfBlocksError:
+            self._drop(s, reason=reason)
+            return
+        s.state = S.OFFLOADED
+        s.evicted_by = reason
+        self.metrics.blocks_offloaded += handle.num_blocks
+        self.metrics.bytes_offloaded += handle.num_blocks * self.cost.bytes_per_block
+
+    def _drop(self, s: Session, *, reason: str) -> None:
+        table = self.cache.gpu.table(s.session_id)
+        s.history = table.tokens.copy()
+        self.metrics.blocks_dropped += len(table.block_ids)
+        self.cache.free(s.session_id)
+        s.state = S.DROPPED
+        s.evicted_by = reason
+        if reason != "release":
+            self.metrics.sessions_dropped += 1
+
+    def _pin(self, s: Session) -> None:
+        self._pinned += 1
+        self._pinned_by_tenant[s.tenant] += 1
+
+    def _unpin(self, s: Session) -> None:
+        self._pinned -= 1
+        self._pinned_by_tenant[s.tenant] -= 1
+
+    # ------------------------------------------------------------------ queue
+    def _admit_queued(self) -> None:
+        """Admit waiting turns: priority order, FIFO within a priority; stop at the first
+        that does not fit (no overtaking, so nobody starves)."""
+        for priority in sorted(self._queues, reverse=True):
+            queue = self._queues[priority]
+            while queue:
+                s = next(iter(queue.values()))
+                started = self._try_start(s)
+                if started is None:
+                    return
+                del queue[s.session_id]
+                s.queued_at = None
+                if isinstance(started, TurnPlan):
+                    self._events.append(TurnReady(s.session_id, started))
+
+    def _refuse(
+        self, s: Session, reason: str, detail: str, raise_now: bool = False
+    ) -> OverCapacityError:
+        self.metrics.admission_refusals += 1
+        return OverCapacityError(
+            f"session {s.session_id!r}: over capacity ({reason}): {detail}",
+            session_id=s.session_id,
+            reason=reason,
+        )
+
+    # ------------------------------------------------------------------ transfers
+    def _on_transfer(self, r: TransferResult) -> None:
+        s = self._sessions.get(r.seq_id)
+        if r.direction == "offload":
+            if not r.ok:
+                self.metrics.transfer_failures += 1
+            if s is None:
+                return
+            if r.ok:
+                self.metrics.sessions_offloaded += 1
+                if s.evicted_by == "release":  # write-through: keep only the host cache
+                    assert self.cache.host is not None
+                    s.history = self.cache.host.table(s.session_id).tokens.copy()
+                    self.cache.drop_offloaded(s.session_id)
+                    s.state = S.DROPPED
+                elif s.state == S.OFFLOADED:
+                    self._offloaded[s.session_id] = s
+            elif self.cache.location(s.session_id) == "gpu":
+                self._drop(s, reason="drop")  # the GPU copy is intact: release it instead
+            return
+        # restore
+        if not r.ok:
+            self.metrics.transfer_failures += 1
+        self.metrics.blocks_restored += r.num_blocks_copied
+        self.metrics.bytes_restored += r.num_blocks_copied * self.cost.bytes_per_block
+        hits = self._waiting.pop(r.seq_id, None)
+        if s is None or hits is None:
+            return
+        self._events.append(TurnReady(s.session_id, self._ready(s, hits)))
+
+    # ------------------------------------------------------------------ helpers
+    def _active(self, session_id: object, what: str) -> Session:
+        s = self.session(session_id)
+        if s.state != S.ACTIVE or session_id in self._waiting:
+            raise SessionError(
+                f"{what} {session_id!r}: session is {s.state.value}"
+                f"{' (restoring)' if session_id in self._waiting else ''}; expected a running turn"
+            )
+        return s
+
+    def check_invariants(self) -> None:
+        """Scheduler and cache invariants; raises AssertionError with the numbers."""
+        self.cache.check_invariants(deep=False)
+        pinned = [s for s in self._sessions.values() if s.is_pinned]
+        assert len(pinned) == self._pinned, f"pinned {len(pinned)} != counter {self._pinned}"
+        assert self._pinned <= self.config.max_pinned_sessions, (
+            f"pinned {self._pinned} > cap {self.config.max_pinned_sessions}"
+        )
+        for s in self._sessions.values():
+            loc = self.cache.location(s.session_id)
+            if s.state == S.IDLE:
+                assert loc == "gpu" and s.session_id in self._idle, (s.session_id, loc)
+            if s.state == S.ACTIVE:
+                assert loc in ("gpu", "restoring"), (s.session_id, loc)
+            if s.state == S.DROPPED:
+                assert loc is None and s.history is not None, (s.session_id, loc)
+            if s.state == S.OFFLOADED:
+                assert loc in ("host", "offloading"), (s.session_id, loc)
+            in_queues = sum(s.session_id in q for q in self._queues.values())
+            assert in_queues == int(s.is_queued), (s.session_id, in_queues)
+        assert len(self._idle) == sum(s.state == S.IDLE for s in self._sessions.values())
+
+
+__all__ = ["Event", "SessionScheduler", "TurnPlan", "TurnReady", "TurnRefused"]

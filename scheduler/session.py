@@ -1,0 +1,49 @@
+"""Session: one client conversation bound to one connection."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+class SessionState(enum.Enum):
+    """See DESIGN.md: QUEUED -> ACTIVE -> IDLE -> OFFLOADED -> DROPPED, any -> CLOSED."""
+
+    NEW = "new"  # opened, no turn yet
+    QUEUED = "queued"  # reported for sessions whose turn waits (see Session.queued_at)
+    ACTIVE = "active"  # running a turn (or restoring for it); pinned
+    IDLE = "idle"  # pinned, waiting for the client
+    OFFLOADED = "offloaded"  # blocks on the host tier, none on the GPU
+    DROPPED = "dropped"  # only hash-cache entries remain
+    CLOSED = "closed"
+
+
+PINNED_STATES = frozenset({SessionState.ACTIVE, SessionState.IDLE})
+
+
+@dataclass(eq=False)
+class Session:
+    """Scheduler-side record of one session. Read it; the scheduler mutates it."""
+
+    session_id: object
+    tenant: str
+    priority: int
+    opened_at: float
+    state: SessionState = SessionState.NEW
+    num_turns: int = 0
+    last_active: float = 0.0  # end of the last turn (or open time)
+    pending_tokens: np.ndarray | None = None  # a queued/restoring turn's new tokens
+    history: np.ndarray | None = None  # full token history, kept only while DROPPED
+    queued_at: float | None = None  # set while a turn waits in the admission queue
+    # why the session is not on the GPU (for metrics): "offload", "drop", "release"
+    evicted_by: str | None = field(default=None, repr=False)
+
+    @property
+    def is_pinned(self) -> bool:
+        return self.state in PINNED_STATES
+
+    @property
+    def is_queued(self) -> bool:
+        return self.queued_at is not None
