@@ -13,7 +13,7 @@ magnitude up to ~50. 1e-4 absolute and relative leaves 10x headroom, while any r
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import pytest
 import torch
@@ -42,8 +42,12 @@ CONFIGS = {
 
 
 @pytest.fixture(autouse=True)
-def _seed() -> None:
-    torch.manual_seed(0)  # nothing should depend on it; keeps any accident reproducible
+def _one_thread() -> Iterator[None]:
+    """Tiny ops: on a loaded 2-core machine thread hand-offs cost more than the math."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
@@ -55,10 +59,9 @@ def pair(request: pytest.FixtureRequest) -> tuple[LlamaModel, torch.nn.Module]:
 
 def hf_twin(model: LlamaModel) -> torch.nn.Module:
     """transformers' LlamaForCausalLM (eager attention, fp32) with `model`'s weights."""
-    hf_config = transformers.LlamaConfig(**model.config.to_hf_dict())
-    hf = transformers.LlamaForCausalLM._from_config(
-        hf_config, attn_implementation="eager", dtype=torch.float32
-    )
+    hf_config = transformers.LlamaConfig(**model.config.to_hf_dict(), attn_implementation="eager")
+    hf = transformers.LlamaForCausalLM(hf_config).float()
+    assert hf.config._attn_implementation == "eager"
     hf.load_state_dict(model.state_dict(), strict=True)
     return hf.eval()
 

@@ -71,9 +71,8 @@ def test_pretrained_directory_loads_in_transformers(tmp_path: Path) -> None:
     transformers = pytest.importorskip("transformers")
     model = init_random(LlamaConfig.tiny(tie_word_embeddings=True), seed=7)
     save_pretrained(model, tmp_path)
-    hf = transformers.LlamaForCausalLM.from_pretrained(
-        str(tmp_path), attn_implementation="eager", dtype=torch.float32
-    ).eval()
+    hf = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path), attn_implementation="eager")
+    hf = hf.float().eval()
     with torch.no_grad():
         ref = hf(input_ids=torch.tensor([IDS])).logits[0, -1]
     torch.testing.assert_close(logits_of(model, IDS)[0], ref, atol=1e-4, rtol=1e-4)
