@@ -10,7 +10,7 @@ ids, vectorised (NumPy over all tokens at once, a Python loop only over sequence
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import InitVar, dataclass
 from typing import NamedTuple
 
 import numpy as np
@@ -53,6 +53,9 @@ class ForwardBatch:
         max_query_len: the largest number of new tokens of one sequence (host-known, so
             launches need no device read). 1 means a pure decode step (T == B).
         max_seq_len: an upper bound of `seq_lens` (host-known).
+        check_values: (init only, not stored) check the values of CPU tensors (below);
+            `build_forward_batch` passes False, its output being valid by construction
+            (saves ~0.1 ms a step). `dataclasses.replace` checks again.
 
     Invariants checked on construction: dtypes, ranks and matching shapes, one device,
     `B <= T <= B * max_query_len`, `max_query_len <= max_seq_len`. When the tensors are
@@ -74,8 +77,9 @@ class ForwardBatch:
     block_tables: torch.Tensor
     max_query_len: int
     max_seq_len: int
+    check_values: InitVar[bool] = True
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, check_values: bool) -> None:
         _check_tensor("input_ids", self.input_ids, torch.int64, 1, "[T]")
         _check_tensor("positions", self.positions, torch.int64, 1, "[T]")
         _check_tensor("slot_mapping", self.slot_mapping, torch.int64, 1, "[T]")
@@ -117,7 +121,7 @@ class ForwardBatch:
         devices = {name: getattr(self, name).device for name in (*names, "block_tables")}
         if len(set(devices.values())) != 1:
             raise ValueError(f"ForwardBatch: all tensors must be on one device, got {devices}")
-        if self.input_ids.device.type == "cpu":
+        if check_values and self.input_ids.device.type == "cpu":
             self._check_values()
 
     def _check_values(self) -> None:
@@ -312,5 +316,6 @@ def build_forward_batch(
         block_tables=torch.from_numpy(block_tables),
         max_query_len=int(query_lens.max()),
         max_seq_len=int(seq_lens.max()),
+        check_values=False,  # valid by construction (every input was checked above)
     )
     return batch if torch.device(device).type == "cpu" else batch.to(device)

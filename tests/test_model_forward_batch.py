@@ -63,6 +63,7 @@ def test_matches_block_manager_slot_convention() -> None:
         for p in range(c.num_computed_tokens, c.num_computed_tokens + len(c.new_token_ids))
     ]
     assert b.slot_mapping.tolist() == expected
+    dataclasses.replace(b)  # the builder skips the value checks; its output passes them
 
 
 @pytest.mark.parametrize(
