@@ -105,6 +105,7 @@ class TieredKVCache:
         self.engine = engine
         self.block_size = gpu.block_size
         self._pending: dict[SeqId, _Pending] = {}
+        self._finished: list[TransferResult] = []  # completed without a copy, not yet polled
 
     # ------------------------------------------------------------------ queries
     def location(self, seq_id: SeqId) -> Location | None:
@@ -185,11 +186,16 @@ class TieredKVCache:
             assert self.host is not None and self.engine is not None
             self.host.pool.acquire(host_ids)
             positions = list(range(k1, k1 + len(host_ids)))
-            handle = self.engine.submit(
-                "restore", host_ids, [table.block_ids[i] for i in positions]
-            )
-            self._pending[seq_id] = _Pending(
-                seq_id, handle, positions, held_host=host_ids, first_position=k1
+            self._submit(
+                _Pending(
+                    seq_id,
+                    TransferHandle("restore", [], []),
+                    positions,
+                    held_host=host_ids,
+                    first_position=k1,
+                ),
+                host_ids,
+                [table.block_ids[i] for i in positions],
             )
         num_host = len(host_ids) * bs
         return PrefixPlan(
@@ -210,7 +216,7 @@ class TieredKVCache:
                 flight, or has tokens not yet computed.
             OutOfBlocksError: the host tier lacks room; nothing changed.
         """
-        host, engine = self._need_host()
+        host, _engine = self._need_host()
         self._check_idle_on_gpu(seq_id, "offload")
         g = self.gpu.table(seq_id)
         if g.num_computed_tokens != g.num_tokens:
@@ -227,10 +233,11 @@ class TieredKVCache:
         k = len(r.hit_block_ids)  # already on the host: shared, not copied again
         h = host.table(seq_id)
         positions = list(range(k, len(h.block_ids)))
-        handle = engine.submit(
-            "offload", [g.block_ids[i] for i in positions], [h.block_ids[i] for i in positions]
+        handle = self._submit(
+            _Pending(seq_id, TransferHandle("offload", [], []), positions, first_position=k),
+            [g.block_ids[i] for i in positions],
+            [h.block_ids[i] for i in positions],
         )
-        self._pending[seq_id] = _Pending(seq_id, handle, positions, first_position=k)
         return handle
 
     def restore(self, seq_id: SeqId) -> PrefixPlan:
@@ -242,7 +249,7 @@ class TieredKVCache:
             ValueError: the sequence is not offloaded (or has a copy in flight).
             OutOfBlocksError: not enough GPU blocks; nothing changed.
         """
-        host, engine = self._need_host()
+        host, _engine = self._need_host()
         if self.location(seq_id) != "host":
             raise ValueError(
                 f"restore {seq_id!r}: expected an offloaded sequence, it is at "
@@ -258,10 +265,11 @@ class TieredKVCache:
         k = len(r.hit_block_ids)
         g = self.gpu.table(seq_id)
         positions = list(range(k, len(g.block_ids)))
-        handle = engine.submit(
-            "restore", [h.block_ids[i] for i in positions], [g.block_ids[i] for i in positions]
+        self._submit(
+            _Pending(seq_id, TransferHandle("restore", [], []), positions, first_position=k),
+            [h.block_ids[i] for i in positions],
+            [g.block_ids[i] for i in positions],
         )
-        self._pending[seq_id] = _Pending(seq_id, handle, positions, first_position=k)
         return PrefixPlan(
             num_gpu_cached_tokens=k * self.block_size,
             num_host_cached_tokens=h.num_tokens - k * self.block_size,
@@ -314,22 +322,40 @@ class TieredKVCache:
         self._pending[seq_id].cancelled = True
 
     # ------------------------------------------------------------------ completion
+    def _submit(self, p: _Pending, src_ids: list[int], dst_ids: list[int]) -> TransferHandle:
+        """Start a sequence's copy; with nothing to copy, complete it now (its result is
+        reported by the next `poll`), so the sequence is never shown as in flight."""
+        if not src_ids:
+            self._pending[p.seq_id] = p
+            self._finished.append(self._complete(p))
+            return p.handle
+        assert self.engine is not None
+        p.handle = self.engine.submit(p.handle.direction, src_ids, dst_ids)
+        self._pending[p.seq_id] = p
+        return p.handle
+
     def poll(self) -> list[TransferResult]:
-        """Commit every finished copy (never blocks). Returns their results."""
+        """Commit every finished copy (never blocks). Returns their results, including
+        transfers that completed at once because nothing needed copying."""
+        out, self._finished = self._finished, []
         done = [p for p in self._pending.values() if p.handle.done()]
-        return [self._complete(p) for p in done]
+        return out + [self._complete(p) for p in done]
 
     def wait(self, seq_id: SeqId) -> TransferResult | None:
-        """Block until a sequence's copy finishes and commit it (None if none in flight)."""
+        """Block until a sequence's copy finishes and commit it (None if none in flight
+        and none completed since the last poll)."""
         pending = self._pending.get(seq_id)
         if pending is None:
+            for i, r in enumerate(self._finished):
+                if r.seq_id == seq_id:
+                    return self._finished.pop(i)
             return None
         pending.handle.wait()
         return self._complete(pending)
 
     def wait_all(self) -> list[TransferResult]:
         """Block until every copy finishes; commit them in submission order."""
-        out = []
+        out, self._finished = self._finished, []
         for pending in list(self._pending.values()):
             pending.handle.wait()
             out.append(self._complete(pending))

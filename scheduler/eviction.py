@@ -34,34 +34,45 @@ class IdleSessions:
             d.pop(session.session_id, None)
 
     def oldest_first(self) -> Iterator[Session]:
-        """Every idle session: lowest priority first, then least recently active."""
+        """Every idle session: lowest priority first, then least recently active (a
+        snapshot: safe to evict while iterating; O(n), for checks and reports)."""
         for priority in sorted(self._by_priority):
             yield from list(self._by_priority[priority].values())
 
-    def candidates(
+    def oldest(self) -> Session | None:
+        """The least recently active idle session of any priority (O(priorities))."""
+        heads = [next(iter(d.values())) for d in self._by_priority.values() if d]
+        return min(heads, key=lambda s: s.last_active, default=None)
+
+    def pick_victim(
         self,
         *,
         max_priority: int,
         exclude: object,
         tenant: str | None,
         over_cap: Mapping[str, bool],
-    ) -> Iterator[Session]:
-        """Victims in the order they should be taken.
+    ) -> Session | None:
+        """The next session to evict, or None.
 
         Only sessions of priority <= `max_priority` (a requester never evicts a more
         important session); sessions of tenants over their pinned cap first; then lowest
         priority, least recently active. With `tenant` set, only that tenant's sessions
-        (a tenant at its cap makes room from its own sessions).
+        (a tenant at its cap makes room from its own sessions). Scans from the LRU end and
+        stops at the first match, so the cost does not grow with the number of sessions
+        (beyond the ones it must skip).
         """
-        pool = [
-            s
-            for s in self.oldest_first()
-            if s.priority <= max_priority
-            and s.session_id != exclude
-            and (tenant is None or s.tenant == tenant)
-        ]
-        yield from (s for s in pool if over_cap.get(s.tenant, False))
-        yield from (s for s in pool if not over_cap.get(s.tenant, False))
+        passes = (True, False) if any(over_cap.values()) else (False,)
+        for want_over_cap in passes:
+            for priority in sorted(self._by_priority):
+                if priority > max_priority:
+                    break
+                for s in self._by_priority[priority].values():
+                    if s.session_id == exclude or (tenant is not None and s.tenant != tenant):
+                        continue
+                    if want_over_cap and not over_cap.get(s.tenant, False):
+                        continue
+                    return s
+        return None
 
 
 def choose_action(

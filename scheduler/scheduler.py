@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -268,6 +268,7 @@ class SessionScheduler:
         if self.config.pin_sessions:
             s.state = S.IDLE
             self._idle.add(s)
+            self._enforce_cap()
         else:
             self._unpin(s)
             if self.config.offload_on_release and self.cache.host is not None:
@@ -297,6 +298,25 @@ class SessionScheduler:
         del self._sessions[session_id]
         self._admit_queued()
 
+    def set_max_pinned_sessions(self, cap: int) -> None:
+        """Change the pinned-session cap at run time. Lowering it evicts idle sessions
+        (least recently active first) down to the cap; ACTIVE sessions are never evicted,
+        so the count can stay above a lowered cap until their turns end.
+
+        Raises:
+            ValueError: cap < 1.
+        """
+        self.config = replace(self.config, max_pinned_sessions=cap)
+        self._enforce_cap()
+        self._admit_queued()
+
+    def _enforce_cap(self) -> None:
+        """Evict idle sessions while more are pinned than the cap allows (after a cap was
+        lowered while turns ran)."""
+        cap = self.config.max_pinned_sessions
+        while self._pinned > cap and (victim := self._idle.oldest()) is not None:
+            self._evict(victim)
+
     # ------------------------------------------------------------------ time
     def poll(self) -> list[Event]:
         """Advance: commit finished copies, refuse timed-out turns, offload sessions idle
@@ -304,19 +324,21 @@ class SessionScheduler:
         for result in self.cache.poll():
             self._on_transfer(result)
         now = self.clock()
-        for queue in self._queues.values():
-            for s in list(queue.values()):
+        for queue in self._queues.values():  # FIFO: the oldest waiters are at the front
+            while queue:
+                s = next(iter(queue.values()))
                 assert s.queued_at is not None
-                if now - s.queued_at > self.config.queue_timeout_s:
-                    del queue[s.session_id]
-                    err = self._refuse(s, "timeout", f"waited {now - s.queued_at:.3f}s")
-                    s.queued_at = None
-                    s.pending_tokens = None
-                    self._events.append(TurnRefused(s.session_id, err))
-        if self.config.idle_ttl_s is not None and self.cache.host is not None:
-            for s in list(self._idle.oldest_first()):
-                if now - s.last_active >= self.config.idle_ttl_s:
-                    self._evict(s)
+                if now - s.queued_at <= self.config.queue_timeout_s:
+                    break
+                del queue[s.session_id]
+                err = self._refuse(s, "timeout", f"waited {now - s.queued_at:.3f}s")
+                s.queued_at = None
+                s.pending_tokens = None
+                self._events.append(TurnRefused(s.session_id, err))
+        ttl = self.config.idle_ttl_s
+        if ttl is not None and self.cache.host is not None:
+            while (idle := self._idle.oldest()) is not None and now - idle.last_active >= ttl:
+                self._evict(idle)
         self._admit_queued()
         events = list(self._events)
         self._events.clear()
@@ -324,14 +346,14 @@ class SessionScheduler:
 
     def next_deadline(self) -> float | None:
         """The next time `poll` has timed work to do (a queue timeout or an idle TTL)."""
-        times = [
-            s.queued_at + self.config.queue_timeout_s
-            for q in self._queues.values()
-            for s in q.values()
-            if s.queued_at is not None
-        ]
-        if self.config.idle_ttl_s is not None and self.cache.host is not None:
-            times += [s.last_active + self.config.idle_ttl_s for s in self._idle.oldest_first()]
+        times = []
+        for queue in self._queues.values():
+            head = next(iter(queue.values()), None)
+            if head is not None and head.queued_at is not None:
+                times.append(head.queued_at + self.config.queue_timeout_s)
+        oldest = self._idle.oldest()
+        if self.config.idle_ttl_s is not None and self.cache.host is not None and oldest:
+            times.append(oldest.last_active + self.config.idle_ttl_s)
         return min(times, default=None)
 
     # ------------------------------------------------------------------ starting turns
@@ -447,23 +469,21 @@ class SessionScheduler:
         blocks, slot, tenant_slot = short()
         if blocks <= 0 and not slot and not tenant_slot:
             return True
-        over_cap = {
-            t: n > self.config.tenant_max_pinned.get(t, n)
-            for t, n in self._pinned_by_tenant.items()
-        }
-        for victim in list(
-            self._idle.candidates(
+        caps = self.config.tenant_max_pinned
+        over_cap = {t: n > caps[t] for t, n in self._pinned_by_tenant.items() if t in caps}
+        while True:
+            victim = self._idle.pick_victim(
                 max_priority=s.priority,
                 exclude=s.session_id,
                 tenant=s.tenant if tenant_slot else None,
                 over_cap=over_cap,
             )
-        ):
+            if victim is None:
+                return False
             self._evict(victim)
             blocks, slot, tenant_slot = short()
             if blocks <= 0 and not slot and not tenant_slot:
                 return True
-        return False
 
     def _evict(self, s: Session) -> None:
         """Take an IDLE session off the GPU: offload it or drop it (cost model)."""
@@ -598,7 +618,8 @@ class SessionScheduler:
         self.cache.check_invariants(deep=False)
         pinned = [s for s in self._sessions.values() if s.is_pinned]
         assert len(pinned) == self._pinned, f"pinned {len(pinned)} != counter {self._pinned}"
-        assert self._pinned <= self.config.max_pinned_sessions, (
+        num_active = sum(s.state == S.ACTIVE for s in self._sessions.values())
+        assert self._pinned <= max(self.config.max_pinned_sessions, num_active), (
             f"pinned {self._pinned} > cap {self.config.max_pinned_sessions}"
         )
         for s in self._sessions.values():

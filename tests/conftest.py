@@ -5,6 +5,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import torch
+
+# The Triton interpreter must be chosen before triton is first imported: without CUDA the
+# kernel tests run the Triton kernels interpreted on the CPU.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest
 from hypothesis import HealthCheck, settings
 
@@ -17,7 +24,10 @@ settings.register_profile(
 )
 settings.register_profile("dev", max_examples=50, stateful_step_count=40, deadline=None)
 settings.register_profile(
-    "thorough", max_examples=2000, stateful_step_count=100, deadline=None,
+    "thorough",
+    max_examples=2000,
+    stateful_step_count=100,
+    deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
@@ -27,10 +37,6 @@ TRACES_DIR = SHARED_DIR / "traces"
 
 
 def _has_cuda() -> bool:
-    try:
-        import torch
-    except ImportError:
-        return False
     return bool(torch.cuda.is_available())
 
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from sched_helpers import make_scheduler, run_turn
 
 from scheduler.errors import OverCapacityError, SessionError
 from scheduler.scheduler import TurnReady, TurnRefused
 from scheduler.session import SessionState as S
-from tests.sched_helpers import make_scheduler, run_turn
 
 
 def toks(start: int, n: int) -> list[int]:

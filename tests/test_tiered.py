@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tier_helpers import make_cache, read_tokens
 
 from pagedkv.errors import OutOfBlocksError
 from pagedkv.transfer import FaultInjectingEngine, SimulatedTransferEngine
-from tests.tier_helpers import make_cache, read_tokens
 
 
 def compute(cache, store, seq_id, gen) -> None:  # type: ignore[no-untyped-def]

@@ -13,11 +13,7 @@ from __future__ import annotations
 import torch
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
-
-from pagedkv.errors import OutOfBlocksError
-from pagedkv.tiered import TransferResult
-from pagedkv.transfer import FaultInjectingEngine
-from tests.tier_helpers import (
+from tier_helpers import (
     SPEC,
     expected_tokens,
     make_cache,
@@ -25,6 +21,10 @@ from tests.tier_helpers import (
     token_values,
     write_kv,
 )
+
+from pagedkv.errors import OutOfBlocksError
+from pagedkv.tiered import TransferResult
+from pagedkv.transfer import FaultInjectingEngine
 
 BS = SPEC.block_size
 TENANTS = ("t0", "t1")

@@ -59,6 +59,8 @@ def read_tokens(store: KVStore, block_ids: list[int], num_tokens: int) -> torch.
 
 
 def expected_tokens(values: list[float]) -> torch.Tensor:
+    if not values:
+        return torch.empty(0)
     layers = torch.arange(SPEC.num_layers, dtype=torch.float32)[:, None, None, None]
     one = torch.ones(SPEC.num_layers, 2, SPEC.num_kv_heads, SPEC.head_dim)
     return torch.stack([(v + 0.25 * layers) * one for v in values])
