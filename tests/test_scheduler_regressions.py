@@ -1,0 +1,33 @@
+"""Scheduler bugs found by the simulator: each a minimal failing example.
+
+Marked `xfail(strict=True)` until the scheduler is fixed, so the suite stays green and a
+fix is noticed (the test then passes and strict xfail fails it: drop the marker).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from scheduler.session import SessionState as S
+from tests.sched_helpers import make_scheduler, run_turn
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="_make_room does not count blocks that in-flight offloads will free, so one "
+    "turn short of a single block offloads every idle session",
+)
+def test_make_room_does_not_evict_every_idle_session_while_offloads_are_in_flight() -> None:
+    # 16 GPU blocks, watermark 0.95 -> at most 15 in use; three idle sessions of 4 blocks
+    sched, clock = make_scheduler(num_gpu=16, num_host=64, max_pinned_sessions=10)
+    for sid in ("a", "b", "c"):
+        sched.open_session(sid)
+        run_turn(sched, sched.begin_turn(sid, list(range(100 * ord(sid), 100 * ord(sid) + 16))))
+        clock.now += 1
+    # d needs 4 blocks: 12 + 4 > 15, one block short. Offloading "a" (the least recent)
+    # frees 4 once its copy completes; "b" and "c" should stay pinned meanwhile.
+    sched.open_session("d")
+    assert sched.begin_turn("d", list(range(5000, 5016))) is None  # waits for a's copy
+    assert sched.session("a").state == S.OFFLOADED
+    assert sched.session("b").state == S.IDLE
+    assert sched.session("c").state == S.IDLE
