@@ -110,14 +110,7 @@ class BlockManager:
         )
 
     def _match(self, hashes: list[bytes], contents: list[bytes], limit: int) -> list[int]:
-        match = self.pool.match
-        hits: list[int] = []
-        for i in range(min(limit, len(hashes))):
-            block_id = match(hashes[i], contents[i])
-            if block_id is None:
-                break
-            hits.append(block_id)
-        return hits
+        return self.pool.match_chain(hashes, contents, limit)
 
     # ------------------------------------------------------------------ mutations
     def add_sequence(
@@ -200,7 +193,7 @@ class BlockManager:
             hits = self._match(new_hashes, contents, limit)
         num_new = -(-end // bs) - len(table.block_ids) - len(hits)
         # a cached hit stops being reclaimable once acquired
-        available = self.pool.num_available - sum(map(self.pool.is_cached, hits))
+        available = self.pool.num_available - self.pool.count_cached(hits)
         if num_new > available:
             raise OutOfBlocksError(
                 f"sequence {seq_id!r}: appending {len(arr)} tokens needs {num_new} new blocks, "
@@ -209,7 +202,7 @@ class BlockManager:
                 available=available,
             )
         # ---- mutate (nothing below can fail)
-        self.pool.acquire(hits)
+        self.pool.acquire_matched(hits)
         new_ids = self.pool.allocate(num_new)
         table.block_ids.extend(hits)
         table.block_ids.extend(new_ids)

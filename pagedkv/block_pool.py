@@ -143,19 +143,19 @@ class BlockPool:
         A cached block leaves the LRU and is in use again.
 
         Raises:
-            ValueError: an id is out of range, or a block is free-uncached (nothing to
-                share: allocate it instead). Nothing changed.
+            TypeError / ValueError: an id is not an int or out of range, or a block is
+                free-uncached (nothing to share: allocate it instead). Nothing changed.
         """
         ids = list(block_ids)
-        ref = self._ref
-        for block_id in ids:
-            self._check_id(block_id)
-            if ref[block_id] == 0 and block_id not in self._lru:
+        ref, lru, n = self._ref, self._lru, self._num_blocks
+        for block_id in ids:  # checks inlined: this runs per block of every prefix hit
+            if type(block_id) is not int or not 0 <= block_id < n:
+                self._check_id(block_id)
+            if ref[block_id] == 0 and block_id not in lru:
                 raise ValueError(
                     f"{self.name} pool: cannot acquire block {block_id}: it is free and "
                     f"holds nothing (expected a block in use or cached)"
                 )
-        lru = self._lru
         for block_id in ids:
             if ref[block_id] == 0:
                 del lru[block_id]
@@ -173,9 +173,10 @@ class BlockPool:
             ValueError: an id is out of range, or released more often than it is
                 referenced (a double free). Nothing changed.
         """
-        ref = self._ref
+        ref, n = self._ref, self._num_blocks
         for block_id in block_ids:
-            self._check_id(block_id)
+            if type(block_id) is not int or not 0 <= block_id < n:
+                self._check_id(block_id)
             if ref[block_id] == 0:
                 raise ValueError(
                     f"{self.name} pool: double free of block {block_id} (refcount is 0)"
@@ -283,6 +284,36 @@ class BlockPool:
     def has_key(self, key: BlockKey) -> bool:
         """Whether some block is indexed under `key` (whatever its content)."""
         return key in self._index
+
+    def match_chain(
+        self, keys: Sequence[BlockKey], contents: Sequence[bytes], limit: int
+    ) -> list[int]:
+        """`match` along a hash chain: the blocks of the longest prefix of `keys[:limit]`
+        whose content is confirmed, stopping at the first miss. Read-only."""
+        index_get, stored = self._index.get, self._content
+        hits: list[int] = []
+        for i in range(min(limit, len(keys))):
+            block_id = index_get(keys[i])
+            if block_id is None or stored[block_id] != contents[i]:
+                break
+            hits.append(block_id)
+        return hits
+
+    def count_cached(self, block_ids: Sequence[int]) -> int:
+        """How many of these indexed block ids are cached (refcount 0: reclaimable)."""
+        ref = self._ref
+        return sum(1 for block_id in block_ids if ref[block_id] == 0)
+
+    def acquire_matched(self, block_ids: Sequence[int]) -> None:
+        """`acquire` for ids just returned by `match` / `match_chain` with no mutation in
+        between (they are valid and indexed, so the checks are skipped)."""
+        ref, lru = self._ref, self._lru
+        for block_id in block_ids:
+            r = ref[block_id]
+            if r == 0:
+                del lru[block_id]
+                self._num_in_use += 1
+            ref[block_id] = r + 1
 
     def _unindex(self, block_id: int) -> None:
         key = self._key[block_id]
