@@ -17,6 +17,7 @@ from scheduler.workload import Workload
 __all__ = [
     "DEFAULT_IDLE_TTL_S",
     "DEFAULT_POLICIES",
+    "PINNED_CAP_FACTOR",
     "POLICIES",
     "HardwareProfile",
     "Policy",
@@ -235,18 +236,25 @@ def scheduler_config(policy: Policy, settings: SimSettings) -> SchedulerConfig:
     )
 
 
-def default_pinned_cap(workload: Workload, gpu_blocks: int, *, high_watermark: float) -> int:
-    """Pinned sessions that fit the GPU at the workload's mean prompt size.
+# Pinned-session cap = this many times the sessions that fit the GPU at the mean prompt
+# size. At 1x, sessions decoding at once (ACTIVE: they hold a pin slot) often fill every
+# slot and new turns queue behind them; uncapped, idle pinned sessions crowd out the hash
+# cache. 2x was best (p50/p99 TTFT, recomputed tokens) on agent workloads at 0.25-0.6
+# of the peak open-session KV (docs/simulator.md, "Tuning").
+PINNED_CAP_FACTOR = 2
 
-    `floor(high_watermark * gpu_blocks / ceil(mean input_len / tokens_per_block))`, at
-    least 1: the cap admits as many sessions as memory holds when each is of typical
-    size, so pinning rarely has to evict a session just to fit another's blocks.
+
+def default_pinned_cap(workload: Workload, gpu_blocks: int, *, high_watermark: float) -> int:
+    """The default pinned-session cap for a GPU of `gpu_blocks`.
+
+    `PINNED_CAP_FACTOR * floor(high_watermark * gpu_blocks / ceil(mean input_len /
+    tokens_per_block))`, at least 1.
     """
     tpb = workload.tokens_per_block
     n = workload.num_requests
     mean_len = workload.total_input_tokens / n if n else float(tpb)
     typical_blocks = max(1, math.ceil(mean_len / tpb))
-    return max(1, int(high_watermark * gpu_blocks) // typical_blocks)
+    return max(1, PINNED_CAP_FACTOR * (int(high_watermark * gpu_blocks) // typical_blocks))
 
 
 def ideal_gpu_blocks(workload: Workload, ideal_hit_tokens: int, *, high_watermark: float) -> int:

@@ -88,6 +88,7 @@ class TurnRecords:
     """
 
     turn_index: np.ndarray  # int32 [n]
+    input_len: np.ndarray  # int64 [n]: the request's prompt length
     status: np.ndarray  # int8 [n]
     submit_s: np.ndarray  # float64 [n]
     admit_s: np.ndarray  # left the admission queue (= submit_s when it never waited)
@@ -112,6 +113,7 @@ class TurnRecords:
 
         return cls(
             turn_index=np.fromiter((r.turn_index for r in workload.requests), np.int32, n),
+            input_len=np.fromiter((r.input_len for r in workload.requests), np.int64, n),
             status=np.zeros(n, dtype=np.int8),
             submit_s=nan(),
             admit_s=nan(),
