@@ -1,0 +1,85 @@
+"""`POST /v1/responses` over plain HTTP: the stateless comparison.
+
+Each request carries the full conversation. It runs in a session opened for it alone
+and closed after it (no pinning); only the content-hash cache can serve its prefix,
+and a server started with the prefix cache off recomputes everything. There is no
+response store, so `previous_response_id` is refused with `previous_response_not_found`.
+`stream: true` answers with server-sent events (`event: <type>` / `data: <json>`), else
+with the response object as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from serving.engine import Engine
+from serving.protocol import ProtocolError, parse_create
+from serving.response_events import new_id
+from serving.response_run import ResponseRun, ServerConfig
+
+
+def error_response(err: ProtocolError) -> JSONResponse:
+    return JSONResponse({"error": err.to_json()}, status_code=err.status)
+
+
+def _sse(event: dict[str, Any]) -> str:
+    return f"event: {event['type']}\ndata: {json.dumps(event, ensure_ascii=False)}\n\n"
+
+
+async def create_response(request: Request, engine: Engine, config: ServerConfig) -> Response:
+    body = await request.body()
+    try:
+        if len(body) > config.max_message_bytes:
+            raise ProtocolError(
+                f"body of {len(body)} bytes exceeds the limit of {config.max_message_bytes}",
+                code="message_too_large",
+                status=413,
+            )
+        try:
+            payload = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ProtocolError(f"body is not valid JSON: {exc}", code="invalid_json") from None
+        req = parse_create(payload, websocket=False)
+        if req.previous_response_id is not None:
+            raise ProtocolError(
+                "this stateless HTTP endpoint keeps no responses; send the full conversation "
+                "(or use the WebSocket mode for previous_response_id)",
+                code="previous_response_not_found",
+                param="previous_response_id",
+            )
+        session_id = new_id("http")
+        run = ResponseRun(engine, config, req, req.items, session_id=session_id, ephemeral=True)
+    except ProtocolError as err:
+        return error_response(err)
+
+    if req.stream:
+
+        async def stream() -> AsyncIterator[str]:
+            finished = False
+            try:
+                async for event in run.events():
+                    yield _sse(event)
+                finished = True
+            finally:
+                if not finished:  # the client went away: drop the turn
+                    engine.close_session(session_id)
+
+        return StreamingResponse(stream(), media_type="text/event-stream")
+
+    error: dict[str, Any] | None = None
+    try:
+        async for event in run.events():
+            if event["type"] == "error":
+                error = event
+    except BaseException:
+        engine.close_session(session_id)  # cancelled (the client went away): drop the turn
+        raise
+    if run.ok:
+        return JSONResponse(run.builder.response())
+    assert error is not None
+    return JSONResponse({"error": error["error"]}, status_code=error["status"])

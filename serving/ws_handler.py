@@ -1,0 +1,202 @@
+"""The `GET /v1/responses` WebSocket mode: one connection = one engine session.
+
+The reader checks each client message and queues `response.create` requests; a worker
+runs them one at a time, in order (one response in flight per connection). Bad input
+(malformed JSON, an unknown event type, wrong field types, an oversized message, a
+`previous_response_id` this connection does not know) gets an `error` event and the
+connection stays usable. The model runs on the engine thread, so the event loop keeps
+answering pings during a long prefill. After `max_connection_age_s` the connection
+finishes its in-flight response, sends `websocket_connection_limit_reached` and closes.
+
+`previous_response_id` resolves only against this connection's own responses (state is
+connection-local, as in the API's `store=false` mode); a reconnecting client re-sends
+its full history with no `previous_response_id` and is served from the hash cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections import OrderedDict
+from typing import Any
+
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
+
+from serving.conversation import Item
+from serving.engine import Engine
+from serving.protocol import CreateRequest, ProtocolError, parse_create
+from serving.response_events import error_event, new_id
+from serving.response_run import ResponseRun, ServerConfig
+
+log = logging.getLogger("pagedkv.server")
+
+CLOSE_NORMAL = 1000
+
+
+class ResponsesSocket:
+    """Serves one WebSocket connection (see the module docstring)."""
+
+    def __init__(self, ws: WebSocket, engine: Engine, config: ServerConfig) -> None:
+        self.ws = ws
+        self.engine = engine
+        self.config = config
+        self.session_id = new_id("ws")
+        self._requests: asyncio.Queue[CreateRequest] = asyncio.Queue()
+        self._responses: OrderedDict[str, tuple[Item, ...]] = OrderedDict()
+        self._send_lock = asyncio.Lock()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._closing = False
+
+    async def serve(self) -> None:
+        await self.ws.accept()
+        self.engine.open_session(self.session_id)
+        worker = asyncio.create_task(self._worker())
+        age = asyncio.create_task(self._age_limit())
+        try:
+            await self._reader()
+        finally:
+            worker.cancel()
+            age.cancel()
+            for task in (worker, age):
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+            self.engine.close_session(self.session_id)
+
+    # ------------------------------------------------------------------ sending
+    async def _send(self, event: dict[str, Any]) -> None:
+        if self.ws.client_state != WebSocketState.CONNECTED:
+            return
+        async with self._send_lock:
+            with contextlib.suppress(WebSocketDisconnect, RuntimeError):
+                await self.ws.send_text(json.dumps(event, ensure_ascii=False))
+
+    async def _send_error(self, err: ProtocolError) -> None:
+        await self._send(error_event(err))
+
+    # ------------------------------------------------------------------ reading
+    async def _reader(self) -> None:
+        while True:
+            try:
+                message = await self.ws.receive()
+            except (WebSocketDisconnect, RuntimeError):
+                return
+            if message["type"] == "websocket.disconnect":
+                return
+            data = message.get("text")
+            if data is None and message.get("bytes") is not None:
+                data = message["bytes"].decode("utf-8", errors="replace")
+            if data is None:
+                continue
+            try:
+                req = self._parse(data)
+            except ProtocolError as err:
+                await self._send_error(err)
+                continue
+            if self._closing:
+                continue
+            await self._requests.put(req)
+
+    def _parse(self, data: str) -> CreateRequest:
+        size = len(data.encode("utf-8", errors="surrogatepass"))
+        if size > self.config.max_message_bytes:
+            raise ProtocolError(
+                f"message of {size} bytes exceeds the limit of "
+                f"{self.config.max_message_bytes} bytes",
+                code="message_too_large",
+            )
+        try:
+            event = json.loads(data)
+        except json.JSONDecodeError as exc:
+            raise ProtocolError(f"message is not valid JSON: {exc}", code="invalid_json") from None
+        if not isinstance(event, dict):
+            raise ProtocolError(
+                f"message must be a JSON object, got {type(event).__name__}",
+                code="invalid_type",
+            )
+        kind = event.get("type")
+        if kind != "response.create":
+            raise ProtocolError(
+                f"unknown client event type {kind!r}; this server accepts 'response.create'",
+                code="unknown_event_type",
+                param="type",
+            )
+        return parse_create(event, websocket=True)
+
+    # ------------------------------------------------------------------ responses
+    async def _worker(self) -> None:
+        while True:
+            req = await self._requests.get()
+            if self._closing:
+                continue
+            self._idle.clear()
+            try:
+                await self._respond(req)
+            except Exception:
+                log.exception("response failed on %s", self.session_id)
+                await self._send_error(
+                    ProtocolError(
+                        "internal server error",
+                        code="server_error",
+                        status=500,
+                        type="server_error",
+                    )
+                )
+            finally:
+                if self._requests.empty():
+                    self._idle.set()
+
+    def _items_for(self, req: CreateRequest) -> tuple[Item, ...]:
+        prev = req.previous_response_id
+        if prev is None:
+            return req.items
+        base = self._responses.get(prev)
+        if base is None:
+            raise ProtocolError(
+                f"previous response with id {prev!r} not found on this connection; send the "
+                "full conversation with previous_response_id null",
+                code="previous_response_not_found",
+                param="previous_response_id",
+            )
+        self._responses.move_to_end(prev)
+        return (*base, *req.items)
+
+    async def _respond(self, req: CreateRequest) -> None:
+        try:
+            run = ResponseRun(
+                self.engine,
+                self.config,
+                req,
+                self._items_for(req),
+                session_id=self.session_id,
+                ephemeral=False,
+            )
+        except ProtocolError as err:
+            await self._send_error(err)
+            return
+        async for event in run.events():
+            await self._send(event)
+        if run.ok:
+            self._responses[run.response_id] = run.conversation
+            while len(self._responses) > self.config.max_stored_responses:
+                self._responses.popitem(last=False)
+
+    # ------------------------------------------------------------------ age limit
+    async def _age_limit(self) -> None:
+        await asyncio.sleep(self.config.max_connection_age_s)
+        self._closing = True
+        # let the in-flight response finish; drop the queued ones
+        while not self._requests.empty():
+            self._requests.get_nowait()
+        await self._idle.wait()
+        await self._send_error(
+            ProtocolError(
+                f"connection reached its maximum age of {self.config.max_connection_age_s:g} s; "
+                "open a new connection and re-send the full conversation",
+                code="websocket_connection_limit_reached",
+            )
+        )
+        with contextlib.suppress(Exception):
+            await self.ws.close(CLOSE_NORMAL)
