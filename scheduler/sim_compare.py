@@ -41,6 +41,11 @@ __all__ = [
 ]
 
 
+# nominal service time of a request when sizing the peak open KV (agent generator's)
+NOMINAL_PREFILL_TOKENS_PER_S = 20_000.0
+NOMINAL_DECODE_TOKENS_PER_S = 50.0
+
+
 @dataclass(frozen=True, slots=True)
 class WorkloadFacts:
     """What the report needs to know about a workload, computed once.
@@ -51,10 +56,14 @@ class WorkloadFacts:
             cached whole (a server must compute at least the last token for its logits,
             so an infinite-memory server can serve at most `input_len - 1` tokens,
             rounded down to full blocks). The ideal policy reaches exactly this.
-        peak_open_tokens: largest sum over open sessions of their latest prompt length
-            (arrival order; a session opens at its first request and closes after the
-            request that `Workload.disconnects_after()` marks): the KV pinning all open
-            sessions would hold, shared system prompts counted per session.
+        peak_open_tokens: largest sum over open connections of their latest prompt
+            length: the KV that pinning every open session would hold (shared system
+            prompts counted per session). A connection opens at its first request and
+            closes after the request `Workload.disconnects_after()` marks, at that
+            request's arrival plus a nominal service time (the agent generator's:
+            prompt / 20,000 tokens/s + output / 50 tokens/s, whatever the profile, so
+            the size a fraction of it gives does not move with --gpu-tflops), so
+            one-request connections (Mooncake) count while they are in flight.
         peak_open_sessions: most sessions open at once.
         ideal_prefill_s: seconds of prefill the ideal policy needs in all (each request
             computes its prompt less its servable ideal hit), when a cost model was
@@ -97,18 +106,7 @@ def workload_facts(workload: Workload, *, cost: CostModel | None = None) -> Work
         ideal_prefill_s = sum(
             cost.prefill_s(r.input_len - h, h) for h, r in zip(hits, workload.requests, strict=True)
         )
-    open_len: dict[str, int] = {}
-    total = peak = peak_sessions = 0
-    for i, (r, closes) in enumerate(
-        zip(workload.requests, workload.disconnects_after(), strict=True)
-    ):
-        key = r.session_id if r.session_id is not None else f"#{i}"
-        total += r.input_len - open_len.get(key, 0)
-        open_len[key] = r.input_len
-        peak = max(peak, total)
-        peak_sessions = max(peak_sessions, len(open_len))
-        if closes:
-            total -= open_len.pop(key)
+    peak, peak_sessions = _peak_open(workload)
     n = workload.num_requests
     return WorkloadFacts(
         name=workload.name,
@@ -125,6 +123,37 @@ def workload_facts(workload: Workload, *, cost: CostModel | None = None) -> Work
         peak_open_sessions=peak_sessions,
         ideal_prefill_s=ideal_prefill_s,
     )
+
+
+def _peak_open(workload: Workload) -> tuple[int, int]:
+    """(peak open tokens, peak open connections); see `WorkloadFacts`."""
+    # events: (time, order, key, new size or -1 for a close); at equal times a close
+    # comes after an arrival, so back-to-back connections briefly overlap (conservative)
+    events: list[tuple[float, int, str, int]] = []
+    num_closed: dict[str, int] = {}  # session -> connections closed so far
+    for i, (r, closes) in enumerate(
+        zip(workload.requests, workload.disconnects_after(), strict=True)
+    ):
+        sid = r.session_id if r.session_id is not None else f"#{i}"
+        key = f"{sid}/{num_closed.get(sid, 0)}"  # one key per connection
+        events.append((r.arrival_s, 2 * i, key, r.input_len))
+        if closes:
+            num_closed[sid] = num_closed.get(sid, 0) + 1
+            service = r.input_len / NOMINAL_PREFILL_TOKENS_PER_S
+            service += r.output_len / NOMINAL_DECODE_TOKENS_PER_S
+            events.append((r.arrival_s + service, 2 * i + 1, key, -1))
+    events.sort()
+    open_len: dict[str, int] = {}
+    total = peak = peak_sessions = 0
+    for _t, _order, key, size in events:
+        if size < 0:
+            total -= open_len.pop(key)
+            continue
+        total += size - open_len.get(key, 0)
+        open_len[key] = size
+        peak = max(peak, total)
+        peak_sessions = max(peak_sessions, len(open_len))
+    return peak, peak_sessions
 
 
 @dataclass(frozen=True, slots=True)
