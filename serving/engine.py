@@ -226,6 +226,29 @@ class Engine:
             "mean_batch_seqs": self.num_step_seqs / max(self.num_steps, 1),
         }
 
+    def run_until_idle(self, max_steps: int = 100_000) -> int:
+        """Drive the engine on the calling thread until no turn has work left, or
+        `max_steps` forward steps ran (for tests and single-threaded use). Waiting turns
+        are polled until admitted or refused. Returns the number of steps run.
+
+        Raises:
+            RuntimeError: the engine thread is running.
+        """
+        if self._thread is not None:
+            raise RuntimeError("Engine.run_until_idle: the engine thread is running")
+        start = self.num_steps
+        while True:
+            self._drain_commands(None)
+            self._poll()
+            if not self._running and not self._waiting:
+                return self.num_steps - start
+            if self.num_steps - start >= max_steps:
+                return self.num_steps - start
+            if any(job.pending for job in self._running):
+                self._safe_step()
+            else:
+                time.sleep(0.001)  # only waiting turns: let the clock move
+
     # ------------------------------------------------------------------ loop
     def _loop(self) -> None:
         while True:
@@ -235,14 +258,17 @@ class Engine:
                 break
             self._poll()
             if any(job.pending for job in self._running):
-                try:
-                    self._step()
-                except Exception:  # a bug or a device error: fail the batch, keep serving
-                    log.exception("engine step failed")
-                    for job in list(self._running):
-                        self._fail(job, "server_error", "internal error in the engine step", 500)
+                self._safe_step()
         for session_id in list(self._sessions):
             self._close(session_id)
+
+    def _safe_step(self) -> None:
+        try:
+            self._step()
+        except Exception:  # a bug or a device error: fail the batch, keep serving
+            log.exception("engine step failed")
+            for job in list(self._running):
+                self._fail(job, "server_error", "internal error in the engine step", 500)
 
     def _drain_commands(self, timeout: float | None) -> bool:
         """Run queued commands; wait up to `timeout` for the first (None: do not wait).
