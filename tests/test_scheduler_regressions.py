@@ -31,3 +31,20 @@ def test_make_room_does_not_evict_every_idle_session_while_offloads_are_in_fligh
     assert sched.session("a").state == S.OFFLOADED
     assert sched.session("b").state == S.IDLE
     assert sched.session("c").state == S.IDLE
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="end_turn admits queued turns synchronously, which can offload the session that "
+    "just went idle before the caller closes it (a wasted copy); admitting in the next "
+    "poll() or an end_turn(close=True) would avoid it",
+)
+def test_a_session_closed_right_after_its_turn_is_not_offloaded_first() -> None:
+    sched, _clock = make_scheduler(max_pinned_sessions=1)
+    sched.open_session("a")
+    plan = sched.begin_turn("a", list(range(16)))
+    sched.open_session("b")
+    assert sched.begin_turn("b", list(range(100, 116))) is None  # waits for a pin slot
+    run_turn(sched, plan)  # a's last turn ends: b is admitted by evicting a ...
+    sched.close_session("a")  # ... which the client closes right away
+    assert sched.metrics.blocks_offloaded == 0
