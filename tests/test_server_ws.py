@@ -1,0 +1,140 @@
+"""WebSocket mode with a raw `websockets` client: bad input, ordering, pings, age limit.
+
+Every malformed request gets an `error` event and the connection stays usable; queued
+responses run in order; pings are answered while the model works; a connection past its
+maximum age finishes its response, gets `websocket_connection_limit_reached`, and closes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+
+websockets = pytest.importorskip("websockets")
+from websockets.exceptions import ConnectionClosed  # noqa: E402
+from websockets.sync.client import ClientConnection, connect  # noqa: E402
+
+from serving.response_run import ServerConfig  # noqa: E402
+from serving.testing import engine_check, read_response, tiny_server  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def events(ws: ClientConnection, timeout: float = 60.0) -> Iterator[dict[str, Any]]:
+    while True:
+        yield json.loads(ws.recv(timeout=timeout))
+
+
+def create(ws: ClientConnection, **fields: Any) -> None:
+    ws.send(json.dumps({"type": "response.create", "model": "tiny", **fields}))
+
+
+def completed(ws: ClientConnection, **fields: Any) -> dict[str, Any]:
+    create(ws, **fields)
+    got = read_response(events(ws))
+    assert got[-1]["type"] == "response.completed", got[-3:]
+    return got[-1]["response"]
+
+
+def error_of(ws: ClientConnection, raw: str | None = None, **fields: Any) -> dict[str, Any]:
+    if raw is not None:
+        ws.send(raw)
+    else:
+        create(ws, **fields)
+    got = read_response(events(ws))
+    assert len(got) == 1 and got[0]["type"] == "error", got
+    assert set(got[0]["error"]) >= {"type", "code", "message", "param"}
+    assert got[0]["status"] == 400
+    return got[0]["error"]
+
+
+def test_bad_input_gets_errors_and_the_connection_stays_usable() -> None:
+    config = ServerConfig(model_name="tiny", max_message_bytes=64 * 1024)
+    with tiny_server(server=config) as (srv, engine):
+        with connect(srv.ws_url) as other:
+            foreign = completed(other, input="hello", max_output_tokens=2)["id"]
+        with connect(srv.ws_url) as ws:
+            assert error_of(ws, "{not json")["code"] == "invalid_json"
+            assert error_of(ws, "[1, 2]")["code"] == "invalid_type"
+            err = error_of(ws, json.dumps({"type": "response.cancel"}))
+            assert (err["code"], err["param"]) == ("unknown_event_type", "type")
+            err = error_of(ws, input=5)
+            assert (err["code"], err["param"]) == ("invalid_type", "input")
+            assert error_of(ws, input="x", tools="all")["param"] == "tools"
+            assert error_of(ws, input="x", max_output_tokens="3")["param"] == "max_output_tokens"
+            assert error_of(ws, input="x", temperature=9)["code"] == "invalid_value"
+            err = error_of(ws, input=[{"type": "message", "role": "robot", "content": "x"}])
+            assert err["param"] == "input[0].role"
+            err = error_of(ws, input=[{"type": "input_image", "image_url": "x"}])
+            assert err["code"] == "unsupported_value"
+            assert error_of(ws, input="x" * 5000)["code"] == "context_length_exceeded"
+            assert error_of(ws, input="x" * 70_000)["code"] == "message_too_large"
+            err = error_of(ws, input="x", previous_response_id=foreign)
+            assert (err["code"], err["param"]) == (
+                "previous_response_not_found",
+                "previous_response_id",
+            )
+            first = completed(ws, input="still here?", max_output_tokens=3)
+            second = completed(ws, input=[], previous_response_id=first["id"])
+            assert second["usage"]["input_tokens_details"]["cached_tokens"] > 0
+        time.sleep(0.2)
+        stats = engine_check(engine)
+        assert stats["num_sessions"] == 0 and stats["gpu_blocks"]["in_use"] == 0
+
+
+def test_queued_responses_run_in_order_without_interleaving() -> None:
+    with tiny_server() as (srv, _engine), connect(srv.ws_url) as ws:
+        for i in range(3):
+            create(ws, input=f"question {i}", max_output_tokens=4, metadata={"i": str(i)})
+        seen = []
+        for _ in range(3):
+            got = read_response(events(ws))
+            ids = {e["response"]["id"] for e in got if "response" in e}
+            assert len(ids) == 1 and got[-1]["type"] == "response.completed"
+            assert [e["sequence_number"] for e in got] == list(range(len(got)))
+            seen.append(got[-1]["response"]["metadata"]["i"])
+        assert seen == ["0", "1", "2"]
+
+
+def test_pings_are_answered_while_the_model_works() -> None:
+    with tiny_server(step_delay_s=0.3) as (srv, _engine), connect(srv.ws_url) as ws:
+        create(ws, input="slow model", max_output_tokens=3)
+        stream = events(ws)
+        assert next(stream)["type"] == "response.created"
+        latencies = []
+        for _ in range(3):
+            start = time.monotonic()
+            assert ws.ping().wait(timeout=5.0)
+            latencies.append(time.monotonic() - start)
+        rest = read_response(stream)
+        assert rest[-1]["type"] == "response.completed"
+        # each step sleeps 0.3 s in the engine thread; pongs do not wait for it
+        assert max(latencies) < 0.25, latencies
+
+
+def test_connection_age_limit_finishes_the_response_then_closes() -> None:
+    config = ServerConfig(model_name="tiny", max_connection_age_s=0.6)
+    with tiny_server(server=config, step_delay_s=0.1) as (srv, _), connect(srv.ws_url) as ws:
+        opened = time.monotonic()
+        time.sleep(0.3)
+        create(ws, input="a response spanning the deadline", max_output_tokens=6)
+        got = read_response(events(ws))
+        assert got[-1]["type"] == "response.completed"
+        assert time.monotonic() - opened > 0.6  # it ran past the deadline, uncut
+        limit = json.loads(ws.recv(timeout=10))
+        assert limit["type"] == "error"
+        assert limit["error"]["code"] == "websocket_connection_limit_reached"
+        with pytest.raises(ConnectionClosed):
+            ws.recv(timeout=10)
+    time.sleep(0.1)
