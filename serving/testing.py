@@ -1,5 +1,7 @@
 """Helpers for tests and examples: a tiny-model server in-process, and event collection.
 
+For example:
+
     with tiny_server(scheduler=SchedulerConfig(max_pinned_sessions=2)) as (server, engine):
         client = OpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
 """
@@ -58,4 +60,3 @@ def engine_check(engine: Engine) -> dict[str, Any]:
         return e.stats()
 
     return dict(engine.call(check).result(timeout=30))
-
