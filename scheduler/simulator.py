@@ -285,8 +285,8 @@ class _Replay:
         run.end_sessions_open = sum(sched.sessions_by_state().values())
         run.sim_end_s = clock.now
         run.wall_s = time.perf_counter() - t0
-        if self.on_progress is not None:
-            self.on_progress(self.num_finished)
+        if self.on_progress is not None and self.num_finished % 256:
+            self.on_progress(self.num_finished % 256)  # the rest since the last report
         return run
 
     # ------------------------------------------------------------------ turns

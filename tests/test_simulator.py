@@ -321,3 +321,14 @@ def test_mooncake_slice(traces_dir: Path, tmp_path: Path) -> None:
     for name in ("prefix", "prefix+host", "ours"):
         assert 0 < hits(runs[name]).sum() <= hits(runs["ideal"]).sum()
         assert runs[name].turns.hit_pinned.sum() == 0  # every request is its own connection
+
+
+def test_progress_reports_every_request_once() -> None:
+    w, _facts, settings = tiny()
+    seen: list[int] = []
+    replay(w, POLICIES["prefix"], settings, PROFILE, on_progress=seen.append)
+    assert sum(seen) == w.num_requests
+    total: list[int] = []
+    jobs = main_jobs(parse_policies("prefix,ours"), settings, w, workload_facts(w))
+    run_jobs(w, jobs, PROFILE, num_workers=2, on_progress=total.append)
+    assert sum(total) == 2 * w.num_requests
