@@ -186,7 +186,7 @@ class BlockManager:
             new_hashes = list(known_hashes[first_block : end // bs])
             contents = self.hasher.chain_contents(parent, segment, new_hashes)
         hits: list[int] = []
-        if start % bs == 0 and table.num_computed_tokens == start:
+        if start % bs == 0 and table.num_computed_tokens == start and table.broken_at is None:
             limit = len(new_hashes)
             if max_cached_tokens is not None:
                 limit = min(limit, max_cached_tokens // bs)
@@ -263,16 +263,23 @@ class BlockManager:
         table.num_computed_tokens = n
         pool = self.pool
         for i in range(table.num_registered_blocks, n // self.block_size):
+            if table.broken_at is not None:
+                break
             block_id = table.block_ids[i]
             content = table.block_content(i)
-            if not pool.register(block_id, table.hashes[i], content):
+            if pool.register(block_id, table.hashes[i], content):
+                continue
+            twin = pool.match(table.hashes[i], content)
+            if twin is not None:
                 # an identical block is already indexed: share it and free this copy, so
                 # memory holds one copy and every computed full block stays findable
-                twin = pool.match(table.hashes[i], content)
-                if twin is not None:
-                    pool.acquire([twin])
-                    pool.release([block_id])
-                    table.block_ids[i] = twin
+                pool.acquire([twin])
+                pool.release([block_id])
+                table.block_ids[i] = twin
+            else:
+                # a different block holds this hash (a collision): this block and every
+                # later one chain from a colliding hash, so none may ever be indexed
+                table.broken_at = i
         table.num_registered_blocks = max(table.num_registered_blocks, n // self.block_size)
 
     def fork(self, src_id: SeqId, dst_id: SeqId) -> ForkResult:
@@ -309,6 +316,7 @@ class BlockManager:
         dst._extend_tokens(src.tokens)
         dst.num_computed_tokens = src.num_computed_tokens
         dst.num_registered_blocks = src.num_registered_blocks
+        dst.broken_at = src.broken_at
         copy_src = copy_dst = None
         if partial:
             (copy_dst,) = self.pool.allocate(1)
@@ -376,15 +384,15 @@ class BlockManager:
                     raise InvariantError(f"seq {seq_id!r}: stored hash chain is stale")
             for i, block_id in enumerate(t.block_ids):
                 key = self.pool.key_of(block_id)
-                want = t.hashes[i] if i < t.num_registered_blocks else None
-                collided = (
-                    key is None
-                    and want is not None
-                    and self.pool.has_key(want)
-                    and self.pool.match(want, t.block_content(i)) is None
-                )
-                if key != want and not collided:
+                indexed = i < t.num_registered_blocks and (t.broken_at is None or i < t.broken_at)
+                want = t.hashes[i] if indexed else None
+                if key != want:
                     raise InvariantError(
                         f"seq {seq_id!r}: block {block_id} at index {i} is indexed under "
-                        f"{key!r}, expected {want!r} (registered {t.num_registered_blocks})"
+                        f"{key!r}, expected {want!r} (registered {t.num_registered_blocks}, "
+                        f"broken at {t.broken_at})"
                     )
+            if t.broken_at is not None:
+                b = t.broken_at
+                if self.pool.match(t.hashes[b], t.block_content(b)) is not None:
+                    raise InvariantError(f"seq {seq_id!r}: chain marked broken at {b} but matches")

@@ -13,12 +13,14 @@ class BlockTable:
         len(hashes) == num_tokens // block_size        (full blocks only, hashed once)
         num_registered_blocks <= num_computed_tokens // block_size
         num_computed_tokens <= num_tokens
+        blocks from `broken_at` on are never indexed
     """
 
     __slots__ = (
         "_tokens",
         "block_ids",
         "block_size",
+        "broken_at",
         "hashes",
         "num_computed_tokens",
         "num_registered_blocks",
@@ -38,6 +40,9 @@ class BlockTable:
         self.num_tokens = 0
         self.num_computed_tokens = 0
         self.num_registered_blocks = 0
+        # first block whose hash collided with another block's (different content): it
+        # and every later block of this table are never indexed nor matched against
+        self.broken_at: int | None = None
         self._tokens = np.empty(max(block_size, 64), dtype=np.int32)
 
     @property

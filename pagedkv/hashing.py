@@ -86,7 +86,8 @@ class BlockHasher:
         if secret is None:
             secret = os.urandom(32)
         if not isinstance(secret, bytes) or not 1 <= len(secret) <= 64:
-            raise ValueError(f"secret must be 1..64 bytes, got {secret!r:.40}")
+            got = f"{len(secret)} bytes" if isinstance(secret, bytes) else type(secret).__name__
+            raise ValueError(f"secret must be 1..64 bytes, got {got}")
         self.block_size = block_size
         self._secret = secret
         self._seed = int.from_bytes(hashlib.blake2b(secret, digest_size=8).digest(), "little")

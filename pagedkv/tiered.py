@@ -76,8 +76,8 @@ class _Pending:
     seq_id: SeqId
     handle: TransferHandle
     positions: list[int]  # table block index of each copied pair
+    valid_end: int  # tokens of the destination table the copy makes valid (if all moved)
     held_host: list[int] = field(default_factory=list)  # host refs held for the copy
-    first_position: int = 0  # table position where the copied range starts
     cancelled: bool = False
     free_after: bool = False
 
@@ -100,12 +100,23 @@ class TieredKVCache:
                 raise ValueError("TieredKVCache: the GPU and host managers must share a hasher")
             if engine is None:
                 raise ValueError("TieredKVCache: a host tier needs a transfer engine")
+        for name, manager in (("gpu", gpu), ("host", host)):
+            store = getattr(engine, name, None)  # CopyTransferEngine: the stores it copies
+            store_blocks = getattr(store, "num_blocks", None)
+            if (
+                manager is not None
+                and store_blocks is not None
+                and manager.pool.num_blocks > store_blocks
+            ):
+                raise ValueError(
+                    f"TieredKVCache: the {name} pool has {manager.pool.num_blocks} blocks "
+                    f"but the engine's {name} store holds only {store_blocks}"
+                )
         self.gpu = gpu
         self.host = host
         self.engine = engine
         self.block_size = gpu.block_size
         self._pending: dict[SeqId, _Pending] = {}
-        self._finished: list[TransferResult] = []  # completed without a copy, not yet polled
 
     # ------------------------------------------------------------------ queries
     def location(self, seq_id: SeqId) -> Location | None:
@@ -145,6 +156,23 @@ class TieredKVCache:
             k2 += 1
         return k1 * self.block_size, k2 * self.block_size
 
+    def prefix_hashes(
+        self, tokens: TokenInput, *, tenant: str = "default", extra_keys: bytes = b""
+    ) -> tuple[list[bytes], list[int], int]:
+        """Plan a sequence's GPU reuse without changing anything.
+
+        Returns `(hashes, gpu_hit_ids, num_cached_hits)`: the tokens' full-block hash
+        chain (pass it to `begin_sequence` as `known_hashes`), the GPU blocks holding the
+        longest cached prefix, and how many of those are cached (refcount 0: taking them
+        moves them into use).
+        """
+        hasher = self.gpu.hasher
+        hashes, contents = hasher.hash_chain(
+            hasher.root(tenant, extra_keys), as_token_array(tokens), with_content=True
+        )
+        hits = self.gpu.pool.match_chain(hashes, contents, len(hashes))
+        return hashes, hits, self.gpu.pool.count_cached(hits)
+
     # ------------------------------------------------------------------ GPU sequences
     def begin_sequence(
         self,
@@ -154,8 +182,12 @@ class TieredKVCache:
         tenant: str = "default",
         extra_keys: bytes = b"",
         max_cached_tokens: int | None = None,
+        known_hashes: list[bytes] | None = None,
     ) -> PrefixPlan:
         """Create a GPU sequence for `tokens`, reusing GPU then host blocks by hash.
+
+        `known_hashes` (the tokens' full-block hash chain, from `prefix_hashes`) saves
+        hashing them again.
 
         Raises:
             ValueError: `seq_id` already exists in either tier.
@@ -164,7 +196,9 @@ class TieredKVCache:
         self._check_new(seq_id)
         self.gpu.add_sequence(seq_id, tenant=tenant, extra_keys=extra_keys)
         try:
-            r = self.gpu.append_tokens(seq_id, tokens, max_cached_tokens=max_cached_tokens)
+            r = self.gpu.append_tokens(
+                seq_id, tokens, max_cached_tokens=max_cached_tokens, known_hashes=known_hashes
+            )
         except BaseException:
             self.gpu.free_sequence(seq_id)
             raise
@@ -183,20 +217,17 @@ class TieredKVCache:
                     break
                 host_ids.append(block_id)
         if host_ids:
-            assert self.host is not None and self.engine is not None
-            self.host.pool.acquire(host_ids)
+            assert self.host is not None
+            self.host.pool.acquire_matched(host_ids)
             positions = list(range(k1, k1 + len(host_ids)))
-            self._submit(
-                _Pending(
-                    seq_id,
-                    TransferHandle("restore", [], []),
-                    positions,
-                    held_host=host_ids,
-                    first_position=k1,
-                ),
-                host_ids,
-                [table.block_ids[i] for i in positions],
+            pending = _Pending(
+                seq_id,
+                TransferHandle("restore", [], []),
+                positions,
+                valid_end=(k1 + len(host_ids)) * bs,
+                held_host=host_ids,
             )
+            self._submit(pending, host_ids, [table.block_ids[i] for i in positions])
         num_host = len(host_ids) * bs
         return PrefixPlan(
             num_gpu_cached_tokens=k1 * bs,
@@ -233,17 +264,19 @@ class TieredKVCache:
         k = len(r.hit_block_ids)  # already on the host: shared, not copied again
         h = host.table(seq_id)
         positions = list(range(k, len(h.block_ids)))
-        handle = self._submit(
-            _Pending(seq_id, TransferHandle("offload", [], []), positions, first_position=k),
-            [g.block_ids[i] for i in positions],
-            [h.block_ids[i] for i in positions],
+        pending = _Pending(
+            seq_id, TransferHandle("offload", [], []), positions, valid_end=h.num_tokens
         )
-        return handle
+        return self._submit(
+            pending, [g.block_ids[i] for i in positions], [h.block_ids[i] for i in positions]
+        )
 
-    def restore(self, seq_id: SeqId) -> PrefixPlan:
+    def restore(self, seq_id: SeqId, extra_tokens: TokenInput | None = None) -> PrefixPlan:
         """Start bringing an offloaded sequence back into (new) GPU blocks.
 
-        Blocks still cached on the GPU are reused without a copy.
+        Blocks still cached on the GPU are reused without a copy. `extra_tokens` (the next
+        turn's input) are appended at once, so their blocks are reserved now; at least
+        their last token is left to compute (the plan's slot mapping covers those).
 
         Raises:
             ValueError: the sequence is not offloaded (or has a copy in flight).
@@ -256,26 +289,39 @@ class TieredKVCache:
                 f"{self.location(seq_id)!r}"
             )
         h = host.table(seq_id)
+        extra = as_token_array(extra_tokens if extra_tokens is not None else [])
+        bs = self.block_size
+        # check first: GPU hits on the history, then blocks for history + extra
+        contents = self.gpu.hasher.chain_contents(h.root, h.tokens, h.hashes)
+        hits = self.gpu.pool.match_chain(h.hashes, contents, len(h.hashes))
+        need = -(-(h.num_tokens + len(extra)) // bs) - len(hits)
+        available = self.gpu.pool.num_available - self.gpu.pool.count_cached(hits)
+        if need > available:
+            raise OutOfBlocksError(
+                f"restore {seq_id!r}: needs {need} new GPU blocks, {available} available",
+                needed=need,
+                available=available,
+            )
         self.gpu.add_sequence(seq_id, tenant=h.tenant, root=h.root)
-        try:
-            r = self.gpu.append_tokens(seq_id, h.tokens, known_hashes=h.hashes)
-        except BaseException:
-            self.gpu.free_sequence(seq_id)
-            raise
+        r = self.gpu.append_tokens(seq_id, h.tokens, known_hashes=h.hashes)
+        if len(extra):  # leave at least one token to compute (the next-token logits)
+            self.gpu.append_tokens(seq_id, extra, max_cached_tokens=len(extra) - 1)
         k = len(r.hit_block_ids)
         g = self.gpu.table(seq_id)
-        positions = list(range(k, len(g.block_ids)))
+        positions = list(range(k, len(h.block_ids)))
         self._submit(
-            _Pending(seq_id, TransferHandle("restore", [], []), positions, first_position=k),
+            _Pending(seq_id, TransferHandle("restore", [], []), positions, valid_end=h.num_tokens),
             [h.block_ids[i] for i in positions],
             [g.block_ids[i] for i in positions],
         )
+        pending = seq_id in self._pending
+        start = h.num_tokens if pending else g.num_computed_tokens
         return PrefixPlan(
-            num_gpu_cached_tokens=k * self.block_size,
-            num_host_cached_tokens=h.num_tokens - k * self.block_size,
-            compute_start=h.num_tokens,
-            slot_mapping=np.empty(0, dtype=np.int64),
-            pending=bool(positions),
+            num_gpu_cached_tokens=k * bs,
+            num_host_cached_tokens=h.num_tokens - k * bs,
+            compute_start=start,
+            slot_mapping=self.gpu.slot_mapping(seq_id, start, g.num_tokens),
+            pending=pending,
         )
 
     def drop_offloaded(self, seq_id: SeqId) -> None:
@@ -323,39 +369,44 @@ class TieredKVCache:
 
     # ------------------------------------------------------------------ completion
     def _submit(self, p: _Pending, src_ids: list[int], dst_ids: list[int]) -> TransferHandle:
-        """Start a sequence's copy; with nothing to copy, complete it now (its result is
-        reported by the next `poll`), so the sequence is never shown as in flight."""
+        """Start a sequence's copy. With nothing to copy it completes here and now, so the
+        sequence is never shown in flight. If the engine raises, everything the caller
+        reserved for the copy is released and the exception propagates."""
+        self._pending[p.seq_id] = p
         if not src_ids:
-            self._pending[p.seq_id] = p
-            self._finished.append(self._complete(p))
+            self._complete(p)
             return p.handle
         assert self.engine is not None
-        p.handle = self.engine.submit(p.handle.direction, src_ids, dst_ids)
-        self._pending[p.seq_id] = p
+        try:
+            p.handle = self.engine.submit(p.handle.direction, src_ids, dst_ids)
+        except BaseException:
+            del self._pending[p.seq_id]
+            assert self.host is not None
+            if p.held_host:
+                self.host.pool.release(p.held_host[::-1])
+            if p.handle.direction == "offload":
+                self.host.free_sequence(p.seq_id)
+            else:
+                self.gpu.free_sequence(p.seq_id)
+            raise
         return p.handle
 
     def poll(self) -> list[TransferResult]:
-        """Commit every finished copy (never blocks). Returns their results, including
-        transfers that completed at once because nothing needed copying."""
-        out, self._finished = self._finished, []
+        """Commit every finished copy (never blocks). Returns their results."""
         done = [p for p in self._pending.values() if p.handle.done()]
-        return out + [self._complete(p) for p in done]
+        return [self._complete(p) for p in done]
 
     def wait(self, seq_id: SeqId) -> TransferResult | None:
-        """Block until a sequence's copy finishes and commit it (None if none in flight
-        and none completed since the last poll)."""
+        """Block until a sequence's copy finishes and commit it (None if none in flight)."""
         pending = self._pending.get(seq_id)
         if pending is None:
-            for i, r in enumerate(self._finished):
-                if r.seq_id == seq_id:
-                    return self._finished.pop(i)
             return None
         pending.handle.wait()
         return self._complete(pending)
 
     def wait_all(self) -> list[TransferResult]:
         """Block until every copy finishes; commit them in submission order."""
-        out, self._finished = self._finished, []
+        out = []
         for pending in list(self._pending.values()):
             pending.handle.wait()
             out.append(self._complete(pending))
@@ -379,11 +430,11 @@ class TieredKVCache:
                 self.host.free_sequence(p.seq_id)
                 valid = 0
         else:
-            g = self.gpu.table(p.seq_id)
-            valid = g.num_tokens if not failed else failed[0] * bs
-            if p.held_host:  # begin_sequence: restored only full blocks of a longer prompt
-                valid = min(valid, (p.first_position + len(p.positions)) * bs)
+            valid = p.valid_end if not failed else failed[0] * bs
+            if p.held_host:
                 self.host.pool.release(p.held_host[::-1])
+            # extra tokens appended after a history with no copy can be cache hits too
+            valid = max(valid, self.gpu.table(p.seq_id).num_computed_tokens)
             self.gpu.mark_computed(p.seq_id, valid)
             if p.seq_id in self.host:  # restore of an offloaded sequence
                 self.host.free_sequence(p.seq_id)

@@ -98,7 +98,7 @@ class CopyTransferEngine(TransferEngine):
         host: the host tier's store (pinned when CUDA is present, for async DMA).
     """
 
-    def __init__(self, gpu: KVStore, host: KVStore) -> None:
+    def __init__(self, gpu: KVStore, host: KVStore, *, allow_pageable: bool = False) -> None:
         import torch
 
         if gpu.kv.shape[1:] != host.kv.shape[1:] or gpu.kv.dtype != host.kv.dtype:
@@ -106,9 +106,15 @@ class CopyTransferEngine(TransferEngine):
                 f"CopyTransferEngine: per-block layouts differ: gpu {tuple(gpu.kv.shape[1:])} "
                 f"{gpu.kv.dtype} vs host {tuple(host.kv.shape[1:])} {host.kv.dtype}"
             )
+        self._cuda = gpu.device.type == "cuda"
+        if self._cuda and host.device.type == "cpu" and not host.is_pinned and not allow_pageable:
+            raise ValueError(
+                "CopyTransferEngine: the host store is pageable; copies to and from it are "
+                "synchronous and would block the host thread (allocate it with "
+                "pin_memory=None/True, or pass allow_pageable=True)"
+            )
         self.gpu = gpu
         self.host = host
-        self._cuda = gpu.device.type == "cuda"
         self._stream = (
             torch.cuda.Stream(device=gpu.device)  # type: ignore[no-untyped-call]
             if self._cuda
@@ -137,15 +143,21 @@ class CopyTransferEngine(TransferEngine):
                 handle.failed = set(range(len(src_ids)))
                 handle.error = exc
             return handle
-        # CUDA: order after everything already queued on the compute stream (the K/V being
-        # offloaded was written there), copy on the side stream, and poll an event.
+        # CUDA: order after everything already queued on the current (compute) stream at
+        # submit time (the K/V being offloaded was written there; a caller that writes K/V
+        # on another stream must submit under that stream), copy on the side stream, and
+        # poll an event.
         compute = torch.cuda.current_stream(self.gpu.device)
         ready = torch.cuda.Event()  # type: ignore[no-untyped-call]
         ready.record(compute)
         finished = torch.cuda.Event()  # type: ignore[no-untyped-call]
         with torch.cuda.stream(self._stream):
             self._stream.wait_event(ready)
-            copy_blocks(src, dst, src_ids, dst_ids, non_blocking=True)
+            try:
+                copy_blocks(src, dst, src_ids, dst_ids, non_blocking=True)
+            except (RuntimeError, ValueError, TypeError) as exc:
+                handle.failed = set(range(len(src_ids)))
+                handle.error = exc
             finished.record(self._stream)
         handle._poll = finished.query
         handle._wait = finished.synchronize
@@ -241,6 +253,8 @@ class FaultInjectingEngine(TransferEngine):
             list(dst_ids),
             ready_at=inner.ready_at,
             failed=bad | {keep[i] for i in inner.failed},
+            error=inner.error,
             _poll=inner.done,
             _wait=inner.wait,
+            _stream_wait=inner._stream_wait,
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -40,6 +41,17 @@ class SchedulerConfig:
     tenant_max_pinned: Mapping[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        for name in ("max_pinned_sessions", "max_queue"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+        for name in ("pin_sessions", "offload_on_release", "reuse_prefix", "offload_idle"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        # a private read-only copy: mutating the caller's dict cannot bypass validation
+        object.__setattr__(
+            self, "tenant_max_pinned", MappingProxyType(dict(self.tenant_max_pinned))
+        )
         if self.max_pinned_sessions < 1:
             raise ValueError(f"max_pinned_sessions must be >= 1, got {self.max_pinned_sessions}")
         if not 0.0 < self.high_watermark <= 1.0:

@@ -47,7 +47,7 @@ class IdleSessions:
     def pick_victim(
         self,
         *,
-        max_priority: int,
+        max_priority: float,
         exclude: object,
         tenant: str | None,
         over_cap: Mapping[str, bool],

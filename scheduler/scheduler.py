@@ -2,11 +2,13 @@
 
 Event driven: no threads, no sleeps. A server (or the simulator) calls `begin_turn`,
 `append_tokens`, `mark_computed`, `end_turn`, `close_session`, and `poll()` whenever time
-passes or a copy may have finished; the injected clock is the only source of time.
+passes or a copy may have finished; the injected clock is the only source of time. All
+calls must come from one thread.
 """
 
 from __future__ import annotations
 
+import math
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -19,62 +21,12 @@ from pagedkv.tiered import TieredKVCache, TransferResult
 from scheduler.config import SchedulerConfig
 from scheduler.cost import CostModel
 from scheduler.errors import OverCapacityError, SessionError
+from scheduler.events import Event, TurnPlan, TurnReady, TurnRefused
 from scheduler.eviction import IdleSessions, choose_action
 from scheduler.metrics import SchedulerMetrics
 from scheduler.session import Session, SessionState
 
 S = SessionState
-
-
-@dataclass(frozen=True, slots=True)
-class TurnPlan:
-    """What the model must compute for a turn that is ready to run.
-
-    Attributes:
-        session_id: the session.
-        num_tokens: sequence length after this turn's input.
-        compute_start: first position to compute (everything before is cached).
-        slot_mapping: int64 slots of positions `[compute_start, num_tokens)`.
-        block_ids: the session's GPU block table.
-        hit_pinned / hit_gpu / hit_host: cached tokens by source (the session's own
-            pinned blocks, the GPU hash cache, the host tier).
-    """
-
-    session_id: object
-    num_tokens: int
-    compute_start: int
-    slot_mapping: np.ndarray
-    block_ids: list[int]
-    hit_pinned: int
-    hit_gpu: int
-    hit_host: int
-
-    @property
-    def cached_tokens(self) -> int:
-        return self.compute_start
-
-    @property
-    def num_computed(self) -> int:
-        return self.num_tokens - self.compute_start
-
-
-@dataclass(frozen=True, slots=True)
-class TurnReady:
-    """poll() event: a waiting turn can run now."""
-
-    session_id: object
-    plan: TurnPlan
-
-
-@dataclass(frozen=True, slots=True)
-class TurnRefused:
-    """poll() event: a waiting turn was refused (timeout); the session is IDLE-less."""
-
-    session_id: object
-    error: OverCapacityError
-
-
-Event = TurnReady | TurnRefused
 
 
 @dataclass(slots=True)
@@ -84,13 +36,23 @@ class _Hits:
     host: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class _Need:
+    """What starting a turn takes: new GPU blocks, growth of the in-use count (new blocks
+    plus cached hits taken back), and whether a pin slot is needed."""
+
+    blocks: int
+    growth: int
+    slot: bool
+
+
 class SessionScheduler:
     """Admission, pinning, idle offload/eviction and reconnect for many sessions.
 
     Invariants (see `check_invariants`): pinned sessions (ACTIVE + IDLE) never exceed
-    `max_pinned_sessions`; every pinned session has its blocks on the GPU; an IDLE session
-    is in the idle LRU; a QUEUED session is in exactly one queue; an ACTIVE session is
-    never chosen as a victim.
+    `max_pinned_sessions` (except ACTIVE ones after the cap was lowered mid-turn); every
+    pinned session has its blocks on the GPU; an IDLE session is in the idle LRU; a queued
+    session is in exactly one queue; an ACTIVE session is never chosen as a victim.
     """
 
     def __init__(
@@ -105,15 +67,22 @@ class SessionScheduler:
         self.config = config
         self.clock = clock
         self.cost = cost or CostModel(block_size=cache.block_size)
+        if self.cost.block_size != cache.block_size:
+            raise ValueError(
+                f"CostModel.block_size={self.cost.block_size} differs from the cache's "
+                f"block_size={cache.block_size}"
+            )
         self.metrics = SchedulerMetrics()
         self._sessions: dict[object, Session] = {}
         self._queues: dict[int, OrderedDict[object, Session]] = {}
         self._idle = IdleSessions()
         self._offloaded: OrderedDict[object, Session] = OrderedDict()  # host-pinned, LRU
-        self._waiting: dict[object, _Hits] = {}  # ACTIVE, transfer in flight
+        self._waiting: dict[object, _Hits] = {}  # ACTIVE, restore copy in flight
+        self._releasing: dict[object, int] = {}  # offloading: GPU blocks freed on completion
         self._pinned = 0
         self._pinned_by_tenant: Counter[str] = Counter()
         self._events: deque[Event] = deque()
+        self._blocked_by_tenant = False  # set by _make_room: short only of a tenant slot
         self._block_limit = int(config.high_watermark * cache.gpu.pool.num_blocks)
 
     # ------------------------------------------------------------------ queries
@@ -127,6 +96,19 @@ class SessionScheduler:
         if s is None:
             raise SessionError(f"unknown session id {session_id!r}")
         return s
+
+    def block_ids(self, session_id: object) -> list[int]:
+        """The GPU block table of a running session (changes as tokens are appended).
+
+        Raises:
+            SessionError: the session has no running turn.
+        """
+        self._active(session_id, "block_ids")
+        return list(self.cache.gpu.table(session_id).block_ids)
+
+    def num_tokens(self, session_id: object) -> int:
+        """Tokens in a session's sequence (0 for a new session)."""
+        return self._seq_len(self.session(session_id))
 
     @property
     def num_pinned(self) -> int:
@@ -144,21 +126,36 @@ class SessionScheduler:
 
     # ------------------------------------------------------------------ lifecycle
     def open_session(
-        self, session_id: object, *, tenant: str = "default", priority: int = 0
+        self,
+        session_id: object,
+        *,
+        tenant: str = "default",
+        priority: int = 0,
+        extra_keys: bytes = b"",
     ) -> Session:
         """Register a new connection's session (no blocks until its first turn).
 
+        `extra_keys` separate caches within a tenant (a LoRA adapter, a model revision).
+
         Raises:
-            SessionError: the id is already open. TypeError: tenant not a str.
+            SessionError: the id is open, or still has a copy in flight from a session
+                closed a moment ago. TypeError: tenant, priority or extra_keys mistyped.
         """
         if session_id in self._sessions:
             raise SessionError(f"session id {session_id!r} is already open")
+        if self.cache.location(session_id) is not None:
+            raise SessionError(
+                f"session id {session_id!r} was closed but its copy is still in flight; "
+                "use a fresh id (or poll() until the copy completes)"
+            )
         if not isinstance(tenant, str):
             raise TypeError(f"tenant must be a str, got {type(tenant).__name__}")
         if isinstance(priority, bool) or not isinstance(priority, int):
             raise TypeError(f"priority must be an int, got {priority!r}")
+        if not isinstance(extra_keys, bytes):
+            raise TypeError(f"extra_keys must be bytes, got {type(extra_keys).__name__}")
         now = self.clock()
-        s = Session(session_id, tenant, priority, opened_at=now, last_active=now)
+        s = Session(session_id, tenant, priority, now, extra_keys=extra_keys, last_active=now)
         self._sessions[session_id] = s
         return s
 
@@ -169,6 +166,7 @@ class SessionScheduler:
         *,
         tenant: str = "default",
         priority: int = 0,
+        extra_keys: bytes = b"",
     ) -> TurnPlan | None:
         """Open a session for a client that reconnects with its full token history.
 
@@ -176,10 +174,9 @@ class SessionScheduler:
         Returns the plan, or None when the turn waits (a `TurnReady` comes from `poll`).
 
         Raises:
-            SessionError / TypeError / ValueError: as `open_session` and `begin_turn`.
-            OverCapacityError: the admission queue is full; the session is not opened.
+            As `open_session` and `begin_turn`; on any error the session is not opened.
         """
-        self.open_session(session_id, tenant=tenant, priority=priority)
+        self.open_session(session_id, tenant=tenant, priority=priority, extra_keys=extra_keys)
         try:
             return self.begin_turn(session_id, tokens)
         except BaseException:
@@ -187,14 +184,14 @@ class SessionScheduler:
             raise
 
     def begin_turn(self, session_id: object, new_tokens: TokenInput) -> TurnPlan | None:
-        """Start a turn with the client's new input tokens.
+        """Start a turn with the client's new input tokens (at least one).
 
         Returns the plan when the turn can run now, None when it waits for room or for a
         host-to-GPU copy (its `TurnReady` or `TurnRefused` then comes from `poll`).
 
         Raises:
             SessionError: unknown session, or a turn is already running or queued.
-            TypeError / ValueError: bad tokens.
+            TypeError / ValueError: bad or empty tokens.
             OverCapacityError: the queue is full, or the turn can never fit; the session
                 is left as it was.
         """
@@ -205,55 +202,66 @@ class SessionScheduler:
                 f"begin_turn {session_id!r}: session is {state}; "
                 "expected new, idle, offloaded or dropped (one turn at a time)"
             )
-        tokens = as_token_array(new_tokens, what="new_tokens")
+        # a private copy: the caller may reuse its buffer while the turn waits
+        tokens = np.array(as_token_array(new_tokens, what="new_tokens"), copy=True)
+        if len(tokens) == 0:
+            raise ValueError(f"begin_turn {session_id!r}: new_tokens is empty")
         total = self._seq_len(s) + len(tokens)
         if -(-total // self.cache.block_size) > self._block_limit:
             raise self._refuse(
                 s, "too_large", f"{total} tokens need more blocks than the GPU watermark "
                 f"allows ({self._block_limit})",
             )  # fmt: skip
+        if self.num_queued >= self.config.max_queue and self._queues_ahead(s):
+            raise self._refuse(s, "queue_full", f"{self.num_queued} turns already waiting")
         s.pending_tokens = tokens
         if not self._queues_ahead(s):
             started = self._try_start(s)
             if started is not None:
                 return started if isinstance(started, TurnPlan) else None
-        if self.num_queued >= self.config.max_queue:
-            s.pending_tokens = None
-            raise self._refuse(s, "queue_full", f"{self.num_queued} turns already waiting")
+            if self.num_queued >= self.config.max_queue:
+                s.pending_tokens = None
+                raise self._refuse(s, "queue_full", f"{self.num_queued} turns already waiting")
         s.queued_at = self.clock()
         self._queues.setdefault(s.priority, OrderedDict())[session_id] = s
         self.metrics.admission_waits += 1
+        self._admit_queued()  # heads blocked only by their tenant's cap do not block it
         return None
 
     def append_tokens(self, session_id: object, token_ids: TokenInput) -> np.ndarray:
-        """Append generated tokens to an ACTIVE session; returns their int64 slots.
+        """Append generated tokens to a running session; returns their int64 slots.
 
-        Makes room from idle sessions if the GPU pool is short.
+        When the pool is short, idle sessions are dropped (freeing blocks at once; their
+        full blocks stay in the hash cache) to make room.
 
         Raises:
-            SessionError: the session is not ACTIVE and ready.
-            OutOfBlocksError: no room even after evicting idle sessions; nothing changed.
+            SessionError: the session has no running turn.
+            OutOfBlocksError: no room even after dropping idle sessions; the session is
+                unchanged (other idle sessions may have been dropped).
         """
-        s = self._active(session_id, "append_tokens")
+        self._active(session_id, "append_tokens")
+        s = self._sessions[session_id]
         tokens = as_token_array(token_ids)
         table = self.cache.gpu.table(session_id)
         need = -(-(table.num_tokens + len(tokens)) // self.cache.block_size) - len(table.block_ids)
-        if need > self.cache.gpu.pool.num_available:
-            self._make_room(s, need, need_slot=False, respect_watermark=False)
+        if need > 0:
+            self._make_room(s, _Need(need, need, False), immediate=True)
         r = self.cache.gpu.append_tokens(session_id, tokens)
         return r.slot_mapping
 
     def mark_computed(self, session_id: object) -> None:
-        """Record that the model wrote K/V for every token of an ACTIVE session."""
+        """Record that the model wrote K/V for every token of a running session."""
         self._active(session_id, "mark_computed")
         self.cache.gpu.mark_computed(session_id)
 
     def end_turn(self, session_id: object) -> None:
-        """Finish an ACTIVE session's turn: it becomes IDLE and stays pinned (or, with
-        `pin_sessions=False`, is released to the hash cache).
+        """Finish a running turn: the session becomes IDLE and stays pinned (or, with
+        `pin_sessions=False`, is released to the hash cache). Waiting turns are admitted
+        at the next `poll()` (so a client that closes right after its last turn does not
+        cause a wasted offload first).
 
         Raises:
-            SessionError: not ACTIVE, or tokens were appended but never computed.
+            SessionError: no running turn, or tokens were appended but never computed.
         """
         s = self._active(session_id, "end_turn")
         table = self.cache.gpu.table(session_id)
@@ -275,7 +283,6 @@ class SessionScheduler:
                 self._offload(s, reason="release")
             else:
                 self._drop(s, reason="release")
-        self._admit_queued()
 
     def close_session(self, session_id: object) -> None:
         """Close a session in any state; everything it held is released (its full blocks
@@ -289,33 +296,28 @@ class SessionScheduler:
         self._idle.remove(s)
         self._offloaded.pop(session_id, None)
         self._waiting.pop(session_id, None)
+        self._releasing.pop(session_id, None)
         if s.is_pinned:
             self._unpin(s)
         if self.cache.location(session_id) is not None:
             self.cache.free(session_id)
         s.state = S.CLOSED
         s.history = s.pending_tokens = None
+        s.queued_at = None
         del self._sessions[session_id]
         self._admit_queued()
 
     def set_max_pinned_sessions(self, cap: int) -> None:
         """Change the pinned-session cap at run time. Lowering it evicts idle sessions
-        (least recently active first) down to the cap; ACTIVE sessions are never evicted,
-        so the count can stay above a lowered cap until their turns end.
+        (lowest priority, least recently active first) down to the cap; ACTIVE sessions
+        are never evicted, so the count can stay above a lowered cap until their turns end.
 
         Raises:
-            ValueError: cap < 1.
+            ValueError / TypeError: cap is not an int >= 1.
         """
         self.config = replace(self.config, max_pinned_sessions=cap)
         self._enforce_cap()
         self._admit_queued()
-
-    def _enforce_cap(self) -> None:
-        """Evict idle sessions while more are pinned than the cap allows (after a cap was
-        lowered while turns ran)."""
-        cap = self.config.max_pinned_sessions
-        while self._pinned > cap and (victim := self._idle.oldest()) is not None:
-            self._evict(victim)
 
     # ------------------------------------------------------------------ time
     def poll(self) -> list[Event]:
@@ -325,8 +327,7 @@ class SessionScheduler:
             self._on_transfer(result)
         now = self.clock()
         for queue in self._queues.values():  # FIFO: the oldest waiters are at the front
-            while queue:
-                s = next(iter(queue.values()))
+            for s in list(queue.values()):
                 assert s.queued_at is not None
                 if now - s.queued_at <= self.config.queue_timeout_s:
                     break
@@ -372,7 +373,7 @@ class SessionScheduler:
 
     def _try_start(self, s: Session) -> TurnPlan | bool | None:
         """Start `s`'s pending turn if room allows: a plan (ready), True (waiting on a
-        copy), or None (no room: queue it)."""
+        copy), or None (no room yet: it stays or goes in the queue)."""
         assert s.pending_tokens is not None
         tokens = s.pending_tokens
         bs = self.cache.block_size
@@ -382,28 +383,44 @@ class SessionScheduler:
         if s.state == S.IDLE:
             table = self.cache.gpu.table(s.session_id)
             need = -(-(table.num_tokens + len(tokens)) // bs) - len(table.block_ids)
-            if not self._make_room(s, need, need_slot=False):
+            if not self._make_room(s, _Need(need, need, False)):
                 return None
             self._idle.remove(s)
             s.state = S.ACTIVE
             return self._ready(s, _Hits(pinned=table.num_tokens))
-        # NEW, DROPPED or OFFLOADED: needs a pin slot and blocks for the whole sequence
-        total = self._seq_len(s) + len(tokens)
-        if not self._make_room(s, -(-total // bs), need_slot=True):
-            return None
         if s.state == S.OFFLOADED:
+            assert self.cache.host is not None
+            h = self.cache.host.table(s.session_id)
+            num_hits, num_cached = self._gpu_hits(h.root, h.tokens, h.hashes)
+            need = -(-(h.num_tokens + len(tokens)) // bs) - num_hits
+            if not self._make_room(s, _Need(need, need + num_cached, True)):
+                return None
             try:
-                plan = self.cache.restore(s.session_id)
+                plan = self.cache.restore(s.session_id, extra_tokens=tokens)
             except OutOfBlocksError:
                 return None
+            s.pending_tokens = None  # appended (and their blocks reserved) by restore
             self._offloaded.pop(s.session_id, None)
             hits = _Hits(gpu=plan.num_gpu_cached_tokens)
-        else:
+        else:  # NEW or DROPPED
             history = tokens if s.history is None else np.concatenate((s.history, tokens))
-            max_cached = max(len(history) - 1, 0) if self.config.reuse_prefix else 0
+            max_cached = len(history) - 1 if self.config.reuse_prefix else 0
+            hashes, gpu_hits, _ = self.cache.prefix_hashes(
+                history, tenant=s.tenant, extra_keys=s.extra_keys
+            )
+            gpu_hits = gpu_hits[: max_cached // bs]
+            num_cached = self.cache.gpu.pool.count_cached(gpu_hits)
+            need = -(-len(history) // bs) - len(gpu_hits)
+            if not self._make_room(s, _Need(need, need + num_cached, True)):
+                return None
             try:
                 plan = self.cache.begin_sequence(
-                    s.session_id, history, tenant=s.tenant, max_cached_tokens=max_cached
+                    s.session_id,
+                    history,
+                    tenant=s.tenant,
+                    extra_keys=s.extra_keys,
+                    max_cached_tokens=max_cached,
+                    known_hashes=hashes,
                 )
             except OutOfBlocksError:
                 return None
@@ -417,14 +434,23 @@ class SessionScheduler:
             return True
         return self._ready(s, hits)
 
+    def _gpu_hits(self, root: bytes, tokens: np.ndarray, hashes: list[bytes]) -> tuple[int, int]:
+        """(GPU blocks holding a prefix of this chain, how many of them are cached)."""
+        contents = self.cache.gpu.hasher.chain_contents(root, tokens, hashes)
+        hits = self.cache.gpu.pool.match_chain(hashes, contents, len(hashes))
+        return len(hits), self.cache.gpu.pool.count_cached(hits)
+
     def _ready(self, s: Session, hits: _Hits) -> TurnPlan:
         """Build the plan of a turn whose blocks are all on the GPU (after any restore)."""
         table = self.cache.gpu.table(s.session_id)
         if hits.pinned == 0:  # whatever is computed beyond the GPU hits came from the host
             hits.host = table.num_computed_tokens - hits.gpu
-        if s.pending_tokens is not None:  # a restored session: now append the new input
-            self.cache.gpu.append_tokens(s.session_id, s.pending_tokens)
-            s.pending_tokens = None
+        if s.pending_tokens is not None:  # an IDLE session: append the new input now
+            pending, s.pending_tokens = s.pending_tokens, None
+            r = self.cache.gpu.append_tokens(
+                s.session_id, pending, max_cached_tokens=len(pending) - 1
+            )
+            hits.gpu += r.num_cached_tokens
         start = table.num_computed_tokens
         plan = TurnPlan(
             session_id=s.session_id,
@@ -446,88 +472,134 @@ class SessionScheduler:
         return plan
 
     # ------------------------------------------------------------------ making room
-    def _make_room(
-        self, s: Session, need_blocks: int, *, need_slot: bool, respect_watermark: bool = True
-    ) -> bool:
-        """Evict idle sessions until `s` has a pin slot (if needed) and `need_blocks`
-        fit. True when room exists now; False when it does not (yet)."""
+    def _make_room(self, s: Session, need: _Need, *, immediate: bool = False) -> bool:
+        """Evict idle sessions until `s` has a pin slot (if needed) and its blocks fit
+        (available blocks and the watermark). True when room exists now.
+
+        Blocks that in-flight offloads will release count as coming (no further victims
+        are taken for them) unless `immediate`, where victims are dropped rather than
+        offloaded so their blocks are free at once.
+        """
         pool = self.cache.gpu.pool
         tenant_cap = self.config.tenant_max_pinned.get(s.tenant)
+        self._blocked_by_tenant = False
 
         def short() -> tuple[int, bool, bool]:
-            blocks = need_blocks - pool.num_available
-            if respect_watermark:
-                blocks = max(blocks, pool.num_in_use + need_blocks - self._block_limit)
-            slot = need_slot and self._pinned >= self.config.max_pinned_sessions
+            blocks = need.blocks - pool.num_available
+            if not immediate:
+                blocks = max(blocks, pool.num_in_use + need.growth - self._block_limit)
+            slot = need.slot and self._pinned >= self.config.max_pinned_sessions
             tenant_slot = (
-                need_slot
+                need.slot
                 and tenant_cap is not None
                 and self._pinned_by_tenant[s.tenant] >= tenant_cap
             )
             return blocks, slot, tenant_slot
 
-        blocks, slot, tenant_slot = short()
-        if blocks <= 0 and not slot and not tenant_slot:
-            return True
         caps = self.config.tenant_max_pinned
-        over_cap = {t: n > caps[t] for t, n in self._pinned_by_tenant.items() if t in caps}
         while True:
+            blocks, slot, tenant_slot = short()
+            if blocks <= 0 and not slot and not tenant_slot:
+                return True
+            coming = 0 if immediate else sum(self._releasing.values())
+            if blocks <= coming and not slot and not tenant_slot:
+                return False  # in-flight offloads will free enough: wait for them
+            over_cap = {t: n > caps[t] for t, n in self._pinned_by_tenant.items() if t in caps}
             victim = self._idle.pick_victim(
                 max_priority=s.priority,
                 exclude=s.session_id,
+                # at its tenant's cap, a session makes room from its own tenant only
                 tenant=s.tenant if tenant_slot else None,
                 over_cap=over_cap,
             )
             if victim is None:
+                self._blocked_by_tenant = tenant_slot
                 return False
-            self._evict(victim)
-            blocks, slot, tenant_slot = short()
-            if blocks <= 0 and not slot and not tenant_slot:
-                return True
+            self._evict(victim, allow_offload=not immediate, protect=s.session_id)
 
-    def _evict(self, s: Session) -> None:
-        """Take an IDLE session off the GPU: offload it or drop it (cost model)."""
-        self._idle.remove(s)
-        self._unpin(s)
+    def _enforce_cap(self) -> None:
+        """Evict idle sessions while more are pinned than the cap allows (after the cap
+        was lowered while turns ran)."""
+        cap = self.config.max_pinned_sessions
+        while self._pinned > cap:
+            victim = self._idle.pick_victim(
+                max_priority=math.inf, exclude=None, tenant=None, over_cap={}
+            )
+            if victim is None:
+                return
+            self._evict(victim)
+
+    def _evict(self, s: Session, *, allow_offload: bool = True, protect: object = None) -> None:
+        """Take an IDLE session off the GPU: offload it (when the cost model prefers a
+        restore over a recompute and the host has or can make room) or drop it. Host room
+        is never made by dropping `protect` (the offloaded session asking for room)."""
         table = self.cache.gpu.table(s.session_id)
-        host = self.cache.host
-        action = "drop"
-        if host is not None:
-            num_blocks = len(table.block_ids)
-            self._make_host_room(num_blocks)
-            action = choose_action(
+        num_blocks = len(table.block_ids)
+        offload = (
+            allow_offload
+            and self.cache.host is not None
+            and choose_action(
                 num_blocks=num_blocks,
-                host_room=host.pool.num_available >= num_blocks,
+                host_room=True,
                 offload_enabled=self.config.offload_idle,
                 cost=self.cost,
             )
-        if action == "offload":
+            == "offload"
+        )
+        self._idle.remove(s)
+        self._unpin(s)
+        if offload:
+            self._make_host_room(num_blocks, protect=protect)
+            assert self.cache.host is not None
+            offload = self.cache.host.pool.num_available >= num_blocks
+        if offload:
             self._offload(s, reason="offload")
         else:
             self._drop(s, reason="drop")
 
-    def _make_host_room(self, num_blocks: int) -> None:
-        """Drop offloaded sessions (oldest first) until the host has `num_blocks`."""
+    def _make_host_room(self, num_blocks: int, *, protect: object = None) -> None:
+        """Drop offloaded sessions (lowest priority, oldest first; never `protect`) until
+        the host has `num_blocks` available."""
         host = self.cache.host
         assert host is not None
-        while host.pool.num_available < num_blocks and self._offloaded:
-            _sid, victim = self._offloaded.popitem(last=False)
-            history = host.table(victim.session_id).tokens.copy()
+        while host.pool.num_available < num_blocks:
+            candidates = [v for v in self._offloaded.values() if v.session_id != protect]
+            if not candidates:
+                return
+            victim = min(candidates, key=lambda v: v.priority)
+            del self._offloaded[victim.session_id]
+            victim.history = host.table(victim.session_id).tokens.copy()
             self.cache.drop_offloaded(victim.session_id)
-            victim.history = history
             victim.state = S.DROPPED
             self.metrics.sessions_dropped += 1
 
     def _offload(self, s: Session, *, reason: str) -> None:
+        """Start offloading a session that was just unpinned; fall back to a drop when the
+        host refuses (no room, or an engine error: the cache rolled itself back)."""
+        table = self.cache.gpu.table(s.session_id)
+        pool = self.cache.gpu.pool
+        exclusive = sum(1 for b in table.block_ids if pool.refcount(b) == 1)
         try:
-            handle = self.cache.offload(s.session_id)
-        except OutOfBlocksError:
+            self.cache.offload(s.session_id)
+        except (OutOfBlocksError, RuntimeError, ValueError):
             self._drop(s, reason=reason)
             return
         s.state = S.OFFLOADED
         s.evicted_by = reason
-        self.metrics.blocks_offloaded += handle.num_blocks
-        self.metrics.bytes_offloaded += handle.num_blocks * self.cost.bytes_per_block
+        if self.cache.location(s.session_id) == "host":  # nothing to copy: done already
+            self._offload_done(s)
+        else:
+            self._releasing[s.session_id] = exclusive
+
+    def _offload_done(self, s: Session) -> None:
+        self.metrics.sessions_offloaded += 1
+        if s.evicted_by == "release":  # write-through: keep only the host cache
+            assert self.cache.host is not None
+            s.history = self.cache.host.table(s.session_id).tokens.copy()
+            self.cache.drop_offloaded(s.session_id)
+            s.state = S.DROPPED
+        elif s.state == S.OFFLOADED:
+            self._offloaded[s.session_id] = s
 
     def _drop(self, s: Session, *, reason: str) -> None:
         table = self.cache.gpu.table(s.session_id)
@@ -549,23 +621,28 @@ class SessionScheduler:
 
     # ------------------------------------------------------------------ queue
     def _admit_queued(self) -> None:
-        """Admit waiting turns: priority order, FIFO within a priority; stop at the first
-        that does not fit (no overtaking, so nobody starves)."""
+        """Admit waiting turns: priority order, FIFO within a priority. The first turn
+        that does not fit stops admission (no overtaking, so nobody starves), except a
+        turn held back only by its own tenant's pinned cap: it keeps its place among its
+        tenant's turns while other tenants' turns behind it go ahead."""
         for priority in sorted(self._queues, reverse=True):
             queue = self._queues[priority]
-            while queue:
-                s = next(iter(queue.values()))
+            blocked_tenants: set[str] = set()
+            for s in list(queue.values()):
+                if s.tenant in blocked_tenants:
+                    continue
                 started = self._try_start(s)
                 if started is None:
+                    if self._blocked_by_tenant:
+                        blocked_tenants.add(s.tenant)
+                        continue
                     return
                 del queue[s.session_id]
                 s.queued_at = None
                 if isinstance(started, TurnPlan):
                     self._events.append(TurnReady(s.session_id, started))
 
-    def _refuse(
-        self, s: Session, reason: str, detail: str, raise_now: bool = False
-    ) -> OverCapacityError:
+    def _refuse(self, s: Session, reason: str, detail: str) -> OverCapacityError:
         self.metrics.admission_refusals += 1
         return OverCapacityError(
             f"session {s.session_id!r}: over capacity ({reason}): {detail}",
@@ -576,28 +653,22 @@ class SessionScheduler:
     # ------------------------------------------------------------------ transfers
     def _on_transfer(self, r: TransferResult) -> None:
         s = self._sessions.get(r.seq_id)
+        if not r.ok:
+            self.metrics.transfer_failures += 1
+        moved_bytes = r.num_blocks_copied * self.cost.bytes_per_block
         if r.direction == "offload":
-            if not r.ok:
-                self.metrics.transfer_failures += 1
+            self.metrics.blocks_offloaded += r.num_blocks_copied
+            self.metrics.bytes_offloaded += moved_bytes
             if s is None:
-                return
+                return  # closed meanwhile: the cache released everything
+            self._releasing.pop(s.session_id, None)
             if r.ok:
-                self.metrics.sessions_offloaded += 1
-                if s.evicted_by == "release":  # write-through: keep only the host cache
-                    assert self.cache.host is not None
-                    s.history = self.cache.host.table(s.session_id).tokens.copy()
-                    self.cache.drop_offloaded(s.session_id)
-                    s.state = S.DROPPED
-                elif s.state == S.OFFLOADED:
-                    self._offloaded[s.session_id] = s
+                self._offload_done(s)
             elif self.cache.location(s.session_id) == "gpu":
                 self._drop(s, reason="drop")  # the GPU copy is intact: release it instead
             return
-        # restore
-        if not r.ok:
-            self.metrics.transfer_failures += 1
         self.metrics.blocks_restored += r.num_blocks_copied
-        self.metrics.bytes_restored += r.num_blocks_copied * self.cost.bytes_per_block
+        self.metrics.bytes_restored += moved_bytes
         hits = self._waiting.pop(r.seq_id, None)
         if s is None or hits is None:
             return
@@ -628,10 +699,13 @@ class SessionScheduler:
                 assert loc == "gpu" and s.session_id in self._idle, (s.session_id, loc)
             if s.state == S.ACTIVE:
                 assert loc in ("gpu", "restoring"), (s.session_id, loc)
+                assert (loc == "restoring") == (s.session_id in self._waiting), s.session_id
             if s.state == S.DROPPED:
                 assert loc is None and s.history is not None, (s.session_id, loc)
             if s.state == S.OFFLOADED:
                 assert loc in ("host", "offloading"), (s.session_id, loc)
+                assert (loc == "offloading") == (s.session_id in self._releasing), s.session_id
+                assert (loc == "host") == (s.session_id in self._offloaded), s.session_id
             in_queues = sum(s.session_id in q for q in self._queues.values())
             assert in_queues == int(s.is_queued), (s.session_id, in_queues)
         assert len(self._idle) == sum(s.state == S.IDLE for s in self._sessions.values())

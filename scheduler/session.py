@@ -31,6 +31,7 @@ class Session:
     tenant: str
     priority: int
     opened_at: float
+    extra_keys: bytes = b""
     state: SessionState = SessionState.NEW
     num_turns: int = 0
     last_active: float = 0.0  # end of the last turn (or open time)

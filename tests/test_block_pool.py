@@ -204,3 +204,40 @@ def test_kvspec() -> None:
         KVSpec(num_layers=1, num_kv_heads=1, head_dim=8, dtype="int4")
     with pytest.raises(TypeError, match=r"KVSpec\.block_size must be an int"):
         KVSpec(num_layers=1, num_kv_heads=1, head_dim=8, block_size=16.0)  # type: ignore[arg-type]
+
+
+class FirstBlockCollision(BlockHasher):
+    """Real chained hashes, except that two different first blocks share one hash."""
+
+    COLLIDING = ((1, 2, 3, 4), (9, 9, 9, 9))
+
+    def hash_chain(self, parent, tokens, *, with_content=False):  # type: ignore[no-untyped-def]
+        hashes, contents = super().hash_chain(parent, tokens, with_content=True)
+        if len(tokens) >= 4 and tuple(int(t) for t in tokens[:4]) in self.COLLIDING:
+            # re-chain from a colliding first hash
+            hashes = [b"C" * 16]
+            contents = [contents[0]]
+            rest_h, rest_c = super().hash_chain(hashes[0], tokens[4:], with_content=True)
+            hashes += rest_h
+            contents += rest_c
+        return hashes, contents if with_content else []
+
+    def chain_contents(self, parent, tokens, hashes):  # type: ignore[no-untyped-def]
+        return self.hash_chain(parent, tokens, with_content=True)[1]
+
+
+def test_collision_breaks_the_chain_so_descendants_are_never_served() -> None:
+    """Regression: with only block 0 colliding, the attacker's *later* blocks chain from
+    the colliding hash; they must not be indexed, or a lookup of the victim's prefix
+    plus the attacker's next block would be served the attacker's bytes."""
+    m = BlockManager(BlockPool(8), FirstBlockCollision(block_size=4, secret=b"s"))
+    run_seq(m, "victim", [1, 2, 3, 4])
+    run_seq(m, "attacker", [9, 9, 9, 9, 5, 6, 7, 8])
+    assert m.table("attacker").broken_at == 0
+    assert m.match_prefix([1, 2, 3, 4, 5, 6, 7, 8]) == m.table("victim").block_ids[:1]
+    assert m.match_prefix([9, 9, 9, 9, 5, 6, 7, 8]) == []
+    m.add_sequence("attacker2")  # a broken chain takes no hits later either
+    m.append_tokens("attacker2", [9, 9, 9, 9])
+    m.mark_computed("attacker2")
+    assert m.table("attacker2").broken_at == 0
+    m.check_invariants(deep=False)

@@ -199,3 +199,135 @@ def test_bad_calls_change_nothing() -> None:
         sched.begin_turn("a", np.zeros(10_000, dtype=np.int32))
     assert sched.session("a").state == S.IDLE
     sched.check_invariants()
+
+
+SYS = list(range(64))  # a shared "system prompt": 16 blocks of 4
+
+
+def test_admission_counts_a_shared_prefix_once() -> None:
+    """Regression: a new session sharing a running session's prefix needs only its own
+    new blocks; it must neither wait nor evict anyone."""
+    sched, _clock = make_scheduler(num_gpu=20, high_watermark=1.0, queue_timeout_s=5.0)
+    sched.open_session("a")
+    assert sched.begin_turn("a", [*SYS, 1]) is not None  # 17 blocks in use, a running
+    sched.mark_computed("a")
+    sched.open_session("b")
+    pb = sched.begin_turn("b", [*SYS, 2])  # shares 16 blocks, needs 1 new: 3 are free
+    assert pb is not None and pb.hit_gpu == 64 and pb.num_computed == 1
+    sched2, _ = make_scheduler(num_gpu=20, high_watermark=1.0)
+    sched2.open_session("a")
+    run_turn(sched2, sched2.begin_turn("a", [*SYS, 1]))
+    sched2.open_session("b")
+    assert sched2.begin_turn("b", [*SYS, 2]) is not None
+    assert sched2.session("a").state == S.IDLE  # nobody was offloaded
+    sched2.check_invariants()
+
+
+def test_decode_growth_drops_one_idle_session_instead_of_offloading_all() -> None:
+    """Regression: blocks needed *now* (decode) come from dropping, which frees them at
+    once; offloading everything and then failing anyway was the old behaviour."""
+    sched, clock = make_scheduler(num_gpu=16, max_pinned_sessions=10, high_watermark=1.0)
+    for sid in "bcd":
+        sched.open_session(sid)
+        run_turn(sched, sched.begin_turn(sid, toks(100 * ord(sid), 16)))
+        clock.now += 1
+    sched.open_session("a")
+    sched.begin_turn("a", [1, 2, 3, 4])
+    sched.mark_computed("a")
+    sched.append_tokens("a", list(range(12)))
+    sched.mark_computed("a")
+    assert len(sched.append_tokens("a", [5])) == 1
+    states = {sid: sched.session(sid).state for sid in "bcd"}
+    assert states == {"b": S.DROPPED, "c": S.IDLE, "d": S.IDLE}
+    assert sched.metrics.blocks_offloaded == 0
+    sched.check_invariants()
+
+
+def test_a_tenant_at_its_cap_does_not_block_other_tenants() -> None:
+    sched, _clock = make_scheduler(
+        max_pinned_sessions=8, tenant_max_pinned={"t": 1}, queue_timeout_s=5.0
+    )
+    sched.open_session("t1", tenant="t")
+    assert sched.begin_turn("t1", [1, 2, 3]) is not None  # running: t is at its cap
+    sched.open_session("t2", tenant="t")
+    assert sched.begin_turn("t2", [4]) is None  # waits for t's cap
+    sched.open_session("u1", tenant="u")
+    sched.begin_turn("u1", [5])  # behind t2 in the queue, but not held by t's cap
+    (ev,) = sched.poll()
+    assert isinstance(ev, TurnReady) and ev.session_id == "u1"
+    assert sched.session("t2").is_queued
+    sched.check_invariants()
+
+
+def test_queued_turn_keeps_its_own_copy_of_the_tokens() -> None:
+    sched, _clock = make_scheduler(max_pinned_sessions=1)
+    sched.open_session("busy")
+    assert sched.begin_turn("busy", [1]) is not None
+    buf = np.array([10, 11, 12], dtype=np.int32)
+    sched.open_session("w")
+    assert sched.begin_turn("w", buf) is None
+    buf[:] = 0  # the caller reuses its buffer while the turn waits
+    sched.mark_computed("busy")
+    sched.end_turn("busy")
+    (ev,) = sched.poll()
+    assert isinstance(ev, TurnReady)
+    assert sched.cache.gpu.table("w").tokens.tolist() == [10, 11, 12]
+
+
+def test_empty_turn_is_refused() -> None:
+    sched, _clock = make_scheduler()
+    sched.open_session("a")
+    with pytest.raises(ValueError, match="new_tokens is empty"):
+        sched.begin_turn("a", [])
+    assert sched.session("a").state == S.NEW
+
+
+def test_no_turn_is_ready_while_its_restore_copy_is_in_flight() -> None:
+    """Regression (stale instant results): after instant offloads and restores, a real
+    restore must not be reported ready before its copy completes."""
+    hist = list(range(16))
+    sched, clock = make_scheduler(num_gpu=32, num_host=16, max_pinned_sessions=1)
+    sched.open_session("a")
+    run_turn(sched, sched.begin_turn("a", hist[:12]))
+    sched.open_session("b1")
+    run_turn(sched, sched.begin_turn("b1", [500]))  # a is offloaded
+    clock.now += 1
+    sched.poll()
+    sched.close_session("b1")
+    plan = sched.begin_turn("a", hist[12:])  # its blocks are still on the GPU: no copy
+    assert plan is not None and plan.num_computed >= 1
+    run_turn(sched, plan)
+    sched.open_session("b2")
+    run_turn(sched, sched.begin_turn("b2", [501]))
+    clock.now += 1
+    sched.poll()
+    sched.close_session("b2")
+    sched.cache.gpu.pool.evict(100)
+    assert sched.begin_turn("a", [7]) is None  # a real host-to-GPU copy
+    assert sched.poll() == [] and sched.cache.location("a") == "restoring"
+    with pytest.raises(SessionError, match="restoring"):
+        sched.mark_computed("a")
+    clock.now += 1
+    (ev,) = sched.poll()
+    assert isinstance(ev, TurnReady) and ev.plan.compute_start == 16
+    sched.check_invariants()
+
+
+def test_an_offloaded_session_asking_for_room_is_not_dropped_to_make_host_room() -> None:
+    """Regression: a's turn needs a's slot, so idle b is offloaded; the host is full of
+    a's own blocks, and making host room must not drop a (the session asking)."""
+    sched, clock = make_scheduler(num_gpu=16, num_host=3, max_pinned_sessions=1)
+    sched.open_session("a")
+    run_turn(sched, sched.begin_turn("a", toks(0, 12)))  # 3 blocks
+    sched.open_session("b")
+    run_turn(sched, sched.begin_turn("b", toks(500, 12)))  # a offloaded: host full
+    clock.now += 1
+    sched.poll()
+    assert sched.session("a").state == S.OFFLOADED
+    plan = sched.begin_turn("a", [1])  # b must go: it cannot be offloaded: dropped
+    assert sched.session("b").state == S.DROPPED
+    if plan is None:  # a's blocks were reclaimed on the GPU: restored from the host
+        clock.now += 1
+        plan = next(e.plan for e in sched.poll() if isinstance(e, TurnReady))
+    assert plan.compute_start == 12 and plan.num_tokens == 13
+    sched.check_invariants()

@@ -6,17 +6,11 @@ fix is noticed (the test then passes and strict xfail fails it: drop the marker)
 
 from __future__ import annotations
 
-import pytest
+from sched_helpers import make_scheduler, run_turn
 
 from scheduler.session import SessionState as S
-from tests.sched_helpers import make_scheduler, run_turn
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_make_room does not count blocks that in-flight offloads will free, so one "
-    "turn short of a single block offloads every idle session",
-)
 def test_make_room_does_not_evict_every_idle_session_while_offloads_are_in_flight() -> None:
     # 16 GPU blocks, watermark 0.95 -> at most 15 in use; three idle sessions of 4 blocks
     sched, clock = make_scheduler(num_gpu=16, num_host=64, max_pinned_sessions=10)
@@ -33,12 +27,6 @@ def test_make_room_does_not_evict_every_idle_session_while_offloads_are_in_fligh
     assert sched.session("c").state == S.IDLE
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="end_turn admits queued turns synchronously, which can offload the session that "
-    "just went idle before the caller closes it (a wasted copy); admitting in the next "
-    "poll() or an end_turn(close=True) would avoid it",
-)
 def test_a_session_closed_right_after_its_turn_is_not_offloaded_first() -> None:
     sched, _clock = make_scheduler(max_pinned_sessions=1)
     sched.open_session("a")

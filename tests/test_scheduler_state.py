@@ -2,9 +2,10 @@
 
 The model writes K/V for a token as a deterministic function of (tenant, prefix), so at
 every step we can check the bytes behind every block the scheduler serves or holds.
-Copies are real (`CopyTransferEngine`) but complete only when the clock has moved past
-their modelled duration, so offloads and restores are seen in flight; faults are
-injected at random.
+Copies are real but move their bytes only when they complete (`DeferredCopyEngine`:
+destinations hold NaN until then), once the clock has moved past their modelled
+duration, so offloads and restores are seen in flight and any early read or reuse shows
+as wrong bytes; faults are injected at random.
 """
 
 from __future__ import annotations
@@ -13,14 +14,20 @@ import torch
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 from sched_helpers import Clock
-from tier_helpers import SPEC, expected_tokens, read_tokens, token_values, write_kv
+from tier_helpers import (
+    SPEC,
+    DeferredCopyEngine,
+    expected_tokens,
+    read_tokens,
+    token_values,
+    write_kv,
+)
 
 from pagedkv.block_manager import BlockManager
 from pagedkv.block_pool import BlockPool
 from pagedkv.hashing import BlockHasher
 from pagedkv.kv_store import KVStore
 from pagedkv.tiered import TieredKVCache
-from pagedkv.transfer import CopyTransferEngine, TransferEngine, TransferHandle
 from scheduler.config import SchedulerConfig
 from scheduler.errors import OverCapacityError
 from scheduler.scheduler import SessionScheduler, TurnPlan, TurnReady
@@ -30,26 +37,6 @@ BS = SPEC.block_size
 TENANTS = ("t0", "t1")
 PREFIXES = ([], [3] * 8, list(range(12)))
 new_tokens = st.lists(st.integers(0, 4), min_size=1, max_size=9)
-
-
-class DelayedEngine(TransferEngine):
-    """Copies at submit (bytes really move) but completes `delay` seconds later; while
-    `failing`, pairs whose ids sum to a multiple of 3 are not copied and reported."""
-
-    def __init__(self, inner: CopyTransferEngine, clock: Clock, delay: float) -> None:
-        self.inner, self.clock, self.delay = inner, clock, delay
-        self.failing = False
-
-    def submit(self, direction, src_ids, dst_ids) -> TransferHandle:  # type: ignore[no-untyped-def]
-        bad = {i for i, (s, d) in enumerate(zip(src_ids, dst_ids, strict=True))
-               if self.failing and (s + d) % 3 == 0}  # fmt: skip
-        keep = [i for i in range(len(src_ids)) if i not in bad]
-        self.inner.submit(direction, [src_ids[i] for i in keep], [dst_ids[i] for i in keep])
-        ready_at = self.clock() + self.delay
-        return TransferHandle(
-            direction, list(src_ids), list(dst_ids), ready_at=ready_at, failed=bad,
-            _poll=lambda: self.clock() >= ready_at, _wait=lambda: None,
-        )  # fmt: skip
 
 
 class SchedulerMachine(RuleBasedStateMachine):
@@ -66,7 +53,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         host_mgr, self.host, self.engine = None, None, None
         if num_host:
             self.host = KVStore(SPEC, num_host, fill=float("nan"))
-            self.engine = DelayedEngine(CopyTransferEngine(self.gpu, self.host), self.clock, 0.5)
+            self.engine = DeferredCopyEngine(self.gpu, self.host, self.clock, delay=0.5)
             host_mgr = BlockManager(BlockPool(num_host, name="host"), hasher)
         cache = TieredKVCache(
             BlockManager(BlockPool(num_gpu, name="gpu"), hasher), host_mgr, self.engine

@@ -7,7 +7,7 @@ import torch
 from tier_helpers import make_cache, read_tokens
 
 from pagedkv.errors import OutOfBlocksError
-from pagedkv.transfer import FaultInjectingEngine, SimulatedTransferEngine
+from pagedkv.transfer import CopyTransferEngine, FaultInjectingEngine, SimulatedTransferEngine
 
 
 def compute(cache, store, seq_id, gen) -> None:  # type: ignore[no-untyped-def]
@@ -188,3 +188,69 @@ def test_bad_calls() -> None:
         cache.begin_sequence("b", list(range(20)))
     assert cache.location("b") is None
     cache.check_invariants()
+
+
+def test_host_blocks_of_an_in_flight_restore_cannot_be_reclaimed() -> None:
+    """Regression: a resume's host blocks stay referenced until its copy completes."""
+    from sched_helpers import Clock
+    from tier_helpers import DeferredCopyEngine
+
+    clock = Clock()
+    cache, gpu, host = make_cache(num_gpu=8, num_host=8)
+    cache.engine = DeferredCopyEngine(gpu, host, clock, delay=1.0)
+    gen = torch.Generator().manual_seed(5)
+    tokens = list(range(12))
+    cache.begin_sequence("a", tokens)
+    compute(cache, gpu, "a", gen)
+    want = read_tokens(gpu, cache.gpu.table("a").block_ids, 12)
+    cache.offload("a")
+    clock.now = 1.0
+    cache.poll()
+    cache.drop_offloaded("a")  # host blocks cached, refcount 0
+    cache.gpu.pool.evict(100)
+    plan = cache.begin_sequence("b", [*tokens, 7], max_cached_tokens=12)
+    assert plan.pending and plan.num_host_cached_tokens == 12
+    # memory pressure on the host while the copy is in flight: nothing reclaimable
+    assert cache.host.pool.evict(100) == []
+    cache.check_invariants()
+    clock.now = 2.0
+    (r,) = cache.poll()
+    assert r.ok and r.valid_tokens == 12
+    assert torch.equal(read_tokens(gpu, cache.gpu.table("b").block_ids, 12), want)
+    assert len(cache.host.pool.evict(100)) == 3  # released after completion
+    cache.check_invariants()
+
+
+def test_engine_that_raises_leaves_both_tiers_as_they_were() -> None:
+    class Broken(CopyTransferEngine):
+        def submit(self, direction, src_ids, dst_ids):  # type: ignore[no-untyped-def]
+            raise RuntimeError("DMA engine on fire")
+
+    cache, gpu, host = make_cache(num_gpu=8, num_host=8)
+    cache.begin_sequence("a", list(range(9)))
+    compute(cache, gpu, "a", torch.Generator().manual_seed(6))
+    cache.engine = Broken(gpu, host)
+    with pytest.raises(RuntimeError, match="on fire"):
+        cache.offload("a")
+    assert cache.location("a") == "gpu" and len(cache.host) == 0
+    assert cache.host.pool.num_in_use == 0
+    cache.check_invariants()
+
+
+def test_pool_larger_than_its_store_is_refused() -> None:
+    from tier_helpers import SPEC
+
+    from pagedkv.block_manager import BlockManager
+    from pagedkv.block_pool import BlockPool
+    from pagedkv.hashing import BlockHasher
+    from pagedkv.kv_store import KVStore
+    from pagedkv.tiered import TieredKVCache
+
+    hasher = BlockHasher(block_size=SPEC.block_size)
+    engine = CopyTransferEngine(KVStore(SPEC, 4), KVStore(SPEC, 4))
+    with pytest.raises(
+        ValueError, match="gpu pool has 8 blocks but the engine's gpu store holds only 4"
+    ):
+        TieredKVCache(
+            BlockManager(BlockPool(8), hasher), BlockManager(BlockPool(4), hasher), engine
+        )

@@ -10,11 +10,14 @@ wrong served).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from sched_helpers import Clock
 from tier_helpers import (
     SPEC,
+    DeferredCopyEngine,
     expected_tokens,
     make_cache,
     read_tokens,
@@ -24,7 +27,6 @@ from tier_helpers import (
 
 from pagedkv.errors import OutOfBlocksError
 from pagedkv.tiered import TransferResult
-from pagedkv.transfer import FaultInjectingEngine
 
 BS = SPEC.block_size
 TENANTS = ("t0", "t1")
@@ -36,12 +38,12 @@ prompts = st.tuples(st.sampled_from(PREFIXES), tokens_st).map(lambda p: p[0] + p
 class TieredMachine(RuleBasedStateMachine):
     @initialize(num_gpu=st.integers(4, 14), num_host=st.integers(2, 14))
     def setup(self, num_gpu: int, num_host: int) -> None:
-        self.failing = False
-        self.cache, self.gpu, self.host = make_cache(
-            num_gpu, num_host, wrap=FaultInjectingEngine,
-            fail=lambda d, s, t: self.failing and (s + t) % 3 == 0,
-        )  # fmt: skip
+        self.clock = Clock()
+        self.cache, self.gpu, self.host = make_cache(num_gpu, num_host)
+        self.engine = DeferredCopyEngine(self.gpu, self.host, self.clock, delay=1.0)
+        self.cache.engine = self.engine
         self.model: dict[int, tuple[int, list[int]]] = {}  # seq -> (tenant index, tokens)
+        self.seen: list[tuple[int, list[int]]] = []  # histories presented so far
         self.next_id = 0
 
     # -------------------------------------------------------------- helpers
@@ -77,6 +79,7 @@ class TieredMachine(RuleBasedStateMachine):
             assert self.cache.location(seq) is None
             return
         self.model[seq] = (tenant, list(prompt))
+        self.seen.append((tenant, list(prompt)))
         assert plan.compute_start == plan.num_gpu_cached_tokens + plan.num_host_cached_tokens
         if not plan.pending:
             self._compute_rest(seq)
@@ -84,6 +87,45 @@ class TieredMachine(RuleBasedStateMachine):
             r = self.cache.wait(seq)
             assert r is not None
             self._settle([r])
+        # else: computed once the copy completes (see _settle)
+
+    @precondition(lambda self: bool(self.seen))
+    @rule(data=st.data(), extra=tokens_st, wait=st.booleans())
+    def reconnect(self, data: st.DataObject, extra: list[int], wait: bool) -> None:
+        """A client comes back with a history seen before (GPU, then host hits)."""
+        tenant, hist = data.draw(st.sampled_from(self.seen))
+        self.begin(tenant, hist + extra, wait)
+
+    @rule(data=st.data(), extra=tokens_st, drop=st.booleans(), wait=st.booleans())
+    def offload_reclaim_reconnect(
+        self, data: st.DataObject, extra: list[int], drop: bool, wait: bool
+    ) -> None:
+        """The pressure cycle in one step: offload a session (copy completes), maybe drop
+        it, reclaim the GPU copies, and reconnect with its history: host hits, restored
+        by a copy that may stay in flight while other rules run."""
+        seqs = [s for s in self._seqs_at("gpu") if self._computed(s)]
+        if not seqs:
+            return
+        seq = data.draw(st.sampled_from(seqs))
+        tenant, hist = self.model[seq]
+        try:
+            self.cache.offload(seq)
+        except OutOfBlocksError:
+            return
+        r = self.cache.wait(seq)
+        if r is not None:
+            self._settle([r])
+        if drop and self.cache.location(seq) == "host":
+            self.cache.drop_offloaded(seq)
+            del self.model[seq]
+        self.reclaim_gpu()
+        self.begin(tenant, hist + extra, wait)
+
+    @rule()
+    def reclaim_gpu(self) -> None:
+        """Reclaim every cached GPU block (what memory pressure does)."""
+        for block_id in self.cache.gpu.pool.evict(self.cache.gpu.pool.num_cached):
+            self.gpu.kv[block_id] = float("nan")
 
     @rule(data=st.data(), tokens=tokens_st)
     def append(self, data: st.DataObject, tokens: list[int]) -> None:
@@ -117,8 +159,10 @@ class TieredMachine(RuleBasedStateMachine):
             return
         if wait:
             r = self.cache.wait(seq)
-            assert r is not None
-            self._settle([r])
+            if r is None:  # nothing needed copying: it completed inside offload()
+                assert self.cache.location(seq) == "host"
+            else:
+                self._settle([r])
 
     @rule(data=st.data(), wait=st.booleans())
     def restore(self, data: st.DataObject, wait: bool) -> None:
@@ -161,8 +205,9 @@ class TieredMachine(RuleBasedStateMachine):
         for block_id in out:
             store.kv[block_id] = float("nan")  # reclaimed: its bytes may be overwritten
 
-    @rule()
-    def poll(self) -> None:
+    @rule(dt=st.sampled_from([0.0, 0.5, 1.0]))
+    def poll(self, dt: float) -> None:
+        self.clock.now += dt
         self._settle(self.cache.poll())
         self._forget_freed()
 
@@ -173,7 +218,13 @@ class TieredMachine(RuleBasedStateMachine):
 
     @rule(failing=st.booleans())
     def set_faults(self, failing: bool) -> None:
-        self.failing = failing
+        self.engine.failing = failing
+
+    @rule(data=st.data())
+    def cancel(self, data: st.DataObject) -> None:
+        seqs = [s for s in self.model if self.cache.is_pending(s)]
+        if seqs:
+            self.cache.cancel(data.draw(st.sampled_from(seqs)))
 
     def _forget_freed(self) -> None:
         for seq in [s for s in self.model if self.cache.location(s) is None]:
@@ -185,14 +236,20 @@ class TieredMachine(RuleBasedStateMachine):
         values = token_values(tenant, prompt)
         gpu_ids = self.cache.gpu.match_prefix(prompt, tenant=TENANTS[tenant])
         assert len(gpu_ids) * BS == gpu_tokens
-        got = read_tokens(self.gpu, gpu_ids, gpu_tokens)
         if gpu_tokens:
+            got = read_tokens(self.gpu, gpu_ids, gpu_tokens)
             assert torch.equal(got, expected_tokens(values[:gpu_tokens]))
-        host_ids = self.cache.host.match_prefix(prompt, tenant=TENANTS[tenant])
-        n = len(host_ids) * BS
-        if n:
-            assert torch.equal(read_tokens(self.host, host_ids, n), expected_tokens(values[:n]))
-        assert gpu_tokens + host_tokens <= max(gpu_tokens, n) + host_tokens
+        # the host blocks that continue the chain after the GPU hits hold the right bytes
+        hasher = self.cache.gpu.hasher
+        arr = np.asarray(prompt, dtype=np.int32)
+        hashes, contents = hasher.hash_chain(hasher.root(TENANTS[tenant]), arr, with_content=True)
+        k1, k2 = gpu_tokens // BS, host_tokens // BS
+        for i in range(k1, k1 + k2):
+            block_id = self.cache.host.pool.match(hashes[i], contents[i])
+            assert block_id is not None
+            got = read_tokens(self.host, [block_id], BS)
+            want = expected_tokens(values[: (i + 1) * BS])[i * BS :]
+            assert torch.equal(got, want), f"host block {block_id} at {i} holds wrong bytes"
 
     # -------------------------------------------------------------- invariants
     @invariant()

@@ -64,3 +64,52 @@ def expected_tokens(values: list[float]) -> torch.Tensor:
     layers = torch.arange(SPEC.num_layers, dtype=torch.float32)[:, None, None, None]
     one = torch.ones(SPEC.num_layers, 2, SPEC.num_kv_heads, SPEC.head_dim)
     return torch.stack([(v + 0.25 * layers) * one for v in values])
+
+
+class DeferredCopyEngine(TransferEngine):
+    """Real copies that happen only when the transfer completes.
+
+    At submit the destination blocks are filled with NaN; the bytes move when the clock
+    reaches `ready_at` (seen by `done()`) or on `wait()`. So a reader that uses a
+    destination before completion, or a writer that reuses a source block while its copy
+    is in flight, produces wrong bytes that the byte checks catch. While `failing`, pairs
+    whose ids sum to a multiple of 3 are not copied and are reported failed.
+    """
+
+    def __init__(self, gpu: KVStore, host: KVStore, clock: object, delay: float) -> None:
+        self.gpu, self.host, self.clock, self.delay = gpu, host, clock, delay
+        self.failing = False
+        self.num_in_flight = 0
+
+    def submit(self, direction, src_ids, dst_ids):  # type: ignore[no-untyped-def]
+        from kernels import copy_blocks
+        from pagedkv.transfer import TransferHandle
+
+        src, dst = (self.gpu, self.host) if direction == "offload" else (self.host, self.gpu)
+        bad = {
+            i
+            for i, (s, d) in enumerate(zip(src_ids, dst_ids, strict=True))
+            if self.failing and (s + d) % 3 == 0
+        }
+        keep = [i for i in range(len(src_ids)) if i not in bad]
+        for d in dst_ids:
+            dst.kv[d] = float("nan")
+        ready_at = self.clock() + self.delay  # type: ignore[operator]
+        state = {"done": False}
+        self.num_in_flight += 1
+
+        def finish() -> None:
+            if not state["done"]:
+                copy_blocks(src.kv, dst.kv, [src_ids[i] for i in keep], [dst_ids[i] for i in keep])
+                state["done"] = True
+                self.num_in_flight -= 1
+
+        def poll() -> bool:
+            if self.clock() >= ready_at:  # type: ignore[operator]
+                finish()
+            return state["done"]
+
+        return TransferHandle(
+            direction, list(src_ids), list(dst_ids), ready_at=ready_at, failed=bad,
+            _poll=poll, _wait=finish,
+        )  # fmt: skip
