@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import multiprocessing as mp
 import os
+import traceback
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, replace
@@ -31,6 +32,7 @@ from scheduler.workload import Workload
 
 __all__ = [
     "Job",
+    "ReplayError",
     "WorkloadFacts",
     "default_workers",
     "gpu_sweep_sizes",
@@ -208,8 +210,23 @@ def sweep_jobs(
 _SHARED: dict[str, Any] = {}
 
 
+class ReplayError(RuntimeError):
+    """A replay failed in a worker process; the message carries its traceback (the
+    original exception may not survive pickling back to the parent)."""
+
+
 def _run_job(index: int) -> PolicyRun:
     job: Job = _SHARED["jobs"][index]
+    try:
+        return _replay_job(job)
+    except Exception as exc:
+        raise ReplayError(
+            f"policy {job.policy.name!r} at {job.settings.gpu_blocks} GPU blocks failed in a "
+            f"worker:\n{''.join(traceback.format_exception(exc))}"
+        ) from None
+
+
+def _replay_job(job: Job) -> PolicyRun:
     counter = _SHARED.get("counter")
 
     def report(n: int) -> None:

@@ -332,3 +332,17 @@ def test_progress_reports_every_request_once() -> None:
     jobs = main_jobs(parse_policies("prefix,ours"), settings, w, workload_facts(w))
     run_jobs(w, jobs, PROFILE, num_workers=2, on_progress=total.append)
     assert sum(total) == 2 * w.num_requests
+
+
+def test_a_failing_worker_reports_its_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
+    import scheduler.sim_compare as sim_compare
+    from pagedkv.errors import OutOfBlocksError
+
+    def broken(*args: object, **kwargs: object) -> PolicyRun:
+        raise OutOfBlocksError("gpu pool: need 9 blocks", needed=9, available=1)
+
+    monkeypatch.setattr(sim_compare, "replay", broken)  # forked workers inherit the patch
+    w, facts, settings = tiny()
+    jobs = main_jobs(parse_policies("prefix,ours"), settings, w, facts)
+    with pytest.raises(sim_compare.ReplayError, match=r"(?s)policy 'prefix'.*OutOfBlocksError"):
+        run_jobs(w, jobs, PROFILE, num_workers=2)
