@@ -10,7 +10,7 @@ import numpy as np
 from pagedkv.block_pool import BlockPool
 from pagedkv.block_table import BlockTable
 from pagedkv.errors import InvariantError, OutOfBlocksError
-from pagedkv.hashing import BlockHasher, TokenInput, as_token_array
+from pagedkv.hashing import INT32_MAX, INT32_MIN, BlockHasher, TokenInput, as_token_array
 
 SeqId = Hashable
 
@@ -220,6 +220,35 @@ class BlockManager:
             hit_block_ids=hits,
             new_block_ids=new_ids,
         )
+
+    def append_token(self, seq_id: SeqId, token: int) -> int:
+        """Append one token (a decode step's hot path) and return its slot.
+
+        Same rules as `append_tokens` (one token never completes a cached prefix hit, so
+        none is looked up); a block that becomes full is hashed here, once.
+
+        Raises:
+            KeyError: unknown sequence. TypeError / ValueError: not an int32 token id.
+            OutOfBlocksError: a new block is needed and none is available; nothing changed.
+        """
+        table = self.table(seq_id)
+        if type(token) is not int:
+            if isinstance(token, np.integer) and not isinstance(token, np.bool_):
+                token = int(token)
+            else:
+                raise TypeError(f"token must be an int token id, got {token!r}")
+        if not INT32_MIN <= token <= INT32_MAX:
+            raise ValueError(f"token {token} is outside int32 [{INT32_MIN}, {INT32_MAX}]")
+        bs = self.block_size
+        pos = table.num_tokens
+        if pos % bs == 0:
+            table.block_ids.append(self.pool.allocate(1)[0])
+        table._append_token(token)
+        if (pos + 1) % bs == 0:
+            i = pos // bs
+            content = table.block_content(i)
+            table.hashes.append(self.hasher.hash_content(content))
+        return table.block_ids[pos // bs] * bs + pos % bs
 
     def slot_mapping(self, seq_id: SeqId, start: int, end: int) -> np.ndarray:
         """Slots of positions `[start, end)` of a sequence: int64 `[end - start]`.

@@ -64,6 +64,14 @@ class BlockTable:
         start = block_index * bs
         return self.parent_hash(block_index) + self._tokens[start : start + bs].tobytes()
 
+    def _append_token(self, token: int) -> None:
+        if self.num_tokens == len(self._tokens):
+            grown = np.empty(2 * len(self._tokens), dtype=np.int32)
+            grown[: self.num_tokens] = self._tokens
+            self._tokens = grown
+        self._tokens[self.num_tokens] = token
+        self.num_tokens += 1
+
     def _extend_tokens(self, tokens: np.ndarray) -> None:
         end = self.num_tokens + len(tokens)
         if end > len(self._tokens):

@@ -239,8 +239,12 @@ class SessionScheduler:
             OutOfBlocksError: no room even after dropping idle sessions; the session is
                 unchanged (other idle sessions may have been dropped).
         """
-        self._active(session_id, "append_tokens")
-        s = self._sessions[session_id]
+        s = self._active(session_id, "append_tokens")
+        gpu = self.cache.gpu
+        if isinstance(token_ids, (list, tuple)) and len(token_ids) == 1:  # a decode step
+            token = token_ids[0]
+            if gpu.table(session_id).num_tokens % self.cache.block_size or gpu.pool.num_available:
+                return np.array([gpu.append_token(session_id, token)], dtype=np.int64)
         tokens = as_token_array(token_ids)
         table = self.cache.gpu.table(session_id)
         need = -(-(table.num_tokens + len(tokens)) // self.cache.block_size) - len(table.block_ids)

@@ -120,6 +120,35 @@ class BlockManagerMachine(RuleBasedStateMachine):
         if self._append(seq, tokens, None) and compute:
             self._compute(seq)
 
+    @rule(seq=seqs, token=st.integers(0, 3), compute=st.booleans())
+    def decode(self, seq: object, token: int, compute: bool) -> None:
+        """One generated token through the single-token fast path."""
+        if not isinstance(seq, int) or seq not in self.model:
+            return
+        t = self.m.table(seq)
+        before = self._snapshot()
+        try:
+            slot = self.m.append_token(seq, token)
+        except OutOfBlocksError:
+            assert self._snapshot() == before
+            return
+        pos = len(self.model[seq][1])
+        self.model[seq][1].append(token)
+        if pos % BS == 0:
+            self.shadow.pop(t.block_ids[-1], None)  # a freshly allocated block
+        assert slot == t.block_ids[pos // BS] * BS + pos % BS
+        if compute:
+            self._compute(seq)
+
+    @precondition(lambda self: bool(self.model))
+    @rule(data=st.data(), bad=st.sampled_from([2**31, -(2**31) - 1, 1.5, "x", None]))
+    def bad_decode_token(self, data: st.DataObject, bad: object) -> None:
+        seq_id = data.draw(st.sampled_from(sorted(self.model)))
+        before = self._snapshot()
+        with pytest.raises((ValueError, TypeError), match=r"int32|int token"):
+            self.m.append_token(seq_id, bad)  # type: ignore[arg-type]
+        assert self._snapshot() == before
+
     @rule(seq=seqs, data=st.data())
     def compute_some(self, seq: object, data: st.DataObject) -> None:
         if not isinstance(seq, int) or seq not in self.model:
