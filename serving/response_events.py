@@ -24,9 +24,9 @@ from serving.conversation import FunctionCall, Item, Message, item_to_json
 from serving.protocol import CreateRequest, ProtocolError
 
 
-def new_id(prefix: str) -> str:
-    """A fresh id such as `resp_3f2a...` (uuid4 hex)."""
-    return f"{prefix}_{uuid.uuid4().hex}"
+def new_id(prefix: str, num_hex: int = 32) -> str:
+    """A fresh id such as `resp_3f2a...` (`num_hex` digits of a uuid4)."""
+    return f"{prefix}_{uuid.uuid4().hex[:num_hex]}"
 
 
 class ResponseBuilder:
