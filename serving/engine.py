@@ -403,7 +403,8 @@ class Engine:
 
     def _poll(self) -> None:
         for event in self.scheduler.poll():
-            job = self._waiting.pop(event.session_id, None)  # type: ignore[arg-type]
+            key = event.session_id  # our scheduler ids are the sessions' keys
+            job = self._waiting.pop(key, None) if isinstance(key, tuple) else None
             if job is None:
                 continue
             if isinstance(event, TurnReady):
