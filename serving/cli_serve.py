@@ -146,6 +146,7 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from serving.engine import Engine
+    from serving.local_server import ws_protocol
     from serving.server import create_app
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
@@ -169,7 +170,7 @@ def run(args: argparse.Namespace) -> int:
         create_app(engine, server),
         host=args.host,
         port=args.port,
-        ws="websockets-sansio",
+        ws=ws_protocol(),
         ws_max_size=2 * server.max_message_bytes,
         log_level=args.log_level.lower(),
     )

@@ -16,6 +16,14 @@ import uvicorn
 from starlette.types import ASGIApp
 
 
+def ws_protocol() -> str:
+    """uvicorn's sans-I/O `websockets` implementation where it has one (uvicorn >= 0.35;
+    the legacy one is deprecated), else the legacy `websockets` one."""
+    from uvicorn.config import WS_PROTOCOLS
+
+    return "websockets-sansio" if "websockets-sansio" in WS_PROTOCOLS else "websockets"
+
+
 class LocalServer:
     """uvicorn serving `app` on `host:port` (port 0: any free port) until `stop()`.
 
@@ -40,7 +48,7 @@ class LocalServer:
             host=host,
             port=port,
             log_level="warning",
-            ws="websockets-sansio",
+            ws=ws_protocol(),
             ws_max_size=ws_max_size,
             lifespan="on",
         )

@@ -115,7 +115,9 @@ class ResponseRun:
             items=self.items,
             generation_prompt=req.generate,
         )
-        reserve = 0 if self.spec is None else max_out + 64 + len(self.spec.name or "")
+        reserve = 0  # the output item's tokens: framing, call id, name, key, sampled text
+        if self.spec is not None:
+            reserve = max_out + 64 + len(self.spec.name or "") + len(self.spec.arg_key)
         if len(self.tokens) + reserve > engine.max_position:
             raise ProtocolError(
                 f"the conversation renders to {len(self.tokens)} tokens; with "
