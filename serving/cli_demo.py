@@ -7,8 +7,8 @@ context length, cached tokens and client-measured time to first token.
 
 With pinning only each turn's new tokens (the tool output) are prefilled, so TTFT stays
 low; the stateless server re-reads the whole history, so its TTFT grows with it. The
-default sizes (a 400-token system prompt plus the tool schemas, tool outputs of 20-80
-tokens, 4 output tokens per call: about 5,000 tokens by turn 30) keep the run under a
+default sizes (a 300-token system prompt plus the tool schemas, tool outputs of 20-60
+tokens, 4 output tokens per call: about 4,500 tokens by turn 30) keep the run under a
 minute on a 2-core CPU, where the pure-torch attention is the bottleneck;
 `benchmarks/bench_agent_loop.py` runs the full-size comparison (3,000-token system
 prompt, tool outputs of 100-1,000 tokens).
@@ -33,7 +33,7 @@ def add_parser(subparsers: Any) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add_demo_args(p, system_tokens=400, tool_tokens=(20, 80), max_output_tokens=4)
+    add_demo_args(p, system_tokens=300, tool_tokens=(20, 60), max_output_tokens=4)
     p.set_defaults(func=run)
 
 

@@ -103,7 +103,7 @@ class ResponseRun:
                 self.spec = OutputSpec(
                     max_output_tokens=max_out,
                     temperature=temperature,
-                    call_id=new_id("call", 16),  # rendered into the prompt: keep it short
+                    call_id=new_id("call", 12),  # rendered into the prompt: keep it short
                     name=tool.name,
                     arg_key=tool.first_string_property() or "input",
                 )
