@@ -20,8 +20,8 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-# subcommand modules, in the order `--help` lists them (others add "serving.cli_serve" ...)
-SUBCOMMANDS: tuple[str, ...] = ("serving.cli_simulate",)
+# subcommand modules, in the order `--help` lists them
+SUBCOMMANDS: tuple[str, ...] = ("serving.cli_demo", "serving.cli_simulate", "serving.cli_serve")
 
 EXIT_USAGE = 2
 

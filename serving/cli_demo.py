@@ -25,7 +25,7 @@ from serving.agent_loop import AgentLoopSpec, TurnTiming, format_table, growth
 from serving.cli_serve import PRESETS, build_model_from_args, engine_config_from_args
 
 
-def add_parser(subparsers: Any) -> None:
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register `demo` on an argparse subparsers object."""
     p = subparsers.add_parser(
         "demo",
@@ -35,6 +35,7 @@ def add_parser(subparsers: Any) -> None:
     )
     add_demo_args(p, system_tokens=300, tool_tokens=(20, 60), max_output_tokens=4)
     p.set_defaults(func=run)
+    return p
 
 
 def add_demo_args(

@@ -60,7 +60,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="switch the content-hash prefix cache off (pure stateless HTTP)")  # fmt: skip
 
 
-def add_parser(subparsers: Any) -> None:
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register `serve` on an argparse subparsers object."""
     p = subparsers.add_parser(
         "serve",
@@ -79,6 +79,7 @@ def add_parser(subparsers: Any) -> None:
     add_model_args(p)
     add_engine_args(p)
     p.set_defaults(func=run)
+    return p
 
 
 def build_model_from_args(args: argparse.Namespace, *, min_position: int = 0) -> Any:

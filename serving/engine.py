@@ -20,7 +20,6 @@ closed and a fresh one resumes with the whole conversation, served from the hash
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import queue
 import threading
@@ -86,7 +85,6 @@ class _Job:
     phase: str = "waiting"  # waiting -> prefill -> decode -> closing
     pos: int = 0  # tokens of the sequence whose K/V is written
     pending: list[int] = field(default_factory=list)  # appended, not yet computed
-    skip_store: bool = False  # recompute the last token's logits without writing K/V
     cached_tokens: int = 0
     t_admitted: float = 0.0
     t_first: float | None = None
@@ -434,16 +432,12 @@ class Engine:
 
     def _sync(self, job: _Job, *, needs_logits: bool) -> None:
         """Set `pos`/`pending` from the scheduler's table (the source of truth: an append
-        may have been served partly from the hash cache). When nothing is left to compute
-        but logits are needed, rerun the last token without writing its (cached) K/V."""
+        may have been served partly from the hash cache). The scheduler always leaves at
+        least one token of a turn to compute, so logits are always available."""
         table = self.cache.gpu.table(job.session.key)
         job.pos = table.num_computed_tokens
         job.pending = table.tokens[job.pos : table.num_tokens].tolist()
-        job.skip_store = False
-        if not job.pending and needs_logits:
-            job.pos -= 1
-            job.pending = [int(table.tokens[job.pos])]
-            job.skip_store = True
+        assert job.pending or not needs_logits, "the scheduler left no token to compute"
 
     def _step(self) -> None:
         if self.config.step_delay_s:
@@ -467,14 +461,6 @@ class Engine:
             picked.append((job, n))
             budget -= n
         batch = build_forward_batch(chunks, block_size=cfg.block_size, device=self.device)
-        if any(job.skip_store for job, _ in picked):
-            slots = batch.slot_mapping.clone()
-            start = 0
-            for job, n in picked:
-                if job.skip_store:
-                    slots[start : start + n] = -1
-                start += n
-            batch = dataclasses.replace(batch, slot_mapping=slots)
         logits = self.model(batch, self.kv_store)  # [B, vocab]
         self.num_steps += 1
         self.num_step_tokens += batch.num_tokens
@@ -485,9 +471,7 @@ class Engine:
             del job.pending[:n]
             if job.pending:
                 continue  # more prefill chunks to come
-            if not job.skip_store:
-                self.scheduler.mark_computed(job.session.key)
-            job.skip_store = False
+            self.scheduler.mark_computed(job.session.key)
             if job.phase == "closing" or job.program is None:
                 self._finish(job)
                 continue
