@@ -15,7 +15,13 @@ from kernels._triton import (
     interpreting,
     resolve_backend,
 )
-from kernels._validate import check_attention_args, check_scale
+from kernels._validate import (
+    check_attention_args,
+    check_query_start_loc,
+    check_scale,
+    check_table_values,
+)
+from kernels.cpu_attention import paged_prefill_sdpa
 from kernels.reference import paged_prefill_reference
 
 
@@ -81,7 +87,8 @@ def paged_prefill(
             Default T (q.shape[0]), which is always enough but launches programs that exit
             at once. The launcher never reads `query_start_loc` (that would sync); a too
             small value is still correct (programs stride over the query tiles), only slower.
-        backend: "auto" (Triton on CUDA, torch reference on CPU), "triton" or "torch".
+        backend: "auto" (Triton on CUDA; on CPU torch's fused SDPA over the gathered
+            pages, see `kernels.cpu_attention`), "triton", or "torch" (the reference).
 
     Returns:
         out `[T, Hq, D]`, q's dtype.
@@ -101,6 +108,14 @@ def paged_prefill(
     if max_query_len is not None:
         check_positive_int(op, "max_query_len", max_query_len)
     if resolve_backend(op, backend, q.device) == "torch":
+        if backend == "auto" and q.device.type == "cpu":
+            # CPU tensors: the fused SDPA path (the reference stays the oracle for "torch")
+            query_lens = check_query_start_loc(op, query_start_loc, q.shape[0])
+            check_table_values(op, block_tables, seq_lens, dims.cache, query_lens=query_lens)
+            return paged_prefill_sdpa(
+                q, k_cache, v_cache, block_tables, query_start_loc, seq_lens,
+                scale=sm_scale, out=out,
+            )  # fmt: skip
         return paged_prefill_reference(
             q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale=sm_scale, out=out
         )
