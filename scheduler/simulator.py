@@ -157,7 +157,6 @@ class PolicyRun:
     sim_end_s: float = 0.0
     wall_s: float = 0.0
     invariant_checks: int = 0
-    extra: dict[str, object] = field(default_factory=dict)
 
 
 @dataclass(eq=False, slots=True)

@@ -6,6 +6,7 @@ fix is noticed (the test then passes and strict xfail fails it: drop the marker)
 
 from __future__ import annotations
 
+import pytest
 from sched_helpers import make_scheduler, run_turn
 
 from scheduler.session import SessionState as S
@@ -36,3 +37,21 @@ def test_a_session_closed_right_after_its_turn_is_not_offloaded_first() -> None:
     run_turn(sched, plan)  # a's last turn ends: b is admitted by evicting a ...
     sched.close_session("a")  # ... which the client closes right away
     assert sched.metrics.blocks_offloaded == 0
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a closed pinned session's blocks only go to the GPU hash cache, never to the "
+    "host tier, so a client that reconnects after the GPU reclaimed them recomputes its "
+    "whole history (suggested fix: offload on close when the host has room)",
+)
+def test_a_dropped_connection_finds_its_history_on_the_host_after_gpu_reclaim() -> None:
+    sched, clock = make_scheduler(num_gpu=16, num_host=64)
+    history = list(range(16))
+    sched.open_session("a")
+    run_turn(sched, sched.begin_turn("a", history))
+    sched.close_session("a")  # the socket dropped while the session was pinned
+    clock.now += 1
+    sched.poll()  # any copy started at close completes
+    sched.cache.gpu.pool.evict(100)  # pressure reclaims the GPU hash cache
+    assert sched.cache.cached_prefix(history) == (0, 16)  # the reconnect restores it
