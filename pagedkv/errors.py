@@ -13,9 +13,12 @@ class OutOfBlocksError(PagedKVError):
     Attributes:
         needed: blocks the request needed.
         available: blocks that were free or reclaimable when it was refused.
+
+    Picklable (across process pools): the keyword fields have defaults and are restored
+    from the instance dict.
     """
 
-    def __init__(self, message: str, *, needed: int, available: int) -> None:
+    def __init__(self, message: str, *, needed: int = 0, available: int = 0) -> None:
         super().__init__(message)
         self.needed = needed
         self.available = available

@@ -26,6 +26,9 @@ class SchedulerConfig:
         reuse_prefix: look up cached prefixes at all (False models a stateless server).
         offload_idle: make room by offloading idle sessions to the host when that beats
             recomputing them (False: always drop).
+        offload_on_close: with a host tier, write a closed IDLE session's blocks through
+            to the host (when it has room), so a client that reconnects after the GPU
+            reclaimed them still finds its prefix; `close_session(offload=...)` overrides.
         tenant_max_pinned: optional per-tenant caps on pinned sessions.
     """
 
@@ -38,6 +41,7 @@ class SchedulerConfig:
     offload_on_release: bool = False
     reuse_prefix: bool = True
     offload_idle: bool = True
+    offload_on_close: bool = True
     tenant_max_pinned: Mapping[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -45,7 +49,13 @@ class SchedulerConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-        for name in ("pin_sessions", "offload_on_release", "reuse_prefix", "offload_idle"):
+        for name in (
+            "pin_sessions",
+            "offload_on_release",
+            "reuse_prefix",
+            "offload_idle",
+            "offload_on_close",
+        ):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         # a private read-only copy: mutating the caller's dict cannot bypass validation

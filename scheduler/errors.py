@@ -19,7 +19,7 @@ class OverCapacityError(PagedKVError):
         reason: "queue_full" or "timeout" (or "too_large" when a turn can never fit).
     """
 
-    def __init__(self, message: str, *, session_id: object, reason: str) -> None:
+    def __init__(self, message: str, *, session_id: object = None, reason: str = "") -> None:
         super().__init__(message)
         self.session_id = session_id
         self.reason = reason

@@ -8,6 +8,7 @@ calls must come from one thread.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
@@ -288,14 +289,21 @@ class SessionScheduler:
             else:
                 self._drop(s, reason="release")
 
-    def close_session(self, session_id: object) -> None:
+    def close_session(self, session_id: object, *, offload: bool | None = None) -> None:
         """Close a session in any state; everything it held is released (its full blocks
         stay in the hash caches). Safe while a turn runs or a copy is in flight.
+
+        With a host tier, an IDLE session's blocks are first written through to the host
+        when `offload` (default: `config.offload_on_close`) and the host has room: a
+        dropped connection that comes back after the GPU reclaimed them is then served
+        from the host instead of recomputing. Pass `offload=False` when the client is
+        known to be gone for good.
 
         Raises:
             SessionError: unknown session id.
         """
         s = self.session(session_id)
+        write_through = self.config.offload_on_close if offload is None else offload
         self._queues.get(s.priority, OrderedDict()).pop(session_id, None)
         self._idle.remove(s)
         self._offloaded.pop(session_id, None)
@@ -303,6 +311,17 @@ class SessionScheduler:
         self._releasing.pop(session_id, None)
         if s.is_pinned:
             self._unpin(s)
+        host = self.cache.host
+        if (
+            write_through
+            and s.state == S.IDLE
+            and host is not None
+            and host.pool.num_available >= len(self.cache.gpu.table(session_id).block_ids)
+        ):
+            # the copy completes on its own and the free below waits for it; with no room
+            # after all, or an engine that refuses, the session is just released
+            with contextlib.suppress(OutOfBlocksError, RuntimeError, ValueError):
+                self.cache.offload(session_id)
         if self.cache.location(session_id) is not None:
             self.cache.free(session_id)
         s.state = S.CLOSED

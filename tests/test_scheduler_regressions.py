@@ -6,7 +6,6 @@ fix is noticed (the test then passes and strict xfail fails it: drop the marker)
 
 from __future__ import annotations
 
-import pytest
 from sched_helpers import make_scheduler, run_turn
 
 from scheduler.session import SessionState as S
@@ -35,16 +34,11 @@ def test_a_session_closed_right_after_its_turn_is_not_offloaded_first() -> None:
     sched.open_session("b")
     assert sched.begin_turn("b", list(range(100, 116))) is None  # waits for a pin slot
     run_turn(sched, plan)  # a's last turn ends: b is admitted by evicting a ...
-    sched.close_session("a")  # ... which the client closes right away
+    sched.close_session("a", offload=False)  # ... which the client closes for good
+    sched.poll()
     assert sched.metrics.blocks_offloaded == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a closed pinned session's blocks only go to the GPU hash cache, never to the "
-    "host tier, so a client that reconnects after the GPU reclaimed them recomputes its "
-    "whole history (suggested fix: offload on close when the host has room)",
-)
 def test_a_dropped_connection_finds_its_history_on_the_host_after_gpu_reclaim() -> None:
     sched, clock = make_scheduler(num_gpu=16, num_host=64)
     history = list(range(16))
