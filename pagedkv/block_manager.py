@@ -145,6 +145,7 @@ class BlockManager:
         *,
         max_cached_tokens: int | None = None,
         known_hashes: list[bytes] | None = None,
+        known_contents: list[bytes] | None = None,
     ) -> AppendResult:
         """Append tokens to a sequence, reusing cached blocks where the prefix matches.
 
@@ -184,7 +185,10 @@ class BlockManager:
                     f"{end // bs} full blocks"
                 )
             new_hashes = list(known_hashes[first_block : end // bs])
-            contents = self.hasher.chain_contents(parent, segment, new_hashes)
+            if known_contents is not None and first_block == 0:
+                contents = known_contents[: end // bs]
+            else:
+                contents = self.hasher.chain_contents(parent, segment, new_hashes)
         hits: list[int] = []
         if start % bs == 0 and table.num_computed_tokens == start and table.broken_at is None:
             limit = len(new_hashes)

@@ -302,7 +302,7 @@ class BlockPool:
     def count_cached(self, block_ids: Sequence[int]) -> int:
         """How many of these indexed block ids are cached (refcount 0: reclaimable)."""
         ref = self._ref
-        return sum(1 for block_id in block_ids if ref[block_id] == 0)
+        return [ref[block_id] for block_id in block_ids].count(0)
 
     def acquire_matched(self, block_ids: Sequence[int]) -> None:
         """`acquire` for ids just returned by `match` / `match_chain` with no mutation in

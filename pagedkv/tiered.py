@@ -19,7 +19,7 @@ Metadata only: the bytes move in the `TransferEngine` (real or simulated).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 
@@ -49,6 +49,15 @@ class PrefixPlan:
     compute_start: int
     slot_mapping: np.ndarray
     pending: bool
+
+
+class PrefixProbe(NamedTuple):
+    """A read-only look at a token sequence: its full-block hash chain, the blocks'
+    content bytes, and the GPU block ids of its longest cached prefix."""
+
+    hashes: list[bytes]
+    contents: list[bytes]
+    gpu_hits: list[int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,22 +165,18 @@ class TieredKVCache:
             k2 += 1
         return k1 * self.block_size, k2 * self.block_size
 
-    def prefix_hashes(
+    def probe_prefix(
         self, tokens: TokenInput, *, tenant: str = "default", extra_keys: bytes = b""
-    ) -> tuple[list[bytes], list[int], int]:
-        """Plan a sequence's GPU reuse without changing anything.
-
-        Returns `(hashes, gpu_hit_ids, num_cached_hits)`: the tokens' full-block hash
-        chain (pass it to `begin_sequence` as `known_hashes`), the GPU blocks holding the
-        longest cached prefix, and how many of those are cached (refcount 0: taking them
-        moves them into use).
-        """
+    ) -> PrefixProbe:
+        """Plan a sequence's GPU reuse without changing anything: its hash chain (pass the
+        probe to `begin_sequence` to avoid hashing twice) and the GPU blocks holding its
+        longest cached prefix."""
         hasher = self.gpu.hasher
         hashes, contents = hasher.hash_chain(
             hasher.root(tenant, extra_keys), as_token_array(tokens), with_content=True
         )
         hits = self.gpu.pool.match_chain(hashes, contents, len(hashes))
-        return hashes, hits, self.gpu.pool.count_cached(hits)
+        return PrefixProbe(hashes, contents, hits)
 
     # ------------------------------------------------------------------ GPU sequences
     def begin_sequence(
@@ -182,12 +187,11 @@ class TieredKVCache:
         tenant: str = "default",
         extra_keys: bytes = b"",
         max_cached_tokens: int | None = None,
-        known_hashes: list[bytes] | None = None,
+        probe: PrefixProbe | None = None,
     ) -> PrefixPlan:
         """Create a GPU sequence for `tokens`, reusing GPU then host blocks by hash.
 
-        `known_hashes` (the tokens' full-block hash chain, from `prefix_hashes`) saves
-        hashing them again.
+        `probe` (from `probe_prefix` on the same tokens and tenant) saves hashing again.
 
         Raises:
             ValueError: `seq_id` already exists in either tier.
@@ -197,7 +201,11 @@ class TieredKVCache:
         self.gpu.add_sequence(seq_id, tenant=tenant, extra_keys=extra_keys)
         try:
             r = self.gpu.append_tokens(
-                seq_id, tokens, max_cached_tokens=max_cached_tokens, known_hashes=known_hashes
+                seq_id,
+                tokens,
+                max_cached_tokens=max_cached_tokens,
+                known_hashes=None if probe is None else probe.hashes,
+                known_contents=None if probe is None else probe.contents,
             )
         except BaseException:
             self.gpu.free_sequence(seq_id)
@@ -486,4 +494,11 @@ class TieredKVCache:
             raise ValueError(f"{what} {seq_id!r}: expected a sequence on the GPU, it is at {loc!r}")
 
 
-__all__ = ["Location", "OutOfBlocksError", "PrefixPlan", "TieredKVCache", "TransferResult"]
+__all__ = [
+    "Location",
+    "OutOfBlocksError",
+    "PrefixPlan",
+    "PrefixProbe",
+    "TieredKVCache",
+    "TransferResult",
+]

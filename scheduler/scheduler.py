@@ -428,10 +428,8 @@ class SessionScheduler:
         else:  # NEW or DROPPED
             history = tokens if s.history is None else np.concatenate((s.history, tokens))
             max_cached = len(history) - 1 if self.config.reuse_prefix else 0
-            hashes, gpu_hits, _ = self.cache.prefix_hashes(
-                history, tenant=s.tenant, extra_keys=s.extra_keys
-            )
-            gpu_hits = gpu_hits[: max_cached // bs]
+            probe = self.cache.probe_prefix(history, tenant=s.tenant, extra_keys=s.extra_keys)
+            gpu_hits = probe.gpu_hits[: max_cached // bs]
             num_cached = self.cache.gpu.pool.count_cached(gpu_hits)
             need = -(-len(history) // bs) - len(gpu_hits)
             if not self._make_room(s, _Need(need, need + num_cached, True)):
@@ -443,7 +441,7 @@ class SessionScheduler:
                     tenant=s.tenant,
                     extra_keys=s.extra_keys,
                     max_cached_tokens=max_cached,
-                    known_hashes=hashes,
+                    probe=probe,
                 )
             except OutOfBlocksError:
                 return None
