@@ -331,9 +331,47 @@ def write_json(report: dict[str, Any], path: str | os.PathLike[str]) -> None:
         f.write("\n")
 
 
+def _plot_hit_sweep(ax: Any, report: dict[str, Any], color: dict[str, str]) -> None:
+    """Hit ratio vs GPU KV memory, one line per policy (from `--sweep`)."""
+    for p in report["policies"]:
+        name = p["policy"]
+        points = sorted(
+            (r["gpu_kv_gb"], r["hit_ratio"]) for r in report["sweep"] if r["policy"] == name
+        )
+        if not p["varies_with_gpu"] or not points:
+            ax.axhline(p["hit_ratio"]["total"], ls="--", lw=1, color=color[name], label=name)
+            continue
+        ax.plot([x for x, _ in points], [y for _, y in points], marker="o",
+                color=color[name], label=name)  # fmt: skip
+    ax.axvline(report["settings"]["gpu_kv_gb"], color="grey", lw=0.8, ls=":")
+    ax.set_xscale("log")
+    ax.set_xlabel("GPU KV memory (GB)")
+    ax.set_ylabel("token hit ratio")
+    ax.set_ylim(0, 1.02)
+    ax.set_title("hit ratio vs GPU memory")
+    ax.legend(fontsize=8)
+
+
+def _plot_hit_bars(ax: Any, report: dict[str, Any]) -> None:
+    """Hit ratio per policy at the run's one GPU size, stacked by tier (no sweep)."""
+    names = [p["policy"] for p in report["policies"]]
+    bottom = [0.0] * len(names)
+    for tier in ("pinned", "gpu", "host"):
+        values = [p["hit_ratio"][tier] for p in report["policies"]]
+        ax.bar(names, values, bottom=bottom, label=tier)
+        bottom = [b + v for b, v in zip(bottom, values, strict=True)]
+    ax.set_ylim(0, 1.02)
+    ax.set_ylabel("token hit ratio")
+    ax.set_title(
+        f"hit ratio by tier at {report['settings']['gpu_kv_gb']:.1f} GB GPU KV "
+        "(--sweep: vs GPU memory)"
+    )
+    ax.legend(fontsize=8, title="served from")
+
+
 def plot_report(report: dict[str, Any], path: str | os.PathLike[str]) -> None:
-    """Two panels, as a PNG: hit ratio vs GPU KV memory per policy (the sweep, or the
-    run's single size), and p50 TTFT by turn index per policy.
+    """Two panels, as a PNG: hit ratio vs GPU KV memory per policy (with a sweep; else
+    the hit ratio per policy stacked by tier), and p50 TTFT by turn index per policy.
 
     Raises:
         ModuleNotFoundError: matplotlib is not installed (`pip install 'pagedkv[sim]'`).
@@ -346,30 +384,10 @@ def plot_report(report: dict[str, Any], path: str | os.PathLike[str]) -> None:
     fig, (ax_hit, ax_ttft) = plt.subplots(1, 2, figsize=(13, 5))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     color = {p["policy"]: colors[i % len(colors)] for i, p in enumerate(report["policies"])}
-    for p in report["policies"]:
-        name = p["policy"]
-        points = sorted(
-            (r["gpu_kv_gb"], r["hit_ratio"]) for r in report["sweep"] if r["policy"] == name
-        )
-        if not p["varies_with_gpu"]:
-            ax_hit.axhline(p["hit_ratio"]["total"], ls="--", lw=1, color=color[name], label=name)
-            continue
-        if not points:
-            points = [(p["gpu_kv_gb"], p["hit_ratio"]["total"])]
-        ax_hit.plot(
-            [x for x, _ in points],
-            [y for _, y in points],
-            marker="o",
-            color=color[name],
-            label=name,
-        )
-    ax_hit.axvline(report["settings"]["gpu_kv_gb"], color="grey", lw=0.8, ls=":")
-    ax_hit.set_xscale("log")
-    ax_hit.set_xlabel("GPU KV memory (GB)")
-    ax_hit.set_ylabel("token hit ratio")
-    ax_hit.set_ylim(0, 1.02)
-    ax_hit.set_title("hit ratio vs GPU memory")
-    ax_hit.legend(fontsize=8)
+    if report["sweep"]:
+        _plot_hit_sweep(ax_hit, report, color)
+    else:
+        _plot_hit_bars(ax_hit, report)
     for p in report["policies"]:
         c = p["ttft_curve_ms"]
         keep = [i for i, n in enumerate(c["count"]) if n >= 5 and c["p50"][i] is not None]
