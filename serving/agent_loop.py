@@ -145,7 +145,7 @@ def _read(events: Any) -> tuple[float | None, Any]:
         kind = event.type
         if kind == "response.output_item.added" and t_first is None:
             t_first = time.perf_counter()
-        elif kind == "response.completed":
+        elif kind in ("response.completed", "response.incomplete"):
             return t_first, event.response
         elif kind in ("error", "response.failed"):
             raise RuntimeError(f"agent loop: the server answered {event}")

@@ -536,6 +536,7 @@ class Engine:
                 job.cached_tokens,
                 0 if program is None else program.num_tokens,
                 metrics,
+                "max_output_tokens" if program is not None and program.hit_limit else None,
             )
         )
 

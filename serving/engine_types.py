@@ -118,6 +118,7 @@ class TurnDone(NamedTuple):
     cached_tokens: int
     output_tokens: int
     metrics: dict[str, Any]
+    incomplete_reason: str | None = None  # "max_output_tokens" when the limit cut it off
 
 
 class TurnFailed(NamedTuple):

@@ -104,6 +104,7 @@ class OutputProgram:
         self.sampled: list[int] = []  # the sampled characters (text or argument value)
         self.num_tokens = 0  # every token appended for the item after the header
         self.done = False
+        self.hit_limit = False  # stopped at max_output_tokens rather than by choice
         self._started = False
 
     def allowed(self) -> str | None:
@@ -132,6 +133,7 @@ class OutputProgram:
             return Step(self._close(), "", True)
         self.sampled.append(token)
         done = len(self.sampled) >= self.spec.max_output_tokens
+        self.hit_limit = done
         return Step([token, *self._close()] if done else [token], chr(token), done)
 
     def _advance_call(self, token: int | None) -> Step:
@@ -147,6 +149,7 @@ class OutputProgram:
             return Step([*closing, *self._close()], '"}', True)
         self.sampled.append(token)
         if len(self.sampled) >= spec.max_output_tokens:
+            self.hit_limit = True
             return Step([token, *closing, *self._close()], chr(token) + '"}', True)
         return Step([token], chr(token), False)
 

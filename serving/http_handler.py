@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from serving.engine import Engine
-from serving.protocol import ProtocolError, parse_create
+from serving.protocol import ProtocolError, decode_json, parse_create
 from serving.response_events import new_id
 from serving.response_run import ResponseRun, ServerConfig
 
@@ -32,6 +32,16 @@ def _sse(event: dict[str, Any]) -> str:
 
 
 async def create_response(request: Request, engine: Engine, config: ServerConfig) -> Response:
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > config.max_message_bytes:
+        # refuse before reading: the limit must bound memory, not just parsing
+        return error_response(
+            ProtocolError(
+                f"body of {declared} bytes exceeds the limit of {config.max_message_bytes}",
+                code="message_too_large",
+                status=413,
+            )
+        )
     body = await request.body()
     try:
         if len(body) > config.max_message_bytes:
@@ -40,10 +50,7 @@ async def create_response(request: Request, engine: Engine, config: ServerConfig
                 code="message_too_large",
                 status=413,
             )
-        try:
-            payload = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ProtocolError(f"body is not valid JSON: {exc}", code="invalid_json") from None
+        payload = decode_json(body, "body")
         req = parse_create(payload, websocket=False)
         if req.previous_response_id is not None:
             raise ProtocolError(

@@ -11,6 +11,8 @@ envelope.
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -250,6 +252,44 @@ def _parse_tool_choice(value: object) -> ToolChoice:
     raise _type_error("tool_choice", "'auto', 'none', 'required' or a function object", value)
 
 
+def decode_json(data: str | bytes, what: str) -> Any:
+    """`json.loads` with every failure mapped to a ProtocolError ("invalid_json"): a
+    syntax error, bytes that are not UTF-8, or nesting too deep to parse."""
+    try:
+        return json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ProtocolError(f"{what} is not valid JSON: {exc}", code="invalid_json") from None
+    except RecursionError:
+        raise ProtocolError(f"{what} is nested too deeply", code="invalid_json") from None
+
+
+def check_encodable(obj: object) -> None:
+    """Refuse strings that cannot be sent back as UTF-8 (lone surrogates such as
+    "\\ud800" are valid JSON escapes but not text). Iterative: any depth.
+
+    Raises:
+        ProtocolError: code "invalid_value", naming the field.
+    """
+    stack: list[tuple[object, str]] = [(obj, "body")]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ProtocolError(
+                    f"{path} contains a lone surrogate; strings must be valid Unicode text",
+                    code="invalid_value",
+                    param=path,
+                ) from None
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                stack.append((key, path))
+                stack.append((item, f"{path}.{key}" if path != "body" else str(key)))
+        elif isinstance(value, list):
+            stack.extend((item, f"{path}[{i}]") for i, item in enumerate(value))
+
+
 def parse_create(body: object, *, websocket: bool) -> CreateRequest:
     """Check a `response.create` body (the event itself on a WebSocket, the POST body
     over HTTP) and return it normalised.
@@ -260,6 +300,7 @@ def parse_create(body: object, *, websocket: bool) -> CreateRequest:
     """
     if not isinstance(body, Mapping):
         raise _type_error("body", "a JSON object", body)
+    check_encodable(body)
     raw_input = body.get("input")
     if raw_input is None:
         items: tuple[Item, ...] = ()
@@ -284,6 +325,12 @@ def parse_create(body: object, *, websocket: bool) -> CreateRequest:
             param="temperature",
         )
     top_p = _opt(body, "top_p", (int, float), "a number")
+    if top_p is not None and not (math.isfinite(top_p) and 0.0 < top_p <= 1.0):
+        raise ProtocolError(
+            f"top_p must be a finite number in (0, 1], got {top_p}",
+            code="invalid_value",
+            param="top_p",
+        )
     metadata = _opt(body, "metadata", (dict,), "an object") or {}
     generate = _opt(body, "generate", (bool,), "a boolean")
     store = _opt(body, "store", (bool,), "a boolean")

@@ -53,6 +53,7 @@ class ResponseBuilder:
         self.output: list[dict[str, Any]] = []
         self.usage: dict[str, Any] | None = None
         self.error: dict[str, Any] | None = None
+        self.incomplete_details: dict[str, Any] | None = None
         self.metrics: dict[str, Any] = {}
         self._seq = 0
         self._text: list[str] = []
@@ -77,7 +78,7 @@ class ResponseBuilder:
             "status": self.status,
             "background": False,
             "error": self.error,
-            "incomplete_details": None,
+            "incomplete_details": self.incomplete_details,
             "instructions": req.instructions,
             "max_output_tokens": self.max_output_tokens,
             "max_tool_calls": None,
@@ -175,8 +176,11 @@ class ResponseBuilder:
         cached_tokens: int,
         output_tokens: int,
         metrics: dict[str, Any],
+        incomplete_reason: str | None = None,
     ) -> list[dict[str, Any]]:
-        """The closing events; `item` None for a warm-up (`generate: false`)."""
+        """The closing events; `item` None for a warm-up (`generate: false`). With an
+        `incomplete_reason` (the output limit cut the item off) the response and its item
+        are "incomplete" and the last event is `response.incomplete`, as in the API."""
         events: list[dict[str, Any]] = []
         if isinstance(item, Message):
             part = {"type": "output_text", "text": item.text, "annotations": [], "logprobs": []}
@@ -211,18 +215,24 @@ class ResponseBuilder:
             )
         if item is not None:
             item_json = item_to_json(item, item_id=self.item_id)
+            if incomplete_reason is not None:
+                item_json["status"] = "incomplete"
             self.output.append(item_json)
             events.append(self.event("response.output_item.done", output_index=0, item=item_json))
-        self.status = "completed"
+        self.status = "completed" if incomplete_reason is None else "incomplete"
+        if incomplete_reason is not None:
+            self.incomplete_details = {"reason": incomplete_reason}
         self.usage = {
             "input_tokens": input_tokens,
-            "input_tokens_details": {"cached_tokens": cached_tokens},
+            # prefix-cache reads are reported; this server has no separate cache writes
+            "input_tokens_details": {"cached_tokens": cached_tokens, "cache_write_tokens": 0},
             "output_tokens": output_tokens,
             "output_tokens_details": {"reasoning_tokens": 0},
             "total_tokens": input_tokens + output_tokens,
         }
         self.metrics = metrics_ms(metrics)
-        events.append(self.event("response.completed", response=self.response()))
+        kind = "response.completed" if incomplete_reason is None else "response.incomplete"
+        events.append(self.event(kind, response=self.response()))
         return events
 
     def failed(self, err: ProtocolError) -> list[dict[str, Any]]:

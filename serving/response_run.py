@@ -190,6 +190,7 @@ class ResponseRun:
                     cached_tokens=event.cached_tokens,
                     output_tokens=event.output_tokens,
                     metrics=event.metrics,
+                    incomplete_reason=event.incomplete_reason,
                 ):
                     yield ev
                 return

@@ -18,7 +18,7 @@ from serving.local_server import LocalServer
 from serving.response_run import ServerConfig
 from serving.server import create_app
 
-TERMINAL = ("response.completed", "response.failed")
+TERMINAL = ("response.completed", "response.incomplete", "response.failed")
 
 
 @contextlib.contextmanager

@@ -26,7 +26,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from serving.conversation import Item
 from serving.engine import Engine
-from serving.protocol import CreateRequest, ProtocolError, parse_create
+from serving.protocol import CreateRequest, ProtocolError, decode_json, parse_create
 from serving.response_events import error_event, new_id
 from serving.response_run import ResponseRun, ServerConfig
 
@@ -95,6 +95,17 @@ class ResponsesSocket:
             except ProtocolError as err:
                 await self._send_error(err)
                 continue
+            except Exception:  # a parser bug must not kill the connection: report, go on
+                log.exception("unexpected error parsing a client message")
+                await self._send_error(
+                    ProtocolError(
+                        "the server could not process this message",
+                        code="server_error",
+                        status=500,
+                        type="server_error",
+                    )
+                )
+                continue
             if self._closing:
                 continue
             await self._requests.put(req)
@@ -107,10 +118,7 @@ class ResponsesSocket:
                 f"{self.config.max_message_bytes} bytes",
                 code="message_too_large",
             )
-        try:
-            event = json.loads(data)
-        except json.JSONDecodeError as exc:
-            raise ProtocolError(f"message is not valid JSON: {exc}", code="invalid_json") from None
+        event = decode_json(data, "message")
         if not isinstance(event, dict):
             raise ProtocolError(
                 f"message must be a JSON object, got {type(event).__name__}",

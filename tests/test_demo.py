@@ -91,11 +91,11 @@ def test_serve_answers_the_openai_sdk() -> None:
                 assert time.monotonic() < deadline, "pagedkv serve did not start"
                 time.sleep(0.2)
         response = client.responses.create(model="tiny", input="hello", max_output_tokens=4)
-        assert response.status == "completed" and response.usage.output_tokens >= 1
+        assert response.status in ("completed", "incomplete") and response.usage.output_tokens >= 1
         with client.responses.connect() as conn:
             conn.response.create(model="tiny", input="hi", max_output_tokens=2)
             kinds = [event.type for event in read_response(conn)]
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-    assert "response.completed" in kinds
+    assert "response.completed" in kinds or "response.incomplete" in kinds

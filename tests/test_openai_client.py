@@ -80,10 +80,13 @@ def squeeze(kinds: list[str]) -> list[str]:
 def check_events(events: list[Any], *, function_call: bool) -> Any:
     """Order, sequence numbers and well-formed items; returns the completed response."""
     kinds = [e.type for e in events]
-    assert squeeze(kinds) == (CALL_EVENTS if function_call else MESSAGE_EVENTS), kinds
+    expected = CALL_EVENTS if function_call else MESSAGE_EVENTS
+    # the last event is response.incomplete when max_output_tokens cut the item off
+    assert squeeze(kinds)[:-1] == expected[:-1], kinds
+    assert kinds[-1] in ("response.completed", "response.incomplete"), kinds
     assert [e.sequence_number for e in events] == list(range(len(events)))
     response = events[-1].response
-    assert response.status == "completed" and len(response.output) == 1
+    assert response.status in ("completed", "incomplete") and len(response.output) == 1
     item = response.output[0]
     assert events[2].item.id == item.id == events[-2].item.id
     if function_call:
@@ -214,7 +217,7 @@ def test_http_json_and_sse_are_stateless(client: Any) -> None:
         "max_output_tokens": 6,
     }
     first = client.responses.create(**kwargs)
-    assert first.status == "completed" and first.output[0].type == "message"
+    assert first.status in ("completed", "incomplete") and first.output[0].type == "message"
     assert first.output_text and first.usage.output_tokens >= 1
     stream = client.responses.create(**kwargs, stream=True)
     events = list(stream)

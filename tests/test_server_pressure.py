@@ -49,7 +49,7 @@ def agent(base_url: str, index: int, outcomes: list[str], errors: list[BaseExcep
                 )  # fmt: skip
                 events = read_response(conn)
                 last = events[-1]
-                if last.type == "response.completed":
+                if last.type in ("response.completed", "response.incomplete"):
                     outcomes.append("completed")
                     previous = last.response
                     call = previous.output[0]

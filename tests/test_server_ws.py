@@ -16,11 +16,15 @@ import pytest
 import torch
 
 websockets = pytest.importorskip("websockets")
+
 from websockets.exceptions import ConnectionClosed  # noqa: E402
 from websockets.sync.client import ClientConnection, connect  # noqa: E402
 
 from serving.response_run import ServerConfig  # noqa: E402
 from serving.testing import engine_check, read_response, tiny_server  # noqa: E402
+
+# a response ends completed, or incomplete when max_output_tokens cut its item off
+DONE = ("response.completed", "response.incomplete")
 
 
 @pytest.fixture(autouse=True)
@@ -43,7 +47,7 @@ def create(ws: ClientConnection, **fields: Any) -> None:
 def completed(ws: ClientConnection, **fields: Any) -> dict[str, Any]:
     create(ws, **fields)
     got = read_response(events(ws))
-    assert got[-1]["type"] == "response.completed", got[-3:]
+    assert got[-1]["type"] in DONE, got[-3:]
     return got[-1]["response"]
 
 
@@ -85,6 +89,14 @@ def test_bad_input_gets_errors_and_the_connection_stays_usable() -> None:
                 "previous_response_not_found",
                 "previous_response_id",
             )
+            # regressions from review: deep nesting, lone surrogates, non-finite top_p
+            assert error_of(ws, "[" * 60_000 + "]" * 60_000)["code"] == "message_too_large"
+            assert error_of(ws, "[" * 20_000 + "]" * 20_000)["code"] == "invalid_json"
+            err = error_of(
+                ws, '{"type": "response.create", "input": "x", "instructions": "\\ud800"}'
+            )
+            assert (err["code"], err["param"]) == ("invalid_value", "instructions")
+            assert error_of(ws, input="x", top_p=1e999)["param"] == "top_p"
             first = completed(ws, input="still here?", max_output_tokens=3)
             second = completed(ws, input=[], previous_response_id=first["id"])
             assert second["usage"]["input_tokens_details"]["cached_tokens"] > 0
@@ -101,7 +113,7 @@ def test_queued_responses_run_in_order_without_interleaving() -> None:
         for _ in range(3):
             got = read_response(events(ws))
             ids = {e["response"]["id"] for e in got if "response" in e}
-            assert len(ids) == 1 and got[-1]["type"] == "response.completed"
+            assert len(ids) == 1 and got[-1]["type"] in DONE
             assert [e["sequence_number"] for e in got] == list(range(len(got)))
             seen.append(got[-1]["response"]["metadata"]["i"])
         assert seen == ["0", "1", "2"]
@@ -118,7 +130,7 @@ def test_pings_are_answered_while_the_model_works() -> None:
             assert ws.ping().wait(timeout=5.0)
             latencies.append(time.monotonic() - start)
         rest = read_response(stream)
-        assert rest[-1]["type"] == "response.completed"
+        assert rest[-1]["type"] in DONE
         # each step sleeps 0.3 s in the engine thread; pongs do not wait for it
         assert max(latencies) < 0.25, latencies
 
@@ -130,7 +142,7 @@ def test_connection_age_limit_finishes_the_response_then_closes() -> None:
         time.sleep(0.3)
         create(ws, input="a response spanning the deadline", max_output_tokens=6)
         got = read_response(events(ws))
-        assert got[-1]["type"] == "response.completed"
+        assert got[-1]["type"] in DONE
         assert time.monotonic() - opened > 0.6  # it ran past the deadline, uncut
         limit = json.loads(ws.recv(timeout=10))
         assert limit["type"] == "error"
@@ -138,3 +150,23 @@ def test_connection_age_limit_finishes_the_response_then_closes() -> None:
         with pytest.raises(ConnectionClosed):
             ws.recv(timeout=10)
     time.sleep(0.1)
+
+
+def test_output_cut_by_max_output_tokens_is_incomplete() -> None:
+    with tiny_server() as (srv, _engine), connect(srv.ws_url) as ws:
+        create(ws, input="tell me a long story", max_output_tokens=2, temperature=0)
+        got = read_response(events(ws))
+        last = got[-1]
+        if last["type"] == "response.incomplete":  # the usual case: 2 characters
+            response = last["response"]
+            assert response["status"] == "incomplete"
+            assert response["incomplete_details"] == {"reason": "max_output_tokens"}
+            assert response["output"][0]["status"] == "incomplete"
+        else:  # the model chose to stop within 2 characters
+            assert last["response"]["status"] == "completed"
+            assert last["response"]["incomplete_details"] is None
+        usage = last["response"]["usage"]
+        assert usage["input_tokens_details"] == {
+            "cached_tokens": usage["input_tokens_details"]["cached_tokens"],
+            "cache_write_tokens": 0,
+        }
