@@ -39,11 +39,12 @@ class _Hits:
 
 @dataclass(frozen=True, slots=True)
 class _Need:
-    """What starting a turn takes: new GPU blocks, growth of the in-use count (new blocks
-    plus cached hits taken back), and whether a pin slot is needed."""
+    """What starting a turn takes: new GPU blocks, the GPU prefix hits it will take (the
+    in-use count grows by the new blocks plus whichever hits are cached at that moment:
+    evicting a victim can turn a shared hit into a cached one), and a pin slot or not."""
 
     blocks: int
-    growth: int
+    hits: tuple[int, ...]
     slot: bool
 
 
@@ -250,7 +251,7 @@ class SessionScheduler:
         table = self.cache.gpu.table(session_id)
         need = -(-(table.num_tokens + len(tokens)) // self.cache.block_size) - len(table.block_ids)
         if need > 0:
-            self._make_room(s, _Need(need, need, False), immediate=True)
+            self._make_room(s, _Need(need, (), False), immediate=True)
         r = self.cache.gpu.append_tokens(session_id, tokens)
         return r.slot_mapping
 
@@ -406,7 +407,7 @@ class SessionScheduler:
         if s.state == S.IDLE:
             table = self.cache.gpu.table(s.session_id)
             need = -(-(table.num_tokens + len(tokens)) // bs) - len(table.block_ids)
-            if not self._make_room(s, _Need(need, need, False)):
+            if not self._make_room(s, _Need(need, (), False)):
                 return None
             self._idle.remove(s)
             s.state = S.ACTIVE
@@ -414,9 +415,9 @@ class SessionScheduler:
         if s.state == S.OFFLOADED:
             assert self.cache.host is not None
             h = self.cache.host.table(s.session_id)
-            num_hits, num_cached = self._gpu_hits(h.root, h.tokens, h.hashes)
-            need = -(-(h.num_tokens + len(tokens)) // bs) - num_hits
-            if not self._make_room(s, _Need(need, need + num_cached, True)):
+            restore_hits = self._gpu_hits(h.root, h.tokens, h.hashes)
+            need = -(-(h.num_tokens + len(tokens)) // bs) - len(restore_hits)
+            if not self._make_room(s, _Need(need, tuple(restore_hits), True)):
                 return None
             try:
                 plan = self.cache.restore(s.session_id, extra_tokens=tokens)
@@ -430,9 +431,8 @@ class SessionScheduler:
             max_cached = len(history) - 1 if self.config.reuse_prefix else 0
             probe = self.cache.probe_prefix(history, tenant=s.tenant, extra_keys=s.extra_keys)
             gpu_hits = probe.gpu_hits[: max_cached // bs]
-            num_cached = self.cache.gpu.pool.count_cached(gpu_hits)
             need = -(-len(history) // bs) - len(gpu_hits)
-            if not self._make_room(s, _Need(need, need + num_cached, True)):
+            if not self._make_room(s, _Need(need, tuple(gpu_hits), True)):
                 return None
             try:
                 plan = self.cache.begin_sequence(
@@ -455,11 +455,10 @@ class SessionScheduler:
             return True
         return self._ready(s, hits)
 
-    def _gpu_hits(self, root: bytes, tokens: np.ndarray, hashes: list[bytes]) -> tuple[int, int]:
-        """(GPU blocks holding a prefix of this chain, how many of them are cached)."""
+    def _gpu_hits(self, root: bytes, tokens: np.ndarray, hashes: list[bytes]) -> list[int]:
+        """The GPU blocks holding the longest cached prefix of this chain."""
         contents = self.cache.gpu.hasher.chain_contents(root, tokens, hashes)
-        hits = self.cache.gpu.pool.match_chain(hashes, contents, len(hashes))
-        return len(hits), self.cache.gpu.pool.count_cached(hits)
+        return self.cache.gpu.pool.match_chain(hashes, contents, len(hashes))
 
     def _ready(self, s: Session, hits: _Hits) -> TurnPlan:
         """Build the plan of a turn whose blocks are all on the GPU (after any restore)."""
@@ -506,9 +505,12 @@ class SessionScheduler:
         self._blocked_by_tenant = False
 
         def short() -> tuple[int, bool, bool]:
-            blocks = need.blocks - pool.num_available
+            num_cached_hits = pool.count_cached(need.hits)
+            # cached hits are counted as available but will be taken, not reused
+            blocks = need.blocks - (pool.num_available - num_cached_hits)
             if not immediate:
-                blocks = max(blocks, pool.num_in_use + need.growth - self._block_limit)
+                growth = need.blocks + num_cached_hits
+                blocks = max(blocks, pool.num_in_use + growth - self._block_limit)
             slot = need.slot and self._pinned >= self.config.max_pinned_sessions
             tenant_slot = (
                 need.slot

@@ -331,3 +331,29 @@ def test_an_offloaded_session_asking_for_room_is_not_dropped_to_make_host_room()
         plan = next(e.plan for e in sched.poll() if isinstance(e, TurnReady))
     assert plan.compute_start == 12 and plan.num_tokens == 13
     sched.check_invariants()
+
+
+def test_admission_watermark_counts_hits_that_eviction_turns_cached() -> None:
+    """Regression (found by the thorough state-machine run): a newcomer's prefix hits are
+    in use by an idle session when admission is planned; evicting that session for the pin
+    slot turns them cached, so taking them back grows the in-use count beyond the new
+    blocks. Here write-through copies in flight hold 3 GPU blocks, so the old plan (growth
+    counted before the eviction) admitted to 8 blocks in use over a limit of 7."""
+    sched, clock = make_scheduler(num_gpu=8, num_host=3, max_pinned_sessions=1, high_watermark=0.9)
+    limit = int(0.9 * 8)
+    for sid, tokens in (("s0", [0]), ("s1", [0, 0, 0, 0, 0])):
+        sched.open_session(sid)
+        run_turn(sched, sched.begin_turn(sid, tokens))
+        sched.close_session(sid)  # written through to the host: copy in flight (clock stopped)
+    assert sched.cache.num_pending == 2 and sched.cache.gpu.pool.num_in_use == 3
+    shared = list(range(12))
+    sched.open_session("s4")
+    run_turn(sched, sched.begin_turn("s4", [*shared, 0]))  # idle, 4 blocks: 7 in use
+    sched.open_session("s5")
+    plan = sched.begin_turn("s5", [*shared, 0, 0, 0, 0, 0])  # 3 shared hits + 2 new blocks
+    if plan is None:
+        clock.now += 1
+        plan = next(e.plan for e in sched.poll() if isinstance(e, TurnReady))
+    assert sched.cache.gpu.pool.num_in_use <= limit
+    assert plan.num_tokens == 17
+    sched.check_invariants()
