@@ -6,7 +6,8 @@ runs them one at a time, in order (one response in flight per connection). Bad i
 `previous_response_id` this connection does not know) gets an `error` event and the
 connection stays usable. The model runs on the engine thread, so the event loop keeps
 answering pings during a long prefill. After `max_connection_age_s` the connection
-finishes its in-flight response, sends `websocket_connection_limit_reached` and closes.
+finishes its in-flight response, answers every request it will not run (queued, or
+arriving meanwhile) with `websocket_connection_limit_reached`, and closes.
 
 `previous_response_id` resolves only against this connection's own responses (state is
 connection-local, as in the API's `store=false` mode); a reconnecting client re-sends
@@ -106,7 +107,8 @@ class ResponsesSocket:
                     )
                 )
                 continue
-            if self._closing:
+            if self._closing:  # past the age limit: answer it, do not run it
+                await self._send_error(self._limit_error())
                 continue
             await self._requests.put(req)
 
@@ -192,19 +194,23 @@ class ResponsesSocket:
                 self._responses.popitem(last=False)
 
     # ------------------------------------------------------------------ age limit
+    def _limit_error(self) -> ProtocolError:
+        return ProtocolError(
+            f"connection reached its maximum age of {self.config.max_connection_age_s:g} s; "
+            "open a new connection and re-send the full conversation",
+            code="websocket_connection_limit_reached",
+        )
+
     async def _age_limit(self) -> None:
         await asyncio.sleep(self.config.max_connection_age_s)
         self._closing = True
-        # let the in-flight response finish; drop the queued ones
+        # let the in-flight response finish; every queued request gets its own answer
+        dropped = 0
         while not self._requests.empty():
             self._requests.get_nowait()
+            dropped += 1
         await self._idle.wait()
-        await self._send_error(
-            ProtocolError(
-                f"connection reached its maximum age of {self.config.max_connection_age_s:g} s; "
-                "open a new connection and re-send the full conversation",
-                code="websocket_connection_limit_reached",
-            )
-        )
+        for _ in range(max(dropped, 1)):
+            await self._send_error(self._limit_error())
         with contextlib.suppress(Exception):
             await self.ws.close(CLOSE_NORMAL)

@@ -141,12 +141,15 @@ def test_connection_age_limit_finishes_the_response_then_closes() -> None:
         opened = time.monotonic()
         time.sleep(0.3)
         create(ws, input="a response spanning the deadline", max_output_tokens=6)
+        create(ws, input="queued behind it", max_output_tokens=2)
+        create(ws, input="queued too", max_output_tokens=2)
         got = read_response(events(ws))
         assert got[-1]["type"] in DONE
         assert time.monotonic() - opened > 0.6  # it ran past the deadline, uncut
-        limit = json.loads(ws.recv(timeout=10))
-        assert limit["type"] == "error"
-        assert limit["error"]["code"] == "websocket_connection_limit_reached"
+        for _ in range(2):  # each queued request is answered, not silently dropped
+            limit = json.loads(ws.recv(timeout=10))
+            assert limit["type"] == "error"
+            assert limit["error"]["code"] == "websocket_connection_limit_reached"
         with pytest.raises(ConnectionClosed):
             ws.recv(timeout=10)
     time.sleep(0.1)
