@@ -430,8 +430,6 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     info = env_info(device)
     print("env: " + ", ".join(f"{k}={v}" for k, v in info.items()))
-    if device.type == "cpu":
-        torch.set_num_threads(max(1, torch.get_num_threads()))
     start = time.perf_counter()
     result = gpu_mode(args) if device.type == "cuda" else cpu_mode(args)
     result["env"] = info

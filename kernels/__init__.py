@@ -2,7 +2,8 @@
 
 Triton kernels with pure-torch references of the same signatures. Each public op takes
 `backend="auto" | "triton" | "torch"`: "auto" runs the Triton kernel on CUDA tensors
-and the reference on CPU tensors. The package imports without Triton (the references
+and torch on CPU tensors (the reference; for `paged_prefill` a fused-SDPA path tested
+against it, see `kernels.cpu_attention`). The package imports without Triton (the references
 still work); the kernel modules (`*_kernel.py`) are imported on first Triton use.
 
 KV storage is one block-major tensor `kv: [num_blocks, num_layers, 2, block_size,

@@ -89,12 +89,6 @@ class BlockPool:
         self._check_id(block_id)
         return self._key[block_id]
 
-    def is_cached(self, block_id: int) -> bool:
-        """Whether a block is refcount 0 and findable (on the LRU)."""
-        self._check_id(block_id)
-        return block_id in self._lru
-
-    # ------------------------------------------------------------------ allocate / free
     def can_allocate(self, num: int) -> bool:
         """Whether `allocate(num)` would succeed. Changes nothing."""
         return 0 <= num <= self.num_available
@@ -280,10 +274,6 @@ class BlockPool:
         if block_id is None or self._content[block_id] != content:
             return None
         return block_id
-
-    def has_key(self, key: BlockKey) -> bool:
-        """Whether some block is indexed under `key` (whatever its content)."""
-        return key in self._index
 
     def match_chain(
         self, keys: Sequence[BlockKey], contents: Sequence[bytes], limit: int

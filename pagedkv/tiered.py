@@ -149,20 +149,16 @@ class TieredKVCache:
     def cached_prefix(
         self, tokens: TokenInput, *, tenant: str = "default", extra_keys: bytes = b""
     ) -> tuple[int, int]:
-        """(GPU tokens, host tokens) of a prompt's longest cached prefix. Changes nothing."""
-        gpu_ids = self.gpu.match_prefix(tokens, tenant=tenant, extra_keys=extra_keys)
-        if self.host is None:
-            return len(gpu_ids) * self.block_size, 0
-        hasher = self.gpu.hasher
-        arr = as_token_array(tokens)
-        hashes, contents = hasher.hash_chain(
-            hasher.root(tenant, extra_keys), arr, with_content=True
-        )
-        k1 = len(gpu_ids)
+        """(GPU tokens, host tokens) of a prompt's longest cached prefix: the GPU hits,
+        then the host blocks that continue the chain. Changes nothing."""
+        probe = self.probe_prefix(tokens, tenant=tenant, extra_keys=extra_keys)
+        k1 = len(probe.gpu_hits)
         k2 = 0
-        match = self.host.pool.match
-        while k1 + k2 < len(hashes) and match(hashes[k1 + k2], contents[k1 + k2]) is not None:
-            k2 += 1
+        if self.host is not None:
+            rest = self.host.pool.match_chain(
+                probe.hashes[k1:], probe.contents[k1:], len(probe.hashes)
+            )
+            k2 = len(rest)
         return k1 * self.block_size, k2 * self.block_size
 
     def probe_prefix(

@@ -45,7 +45,6 @@ class TransferHandle:
     error: BaseException | None = None
     _poll: Callable[[], bool] = field(default=lambda: True, repr=False)
     _wait: Callable[[], None] = field(default=lambda: None, repr=False)
-    _stream_wait: Callable[[object], None] = field(default=lambda stream: None, repr=False)
 
     @property
     def num_blocks(self) -> int:
@@ -62,11 +61,6 @@ class TransferHandle:
             RuntimeError: a simulated handle cannot be waited on (advance the clock).
         """
         self._wait()
-
-    def make_stream_wait(self, stream: object) -> None:
-        """Make a CUDA stream wait for these copies without blocking the host (no-op
-        for CPU and simulated handles)."""
-        self._stream_wait(stream)
 
 
 class TransferEngine(ABC):
@@ -161,7 +155,6 @@ class CopyTransferEngine(TransferEngine):
             finished.record(self._stream)
         handle._poll = finished.query
         handle._wait = finished.synchronize
-        handle._stream_wait = lambda stream: stream.wait_event(finished)  # type: ignore[attr-defined]
         return handle
 
 
@@ -256,5 +249,4 @@ class FaultInjectingEngine(TransferEngine):
             error=inner.error,
             _poll=inner.done,
             _wait=inner.wait,
-            _stream_wait=inner._stream_wait,
         )

@@ -75,10 +75,9 @@ class IdleSessions:
         return None
 
 
-def choose_action(
-    *, num_blocks: int, host_room: bool, offload_enabled: bool, cost: CostModel
-) -> Action:
-    """Offload when the host tier has room and restoring beats recomputing; else drop."""
-    if offload_enabled and host_room and cost.restore_is_cheaper(num_blocks):
+def choose_action(*, num_blocks: int, offload_enabled: bool, cost: CostModel) -> Action:
+    """Offload when restoring beats recomputing; else drop (the caller then checks that
+    the host tier has, or can make, room)."""
+    if offload_enabled and cost.restore_is_cheaper(num_blocks):
         return "offload"
     return "drop"

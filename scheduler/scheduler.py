@@ -563,7 +563,6 @@ class SessionScheduler:
             and self.cache.host is not None
             and choose_action(
                 num_blocks=num_blocks,
-                host_room=True,
                 offload_enabled=self.config.offload_idle,
                 cost=self.cost,
             )

@@ -241,3 +241,18 @@ def test_collision_breaks_the_chain_so_descendants_are_never_served() -> None:
     m.mark_computed("attacker2")
     assert m.table("attacker2").broken_at == 0
     m.check_invariants(deep=False)
+
+
+def test_touch_moves_a_cached_block_to_the_recent_end_of_the_lru() -> None:
+    p = BlockPool(4)
+    ids = p.allocate(4)
+    for i, b in enumerate(ids):
+        p.register(b, bytes([i]))
+    p.release(ids)  # LRU order: 0, 1, 2, 3 (0 is reclaimed first)
+    p.touch([0, 2])  # used again: now 1, 3, 0, 2
+    assert p.evict(2) == [1, 3]
+    p.touch([0])  # in-use or free blocks are ignored, cached ones move
+    assert p.evict(2) == [2, 0]
+    with pytest.raises(ValueError, match="out of range"):
+        p.touch([7])
+    p.check_invariants()
