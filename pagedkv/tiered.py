@@ -80,6 +80,14 @@ class TransferResult:
     valid_tokens: int
 
 
+@dataclass(frozen=True, slots=True)
+class Backup:
+    """The id under which a `TieredKVCache.backup` copy of `seq_id` is in flight (and
+    under which its `TransferResult` is reported): `is_pending(Backup(seq_id))`."""
+
+    seq_id: SeqId
+
+
 @dataclass(eq=False)
 class _Pending:
     seq_id: SeqId
@@ -87,6 +95,7 @@ class _Pending:
     positions: list[int]  # table block index of each copied pair
     valid_end: int  # tokens of the destination table the copy makes valid (if all moved)
     held_host: list[int] = field(default_factory=list)  # host refs held for the copy
+    held_gpu: list[int] = field(default_factory=list)  # GPU source refs held by a backup
     cancelled: bool = False
     free_after: bool = False
 
@@ -275,6 +284,61 @@ class TieredKVCache:
             pending, [g.block_ids[i] for i in positions], [h.block_ids[i] for i in positions]
         )
 
+    def backup(self, seq_id: SeqId) -> TransferHandle | None:
+        """Start copying a GPU sequence's computed full blocks that the host tier lacks
+        to the host, leaving the sequence on the GPU and usable (write-back ahead of
+        need). Once the copy completes the blocks are findable on the host as cached,
+        reclaimable blocks (a backup never holds host memory against other work), so a
+        later `offload` of the sequence copies only what changed since, and a sequence
+        whose GPU blocks were reclaimed is restored from the host instead of recomputed.
+
+        The copy is tracked as `Backup(seq_id)` (`is_pending`, `wait`, `cancel`, and the
+        `TransferResult` from `poll`); it holds references on its GPU source blocks, so
+        the sequence may grow, be offloaded or be freed meanwhile. Returns the handle, or
+        None when the host already holds every such block.
+
+        Raises:
+            ValueError: no host tier, the sequence is not on the GPU (or has a copy in
+                flight), or a backup of it is already in flight.
+            OutOfBlocksError: the host tier lacks room; nothing changed.
+        """
+        host, _engine = self._need_host()
+        self._check_idle_on_gpu(seq_id, "backup")
+        key = Backup(seq_id)
+        if key in self._pending:
+            raise ValueError(f"backup {seq_id!r}: a backup of it is already in flight")
+        g = self.gpu.table(seq_id)
+        bs = self.block_size
+        # only full blocks that were computed and indexed on the GPU (never past a
+        # collision break, where the chain is not cacheable)
+        num_full = min(g.num_computed_tokens // bs, len(g.hashes))
+        if g.broken_at is not None:
+            num_full = min(num_full, g.broken_at)
+        if num_full == 0:
+            return None
+        host.add_sequence(key, tenant=g.tenant, root=g.root)
+        try:
+            r = host.append_tokens(key, g.tokens[: num_full * bs], known_hashes=g.hashes[:num_full])
+        except BaseException:
+            host.free_sequence(key)
+            raise
+        k = len(r.hit_block_ids)  # already on the host: nothing to copy
+        if k == num_full:
+            host.free_sequence(key)
+            return None
+        h = host.table(key)
+        positions = list(range(k, num_full))
+        src = [g.block_ids[i] for i in positions]
+        self.gpu.pool.acquire(src)
+        pending = _Pending(
+            key,
+            TransferHandle("offload", [], []),
+            positions,
+            valid_end=num_full * bs,
+            held_gpu=src,
+        )
+        return self._submit(pending, src, [h.block_ids[i] for i in positions])
+
     def restore(self, seq_id: SeqId, extra_tokens: TokenInput | None = None) -> PrefixPlan:
         """Start bringing an offloaded sequence back into (new) GPU blocks.
 
@@ -388,6 +452,8 @@ class TieredKVCache:
             assert self.host is not None
             if p.held_host:
                 self.host.pool.release(p.held_host[::-1])
+            if p.held_gpu:
+                self.gpu.pool.release(p.held_gpu[::-1])
             if p.handle.direction == "offload":
                 self.host.free_sequence(p.seq_id)
             else:
@@ -422,7 +488,15 @@ class TieredKVCache:
         failed = sorted(p.positions[i] for i in failed_pairs)
         bs = self.block_size
         assert self.host is not None
-        if p.handle.direction == "offload":
+        if p.held_gpu:
+            self.gpu.pool.release(p.held_gpu[::-1])
+        if isinstance(p.seq_id, Backup):
+            h = self.host.table(p.seq_id)
+            # the good prefix becomes findable on the host; the backup table holds nothing
+            self.host.mark_computed(p.seq_id, min(failed[0] * bs, h.num_tokens) if failed else None)
+            self.host.free_sequence(p.seq_id)
+            valid = h.num_tokens if not failed else failed[0] * bs
+        elif p.handle.direction == "offload":
             h = self.host.table(p.seq_id)
             if not failed:
                 self.host.mark_computed(p.seq_id)
@@ -461,13 +535,16 @@ class TieredKVCache:
         Raises:
             InvariantError: with the numbers that disagree.
         """
-        self.gpu.check_invariants(deep=deep)
-        if self.host is None:
-            return
+        held_gpu: dict[int, int] = {}
         held: dict[int, int] = {}
         for p in self._pending.values():
+            for block_id in p.held_gpu:
+                held_gpu[block_id] = held_gpu.get(block_id, 0) + 1
             for block_id in p.held_host:
                 held[block_id] = held.get(block_id, 0) + 1
+        self.gpu.check_invariants(deep=deep, extra_holders=held_gpu)
+        if self.host is None:
+            return
         self.host.check_invariants(deep=deep, extra_holders=held)
         both = set(self.gpu.sequences()) & set(self.host.sequences())
         stray = both - set(self._pending)
@@ -491,6 +568,7 @@ class TieredKVCache:
 
 
 __all__ = [
+    "Backup",
     "Location",
     "OutOfBlocksError",
     "PrefixPlan",

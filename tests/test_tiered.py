@@ -254,3 +254,98 @@ def test_pool_larger_than_its_store_is_refused() -> None:
         TieredKVCache(
             BlockManager(BlockPool(8), hasher), BlockManager(BlockPool(4), hasher), engine
         )
+
+
+def test_backup_keeps_the_sequence_on_gpu_and_makes_offload_copy_only_the_tail() -> None:
+    from pagedkv.tiered import Backup
+
+    cache, gpu, _host = make_cache(num_gpu=12, num_host=12)
+    gen = torch.Generator().manual_seed(7)
+    cache.begin_sequence("a", list(range(14)))  # 3 full blocks + 2 tokens
+    compute(cache, gpu, "a", gen)
+    kv = read_tokens(gpu, cache.gpu.table("a").block_ids, 14)
+    h = cache.backup("a")
+    assert h is not None and h.num_blocks == 3  # the partial last block is not backed up
+    assert cache.location("a") == "gpu" and cache.is_pending(Backup("a"))
+    with pytest.raises(ValueError, match="already in flight"):
+        cache.backup("a")
+    (r,) = cache.poll()
+    assert r.seq_id == Backup("a") and r.ok and r.valid_tokens == 12
+    assert cache.host.pool.num_in_use == 0 and cache.host.pool.num_cached == 3
+    assert cache.backup("a") is None  # nothing new to copy
+    # the session grew by a turn; an offload now copies only the blocks not backed up
+    cache.gpu.append_tokens("a", [90, 91, 92])
+    compute(cache, gpu, "a", gen)
+    kv = read_tokens(gpu, cache.gpu.table("a").block_ids, 17)
+    cache.offload("a")
+    (r,) = cache.wait_all()
+    assert r.ok and r.num_blocks_copied == 2
+    cache.gpu.pool.evict(cache.gpu.pool.num_cached)
+    gpu.kv.fill_(float("nan"))
+    cache.restore("a")
+    cache.wait("a")
+    t = cache.gpu.table("a")
+    assert torch.equal(read_tokens(gpu, t.block_ids, 17).view(torch.int32), kv.view(torch.int32))
+    cache.check_invariants()
+
+
+def test_backup_source_blocks_survive_a_free_and_a_failed_copy_keeps_the_good_prefix() -> None:
+    from tier_helpers import DeferredCopyEngine
+
+    from pagedkv.tiered import Backup
+
+    now = [0.0]
+    cache, gpu, host = make_cache(num_gpu=6, num_host=8)
+    cache.engine = DeferredCopyEngine(gpu, host, lambda: now[0], delay=1.0)
+    gen = torch.Generator().manual_seed(8)
+    tokens = list(range(16))
+    cache.begin_sequence("a", tokens)
+    compute(cache, gpu, "a", gen)
+    kv = read_tokens(gpu, cache.gpu.table("a").block_ids, 16)
+    cache.backup("a")
+    cache.free("a")  # the session goes away while its backup is in flight
+    assert cache.location("a") is None and cache.gpu.pool.num_in_use == 4  # held by the copy
+    with pytest.raises(OutOfBlocksError):
+        cache.gpu.pool.allocate(3)  # the sources cannot be reused before the copy is done
+    cache.check_invariants()
+    now[0] = 2.0
+    (r,) = cache.poll()
+    assert r.ok and cache.gpu.pool.num_in_use == 0 and cache.host.pool.num_in_use == 0
+    cache.gpu.pool.evict(cache.gpu.pool.num_cached)
+    gpu.kv.fill_(float("nan"))
+    plan = cache.begin_sequence("b", [*tokens, 1])
+    assert plan.num_host_cached_tokens == 16
+    cache.wait("b")
+    assert torch.equal(read_tokens(gpu, cache.gpu.table("b").block_ids, 16), kv)
+    cache.free("b")
+    # a failing copy: only the good prefix becomes findable, and nothing leaks
+    cache2, gpu2, _host2 = make_cache(
+        num_gpu=8, num_host=8, wrap=FaultInjectingEngine,
+        fail=lambda d, s, t: d == "offload" and t == 2,
+    )  # fmt: skip
+    cache2.begin_sequence("c", tokens)
+    compute(cache2, gpu2, "c", gen)
+    cache2.backup("c")
+    (r,) = cache2.wait_all()
+    assert r.seq_id == Backup("c") and not r.ok and r.failed_blocks == [2]
+    assert r.valid_tokens == 8 and cache2.host.num_cached_tokens(tokens) == 8
+    assert cache2.location("c") == "gpu" and cache2.host.pool.num_in_use == 0
+    cache2.check_invariants()
+
+
+def test_backup_bad_calls_change_nothing() -> None:
+    cache, gpu, _host = make_cache(num_gpu=8, num_host=2)
+    with pytest.raises(ValueError, match="expected a sequence on the GPU"):
+        cache.backup("nobody")
+    cache.begin_sequence("a", list(range(13)))
+    assert cache.backup("a") is None  # nothing computed yet: nothing to back up
+    compute(cache, gpu, "a", torch.Generator().manual_seed(9))
+    with pytest.raises(OutOfBlocksError):
+        cache.backup("a")  # 3 full blocks, 2 host blocks
+    assert cache.location("a") == "gpu" and len(cache.host) == 0
+    assert cache.host.pool.num_in_use == 0
+    cache.check_invariants()
+    no_host, _g, _h = make_cache(num_gpu=4, num_host=4)
+    no_host.host = None
+    with pytest.raises(ValueError, match="no host tier"):
+        no_host.backup("a")

@@ -26,7 +26,7 @@ from tier_helpers import (
 )
 
 from pagedkv.errors import OutOfBlocksError
-from pagedkv.tiered import TransferResult
+from pagedkv.tiered import Backup, TransferResult
 
 BS = SPEC.block_size
 TENANTS = ("t0", "t1")
@@ -165,6 +165,25 @@ class TieredMachine(RuleBasedStateMachine):
                 self._settle([r])
 
     @rule(data=st.data(), wait=st.booleans())
+    def backup(self, data: st.DataObject, wait: bool) -> None:
+        """Write a GPU sequence's full blocks back to the host while it stays usable."""
+        seqs = [s for s in self._seqs_at("gpu") if not self.cache.is_pending(Backup(s))]
+        if not seqs:
+            return
+        seq = data.draw(st.sampled_from(seqs))
+        before = (self.cache.host.pool.num_available, len(self.cache.host))
+        try:
+            handle = self.cache.backup(seq)
+        except OutOfBlocksError:
+            assert (self.cache.host.pool.num_available, len(self.cache.host)) == before
+            return
+        assert self.cache.location(seq) == "gpu"
+        if handle is not None and wait:
+            r = self.cache.wait(Backup(seq))
+            assert r is not None and r.seq_id == Backup(seq)
+            self._settle([r])
+
+    @rule(data=st.data(), wait=st.booleans())
     def restore(self, data: st.DataObject, wait: bool) -> None:
         seqs = self._seqs_at("host")
         if not seqs:
@@ -223,6 +242,7 @@ class TieredMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def cancel(self, data: st.DataObject) -> None:
         seqs = [s for s in self.model if self.cache.is_pending(s)]
+        seqs += [Backup(s) for s in range(self.next_id) if self.cache.is_pending(Backup(s))]
         if seqs:
             self.cache.cancel(data.draw(st.sampled_from(seqs)))
 
