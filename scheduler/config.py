@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import Literal
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -26,9 +27,18 @@ class SchedulerConfig:
         reuse_prefix: look up cached prefixes at all (False models a stateless server).
         offload_idle: make room by offloading idle sessions to the host when that beats
             recomputing them (False: always drop).
+        backup_idle: with a host tier, copy a session's new full blocks to the host when
+            its turn ends, while it stays pinned (write-back ahead of need): making room
+            then releases its GPU blocks at once instead of waiting for an offload copy,
+            and its prefix stays findable on the host. Costs host-link bandwidth (each
+            block is copied once) and reclaimable host memory.
         offload_on_close: with a host tier, write a closed IDLE session's blocks through
             to the host (when it has room), so a client that reconnects after the GPU
             reclaimed them still finds its prefix; `close_session(offload=...)` overrides.
+        victim_order: which idle session makes room first (after priority and tenant
+            caps): "predicted" = the one most likely to stay idle a while longer, from
+            the idle gaps observed so far (`IdleGapModel`; least recently used until enough are
+            seen, and on ties), or "lru" = least recently used.
         tenant_max_pinned: optional per-tenant caps on pinned sessions.
     """
 
@@ -42,6 +52,8 @@ class SchedulerConfig:
     reuse_prefix: bool = True
     offload_idle: bool = True
     offload_on_close: bool = True
+    backup_idle: bool = False
+    victim_order: Literal["predicted", "lru"] = "predicted"
     tenant_max_pinned: Mapping[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -55,6 +67,7 @@ class SchedulerConfig:
             "reuse_prefix",
             "offload_idle",
             "offload_on_close",
+            "backup_idle",
         ):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
@@ -62,6 +75,10 @@ class SchedulerConfig:
         object.__setattr__(
             self, "tenant_max_pinned", MappingProxyType(dict(self.tenant_max_pinned))
         )
+        if self.victim_order not in ("predicted", "lru"):
+            raise ValueError(
+                f"victim_order must be 'predicted' or 'lru', got {self.victim_order!r}"
+            )
         if self.max_pinned_sessions < 1:
             raise ValueError(f"max_pinned_sessions must be >= 1, got {self.max_pinned_sessions}")
         if not 0.0 < self.high_watermark <= 1.0:

@@ -16,10 +16,11 @@ class SchedulerMetrics:
     tokens_hit_gpu: int = 0  # served by the GPU hash cache
     tokens_hit_host: int = 0  # served by the host tier (restored)
     tokens_computed: int = 0  # prefilled
-    blocks_offloaded: int = 0
+    blocks_offloaded: int = 0  # copied GPU -> host (backups included)
+    blocks_backed_up: int = 0  # of which by backups of pinned sessions
     blocks_restored: int = 0
     blocks_dropped: int = 0
-    bytes_offloaded: int = 0
+    bytes_offloaded: int = 0  # backups included
     bytes_restored: int = 0
     sessions_offloaded: int = 0
     sessions_dropped: int = 0

@@ -18,12 +18,12 @@ import numpy as np
 
 from pagedkv.errors import OutOfBlocksError
 from pagedkv.hashing import TokenInput, as_token_array
-from pagedkv.tiered import TieredKVCache, TransferResult
+from pagedkv.tiered import Backup, TieredKVCache, TransferResult
 from scheduler.config import SchedulerConfig
 from scheduler.cost import CostModel
 from scheduler.errors import OverCapacityError, SessionError
 from scheduler.events import Event, TurnPlan, TurnReady, TurnRefused
-from scheduler.eviction import IdleSessions, choose_action
+from scheduler.eviction import IdleGapModel, IdleSessions, choose_action
 from scheduler.metrics import SchedulerMetrics
 from scheduler.session import Session, SessionState
 
@@ -78,6 +78,7 @@ class SessionScheduler:
         self._sessions: dict[object, Session] = {}
         self._queues: dict[int, OrderedDict[object, Session]] = {}
         self._idle = IdleSessions()
+        self.idle_gaps = IdleGapModel()  # learned from every turn that follows an idle gap
         self._offloaded: OrderedDict[object, Session] = OrderedDict()  # host-pinned, LRU
         self._waiting: dict[object, _Hits] = {}  # ACTIVE, restore copy in flight
         self._releasing: dict[object, int] = {}  # offloading: GPU blocks freed on completion
@@ -216,6 +217,8 @@ class SessionScheduler:
             )  # fmt: skip
         if self.num_queued >= self.config.max_queue and self._queues_ahead(s):
             raise self._refuse(s, "queue_full", f"{self.num_queued} turns already waiting")
+        if s.num_turns and s.state != S.NEW:
+            self.idle_gaps.observe(max(0.0, self.clock() - s.last_active))
         s.pending_tokens = tokens
         if not self._queues_ahead(s):
             started = self._try_start(s)
@@ -282,6 +285,7 @@ class SessionScheduler:
         if self.config.pin_sessions:
             s.state = S.IDLE
             self._idle.add(s)
+            self._backup(s)
             self._enforce_cap()
         else:
             self._unpin(s)
@@ -534,6 +538,7 @@ class SessionScheduler:
                 # at its tenant's cap, a session makes room from its own tenant only
                 tenant=s.tenant if tenant_slot else None,
                 over_cap=over_cap,
+                score=self._victim_score(),
             )
             if victim is None:
                 self._blocked_by_tenant = tenant_slot
@@ -546,11 +551,19 @@ class SessionScheduler:
         cap = self.config.max_pinned_sessions
         while self._pinned > cap:
             victim = self._idle.pick_victim(
-                max_priority=math.inf, exclude=None, tenant=None, over_cap={}
-            )
+                max_priority=math.inf, exclude=None, tenant=None, over_cap={},
+                score=self._victim_score(),
+            )  # fmt: skip
             if victim is None:
                 return
             self._evict(victim)
+
+    def _victim_score(self) -> Callable[[Session], float | None] | None:
+        """How `pick_victim` ranks idle sessions: the chance each stays idle a while."""
+        if self.config.victim_order == "lru":
+            return None
+        now, stays_idle = self.clock(), self.idle_gaps.stays_idle
+        return lambda v: stays_idle(now - v.last_active)
 
     def _evict(self, s: Session, *, allow_offload: bool = True, protect: object = None) -> None:
         """Take an IDLE session off the GPU: offload it (when the cost model prefers a
@@ -612,6 +625,18 @@ class SessionScheduler:
             self._offload_done(s)
         else:
             self._releasing[s.session_id] = exclusive
+
+    def _backup(self, s: Session) -> None:
+        """Write an IDLE session's new full blocks back to the host (`backup_idle`). Best
+        effort: with no host room, or a backup still in flight, it is skipped."""
+        if (
+            not self.config.backup_idle
+            or self.cache.host is None
+            or self.cache.is_pending(Backup(s.session_id))
+        ):
+            return
+        with contextlib.suppress(OutOfBlocksError, RuntimeError, ValueError):
+            self.cache.backup(s.session_id)
 
     def _offload_done(self, s: Session) -> None:
         self.metrics.sessions_offloaded += 1
@@ -681,6 +706,9 @@ class SessionScheduler:
         if r.direction == "offload":
             self.metrics.blocks_offloaded += r.num_blocks_copied
             self.metrics.bytes_offloaded += moved_bytes
+            if isinstance(r.seq_id, Backup):
+                self.metrics.blocks_backed_up += r.num_blocks_copied
+                return  # the session itself is unaffected
             if s is None:
                 return  # closed meanwhile: the cache released everything
             self._releasing.pop(s.session_id, None)

@@ -109,6 +109,7 @@ class Policy:
         offload_idle: offload (rather than drop) idle pinned sessions under pressure.
         capped: apply `SimSettings.max_pinned_sessions` (else only memory limits).
         idle_ttl: apply `SimSettings.idle_ttl_s` (proactive idle offload).
+        backup_idle: write idle pinned sessions' new blocks back to the host at turn end.
         infinite_gpu: a GPU pool big enough never to evict (the ideal).
     """
 
@@ -121,6 +122,7 @@ class Policy:
     offload_idle: bool = True
     capped: bool = False
     idle_ttl: bool = False
+    backup_idle: bool = False
     infinite_gpu: bool = False
 
 
@@ -145,12 +147,13 @@ POLICIES: dict[str, Policy] = {
         ),
         Policy(
             name="ours",
-            summary="pinned sessions, admission cap, cost-aware idle offload, "
-            "hash fallback on reconnect",
+            summary="pinned sessions, admission cap, write-back and cost-aware idle "
+            "offload, hash fallback on reconnect",
             pin_sessions=True,
             host_tier=True,
             capped=True,
             idle_ttl=True,
+            backup_idle=True,
         ),
         Policy(
             name="pinned",
@@ -233,6 +236,7 @@ def scheduler_config(policy: Policy, settings: SimSettings) -> SchedulerConfig:
         offload_on_release=policy.offload_on_release,
         reuse_prefix=policy.reuse_prefix,
         offload_idle=policy.offload_idle,
+        backup_idle=policy.backup_idle and policy.host_tier,
     )
 
 
