@@ -298,10 +298,10 @@ class SessionScheduler:
         """Close a session in any state; everything it held is released (its full blocks
         stay in the hash caches). Safe while a turn runs or a copy is in flight.
 
-        With a host tier, an IDLE session's blocks are first written through to the host
-        when `offload` (default: `config.offload_on_close`) and the host has room: a
-        dropped connection that comes back after the GPU reclaimed them is then served
-        from the host instead of recomputing. Pass `offload=False` when the client is
+        With a host tier, an IDLE session's full blocks are first written through to the
+        host (a `backup`) when `offload` (default: `config.offload_on_close`) and the
+        host has room: a dropped connection that comes back after the GPU reclaimed them
+        is then served from the host instead of recomputing. Pass `offload=False` when the client is
         known to be gone for good.
 
         Raises:
@@ -316,17 +316,17 @@ class SessionScheduler:
         self._releasing.pop(session_id, None)
         if s.is_pinned:
             self._unpin(s)
-        host = self.cache.host
         if (
             write_through
             and s.state == S.IDLE
-            and host is not None
-            and host.pool.num_available >= len(self.cache.gpu.table(session_id).block_ids)
+            and self.cache.host is not None
+            and not self.cache.is_pending(Backup(session_id))  # one is on its way already
         ):
-            # the copy completes on its own and the free below waits for it; with no room
-            # after all, or an engine that refuses, the session is just released
+            # only full blocks are findable by hash, so a backup of them is all a later
+            # reconnect can use; the copy holds its sources and completes on its own. With
+            # no host room, or an engine that refuses, the session is just released
             with contextlib.suppress(OutOfBlocksError, RuntimeError, ValueError):
-                self.cache.offload(session_id)
+                self.cache.backup(session_id)
         if self.cache.location(session_id) is not None:
             self.cache.free(session_id)
         s.state = S.CLOSED

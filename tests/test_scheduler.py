@@ -341,10 +341,11 @@ def test_admission_watermark_counts_hits_that_eviction_turns_cached() -> None:
     counted before the eviction) admitted to 8 blocks in use over a limit of 7."""
     sched, clock = make_scheduler(num_gpu=8, num_host=3, max_pinned_sessions=1, high_watermark=0.9)
     limit = int(0.9 * 8)
-    for sid, tokens in (("s0", [0]), ("s1", [0, 0, 0, 0, 0])):
+    for sid, tokens in (("s0", list(range(100, 108))), ("s1", [*range(200, 204), 0])):
         sched.open_session(sid)
         run_turn(sched, sched.begin_turn(sid, tokens))
-        sched.close_session(sid)  # written through to the host: copy in flight (clock stopped)
+        # full blocks written through to the host: copies in flight (clock stopped)
+        sched.close_session(sid)
     assert sched.cache.num_pending == 2 and sched.cache.gpu.pool.num_in_use == 3
     shared = list(range(12))
     sched.open_session("s4")
