@@ -127,6 +127,7 @@ def engine_config_from_args(args: argparse.Namespace, model: Any, **changes: Any
         queue_timeout_s=args.queue_timeout,
         idle_ttl_s=args.idle_ttl,
         reuse_prefix=not getattr(args, "no_prefix_cache", False),
+        backup_idle=True,  # with a host tier: idle sessions' blocks written back early
     )
     fields: dict[str, Any] = dict(
         block_size=args.block_size,

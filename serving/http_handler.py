@@ -18,9 +18,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from serving.engine import Engine
-from serving.protocol import ProtocolError, decode_json, parse_create
+from serving.protocol import CreateRequest, ProtocolError, decode_json, parse_create
 from serving.response_events import new_id
-from serving.response_run import ResponseRun, ServerConfig
+from serving.response_run import ResponseRun, ServerConfig, off_loop
 
 
 def error_response(err: ProtocolError) -> JSONResponse:
@@ -29,6 +29,10 @@ def error_response(err: ProtocolError) -> JSONResponse:
 
 def _sse(event: dict[str, Any]) -> str:
     return f"event: {event['type']}\ndata: {json.dumps(event, ensure_ascii=False)}\n\n"
+
+
+def _parse_body(body: bytes) -> CreateRequest:
+    return parse_create(decode_json(body, "body"), websocket=False)
 
 
 async def create_response(request: Request, engine: Engine, config: ServerConfig) -> Response:
@@ -50,8 +54,7 @@ async def create_response(request: Request, engine: Engine, config: ServerConfig
                 code="message_too_large",
                 status=413,
             )
-        payload = decode_json(body, "body")
-        req = parse_create(payload, websocket=False)
+        req = await off_loop(len(body), _parse_body, body)
         if req.previous_response_id is not None:
             raise ProtocolError(
                 "this stateless HTTP endpoint keeps no responses; send the full conversation "
@@ -60,7 +63,10 @@ async def create_response(request: Request, engine: Engine, config: ServerConfig
                 param="previous_response_id",
             )
         session_id = new_id("http")
-        run = ResponseRun(engine, config, req, req.items, session_id=session_id, ephemeral=True)
+        run = await off_loop(
+            len(body), ResponseRun, engine, config, req, req.items,
+            session_id=session_id, ephemeral=True,
+        )  # fmt: skip
     except ProtocolError as err:
         return error_response(err)
 

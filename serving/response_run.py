@@ -10,9 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from serving.conversation import Item, render_prompt
 from serving.engine import Engine
@@ -28,6 +28,21 @@ from serving.engine_types import (
 from serving.generation import OutputSpec
 from serving.protocol import CreateRequest, ProtocolError
 from serving.response_events import ResponseBuilder, new_id
+
+# Messages at least this large are decoded and rendered on a worker thread, so the
+# event loop keeps serving other connections (and WebSocket pings) meanwhile; smaller
+# ones are cheaper to handle inline than to hand off.
+OFF_LOOP_BYTES = 256 * 1024
+
+_T = TypeVar("_T")
+
+
+async def off_loop(size: int, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+    """`fn(*args, **kwargs)`, on a worker thread when the message is `OFF_LOOP_BYTES` or
+    larger (exceptions propagate either way)."""
+    if size < OFF_LOOP_BYTES:
+        return fn(*args, **kwargs)
+    return await asyncio.to_thread(fn, *args, **kwargs)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

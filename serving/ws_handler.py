@@ -29,7 +29,7 @@ from serving.conversation import Item
 from serving.engine import Engine
 from serving.protocol import CreateRequest, ProtocolError, decode_json, parse_create
 from serving.response_events import error_event, new_id
-from serving.response_run import ResponseRun, ServerConfig
+from serving.response_run import ResponseRun, ServerConfig, off_loop
 
 log = logging.getLogger("pagedkv.server")
 
@@ -92,7 +92,7 @@ class ResponsesSocket:
             if data is None:
                 continue
             try:
-                req = self._parse(data)
+                req = await off_loop(len(data), self._parse, data)
             except ProtocolError as err:
                 await self._send_error(err)
                 continue
@@ -175,14 +175,12 @@ class ResponsesSocket:
 
     async def _respond(self, req: CreateRequest) -> None:
         try:
-            run = ResponseRun(
-                self.engine,
-                self.config,
-                req,
-                self._items_for(req),
-                session_id=self.session_id,
-                ephemeral=False,
-            )
+            items = self._items_for(req)
+            # the whole conversation is rendered (it grows every turn): on a worker thread
+            run = await asyncio.to_thread(
+                ResponseRun, self.engine, self.config, req, items,
+                session_id=self.session_id, ephemeral=False,
+            )  # fmt: skip
         except ProtocolError as err:
             await self._send_error(err)
             return

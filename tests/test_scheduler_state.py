@@ -30,6 +30,7 @@ from pagedkv.kv_store import KVStore
 from pagedkv.tiered import TieredKVCache
 from scheduler.config import SchedulerConfig
 from scheduler.errors import OverCapacityError
+from scheduler.eviction import IdleGapModel
 from scheduler.scheduler import SessionScheduler, TurnPlan, TurnReady
 from scheduler.session import SessionState as S
 
@@ -45,8 +46,13 @@ class SchedulerMachine(RuleBasedStateMachine):
         num_host=st.integers(0, 16),
         cap=st.integers(1, 4),
         ttl=st.sampled_from([None, 2.0]),
+        backup=st.booleans(),
+        victim_order=st.sampled_from(["predicted", "lru"]),
     )
-    def setup(self, num_gpu: int, num_host: int, cap: int, ttl: float | None) -> None:
+    def setup(
+        self, num_gpu: int, num_host: int, cap: int, ttl: float | None, backup: bool,
+        victim_order: str,
+    ) -> None:  # fmt: skip
         self.clock = Clock()
         self.gpu = KVStore(SPEC, num_gpu, fill=float("nan"))
         hasher = BlockHasher(block_size=BS, secret=b"m")
@@ -59,8 +65,10 @@ class SchedulerMachine(RuleBasedStateMachine):
             BlockManager(BlockPool(num_gpu, name="gpu"), hasher), host_mgr, self.engine
         )
         config = SchedulerConfig(max_pinned_sessions=cap, max_queue=4, queue_timeout_s=5.0,
-                                 idle_ttl_s=ttl, high_watermark=0.9)  # fmt: skip
+                                 idle_ttl_s=ttl, high_watermark=0.9, backup_idle=backup,
+                                 victim_order=victim_order)  # fmt: skip
         self.sched = SessionScheduler(cache, config, clock=self.clock)
+        self.sched.idle_gaps = IdleGapModel(min_samples=2)  # an opinion after two gaps
         self.limit = int(0.9 * num_gpu)
         self.tokens: dict[int, tuple[int, list[int]]] = {}  # open session -> (tenant, history)
         self.ready: set[int] = set()  # sessions with a turn ready to run

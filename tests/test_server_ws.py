@@ -135,6 +135,31 @@ def test_pings_are_answered_while_the_model_works() -> None:
         assert max(latencies) < 0.25, latencies
 
 
+def test_pings_are_answered_while_a_conversation_renders(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rendering (a long conversation's tokens) runs off the event loop: with the renderer
+    held, the server still answers pings, then completes once it is released."""
+    import threading
+
+    import serving.response_run as response_run
+
+    entered, release = threading.Event(), threading.Event()
+    real_render = response_run.render_prompt
+
+    def slow_render(*args: Any, **kwargs: Any) -> Any:
+        entered.set()
+        assert release.wait(timeout=30.0)
+        return real_render(*args, **kwargs)
+
+    monkeypatch.setattr(response_run, "render_prompt", slow_render)
+    with tiny_server() as (srv, _engine), connect(srv.ws_url) as ws:
+        create(ws, input="a long conversation", max_output_tokens=2)
+        assert entered.wait(timeout=10.0)  # the renderer is running (and held)
+        assert ws.ping().wait(timeout=5.0)  # the event loop is free meanwhile
+        release.set()
+        got = read_response(events(ws))
+        assert got[0]["type"] == "response.created" and got[-1]["type"] in DONE
+
+
 def test_connection_age_limit_finishes_the_response_then_closes() -> None:
     config = ServerConfig(model_name="tiny", max_connection_age_s=0.6)
     with tiny_server(server=config, step_delay_s=0.1) as (srv, _), connect(srv.ws_url) as ws:
