@@ -20,7 +20,9 @@ local servers on the same model:
 TTFT is client-measured (request sent -> first output event), after a warm-up session.
 With `--sessions N` each mode runs N sessions at once (continuous batching shares the
 forward passes) and the table shows per-turn medians. The target: pinned TTFT at the
-last turn within 1.25x of turn 2, while the stateless TTFT grows with the context.
+last turn within 1.25x of turn 2, while the stateless TTFT grows with the context. Next
+to each ratio: the same ratio of prefill FLOPs for the tokens that mode computed (dense
+layers + attention over the context), the floor no cache can beat.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from serving.agent_loop import (
     TurnTiming,
+    flop_growth,
     format_table,
     growth,
     median_by_turn,
@@ -126,7 +129,8 @@ def main() -> int:
     for name, timings in columns.items():
         server = [t.server_ttft_ms for t in timings if t.server_ttft_ms is not None]
         print(
-            f"{name:>20}: TTFT turn {spec.turns} / turn 2 = {growth(timings):5.2f}x, "
+            f"{name:>20}: TTFT turn {spec.turns} / turn 2 = {growth(timings):5.2f}x "
+            f"(prefill FLOPs {flop_growth(cfg, timings):5.2f}x), "
             f"turn {spec.turns} {timings[-1].ttft_ms:9.1f} ms (server-side "
             f"{server[-1] if server else float('nan'):.1f} ms), session wall {wall[name]:.1f} s"
         )

@@ -23,7 +23,10 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from serving.model_config import LlamaConfig
 
 TOOLS: list[dict[str, Any]] = [
     {
@@ -293,6 +296,28 @@ def format_table(columns: dict[str, Sequence[TurnTiming]], *, width: int = 22) -
         )
         lines.append(f"{first.turn:>4} {first.input_tokens:>8} |{cells}")
     return "\n".join(lines)
+
+
+def prefill_flops(cfg: LlamaConfig, new_tokens: int, context: int) -> float:
+    """FLOPs to prefill `new_tokens` after `context` cached ones: 2 per parameter per
+    token (the dense layers), plus attention (QK^T and PV: 4 x layers x query width per
+    new token per key, each new token seeing the context and, on average, half of the
+    new tokens)."""
+    dense = 2.0 * cfg.num_params * new_tokens
+    keys = context + new_tokens / 2.0
+    attention = 4.0 * cfg.num_layers * cfg.num_heads * cfg.head_dim * new_tokens * keys
+    return dense + attention
+
+
+def flop_growth(cfg: LlamaConfig, timings: Sequence[TurnTiming], *, first: int = 2) -> float:
+    """Prefill FLOPs of the last turn over those of turn `first`, for the new tokens each
+    actually computed (prompt less cached): the floor under `growth` for a cache that
+    recomputes nothing, set by attention over the longer context."""
+
+    def flops(t: TurnTiming) -> float:
+        return prefill_flops(cfg, max(t.input_tokens - t.cached_tokens, 1), t.cached_tokens)
+
+    return flops(timings[-1]) / flops(timings[first - 1])
 
 
 def growth(timings: Sequence[TurnTiming], *, first: int = 2) -> float:

@@ -21,7 +21,7 @@ import dataclasses
 import time
 from typing import Any
 
-from serving.agent_loop import AgentLoopSpec, TurnTiming, format_table, growth
+from serving.agent_loop import AgentLoopSpec, TurnTiming, flop_growth, format_table, growth
 from serving.cli_serve import PRESETS, build_model_from_args, engine_config_from_args
 
 
@@ -136,6 +136,11 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"\nTTFT turn {spec.turns} / turn 2: pinned {growth(pinned):.2f}x, "
         f"stateless {growth(stateless):.2f}x   (target for pinned: <= 1.25x)"
+    )
+    print(
+        f"prefill FLOPs turn {spec.turns} / turn 2 of the tokens pinned computed: "
+        f"{flop_growth(cfg, pinned):.2f}x (no cache goes below this: attention over the "
+        "longer context; this small model is attention-heavy)"
     )
     print(
         f"TTFT turn {spec.turns}: pinned {pinned[-1].ttft_ms:.1f} ms vs stateless "

@@ -41,7 +41,30 @@ def test_demo_prints_the_per_turn_table(capsys: pytest.CaptureFixture[str]) -> N
     for row in rows[1:]:  # turn, context | pinned cached, TTFT | stateless cached, TTFT
         context, pinned_cached, stateless_cached = int(row[1]), int(row[3]), int(row[6])
         assert 0 < pinned_cached < context and stateless_cached == 0
-    assert "TTFT turn 4 / turn 2" in out
+    assert "TTFT turn 4 / turn 2" in out and "prefill FLOPs turn 4 / turn 2" in out
+
+
+def test_prefill_flops_count_dense_layers_and_attention_over_the_context() -> None:
+    from serving.agent_loop import TurnTiming, flop_growth, prefill_flops
+    from serving.model_config import LlamaConfig
+
+    cfg = LlamaConfig.demo()
+    width = cfg.num_heads * cfg.head_dim
+    dense = 2.0 * cfg.num_params * 100
+    assert prefill_flops(cfg, 100, 0) == pytest.approx(
+        dense + 4 * cfg.num_layers * width * 100 * 50
+    )
+    assert prefill_flops(cfg, 100, 10_000) - prefill_flops(cfg, 100, 0) == pytest.approx(
+        4 * cfg.num_layers * width * 100 * 10_000
+    )
+
+    def turn(i: int, prompt: int, cached: int) -> TurnTiming:
+        return TurnTiming(i, prompt, cached, 1.0, None, 1.0)
+
+    # the same 500 new tokens after 3k and after 20k cached ones
+    timings = [turn(1, 3000, 0), turn(2, 3500, 3000), turn(3, 20_500, 20_000)]
+    want = prefill_flops(cfg, 500, 20_000) / prefill_flops(cfg, 500, 3000)
+    assert flop_growth(cfg, timings) == pytest.approx(want) and want > 2
 
 
 def test_serve_options_map_to_the_engine_config() -> None:
