@@ -50,13 +50,8 @@ from serving.agent_loop import (
     run_http,
     run_websocket,
 )
-from serving.cli_demo import (
-    add_demo_args,
-    context_bound,
-    serve_and_run,
-    spec_from_args,
-)
-from serving.cli_serve import build_model_from_args, engine_config_from_args
+from serving.cli import UsageError
+from serving.cli_demo import add_demo_args, configure, serve_and_run
 
 
 def environment(args: argparse.Namespace) -> dict[str, Any]:
@@ -88,8 +83,11 @@ def main() -> int:
                    help="add stateless HTTP with the content-hash prefix cache on")  # fmt: skip
     p.add_argument("--json", default=None, help="write every timing to this file")
     args = p.parse_args()
-    spec = spec_from_args(args)
-    model = build_model_from_args(args, min_position=context_bound(spec))
+    try:
+        spec, model, pinned_cfg = configure(args)
+    except UsageError as err:
+        print(f"bench_agent_loop: error: {err}", file=sys.stderr)
+        return 2
     cfg = model.config
     env = environment(args)
     print(
@@ -103,7 +101,6 @@ def main() -> int:
         f"{cfg.num_layers} layers, {cfg.dtype}, random weights; "
         + ", ".join(f"{k} {v}" for k, v in env.items())
     )
-    pinned_cfg = engine_config_from_args(args, model)
     no_cache = dataclasses.replace(
         pinned_cfg, scheduler=dataclasses.replace(pinned_cfg.scheduler, reuse_prefix=False)
     )
@@ -117,13 +114,17 @@ def main() -> int:
     wall: dict[str, float] = {}
     for name, config, run in modes:
         t0 = time.perf_counter()
-        results[name] = serve_and_run(model, config, run, spec, sessions=args.sessions)
+        repeats = args.repeats if run is run_websocket else 1
+        results[name] = []
+        for _ in range(repeats):
+            results[name] += serve_and_run(model, config, run, spec, sessions=args.sessions)
         wall[name] = time.perf_counter() - t0
         print(f"  {name}: {wall[name]:.1f} s")
     columns = {name: median_by_turn(sessions) for name, sessions in results.items()}
     print()
-    if args.sessions > 1:
-        print(f"(medians over {args.sessions} concurrent sessions)")
+    if args.sessions > 1 or args.repeats > 1:
+        print(f"(per-turn medians over {args.sessions} concurrent session(s); the pinned "
+              f"WebSocket mode repeated {args.repeats} times)")  # fmt: skip
     print(format_table(columns))
     print()
     for name, timings in columns.items():

@@ -100,6 +100,10 @@ class TurnTiming:
     total_ms: float
 
 
+class AgentLoopError(RuntimeError):
+    """The server refused or failed a turn of the agent loop (the message says how)."""
+
+
 def synthetic_text(num_tokens: int, rng: random.Random) -> str:
     """Code-like ASCII text of exactly `num_tokens` characters (= byte tokens)."""
     words: list[str] = []
@@ -151,8 +155,12 @@ def _read(events: Any) -> tuple[float | None, Any]:
         elif kind in ("response.completed", "response.incomplete"):
             return t_first, event.response
         elif kind in ("error", "response.failed"):
-            raise RuntimeError(f"agent loop: the server answered {event}")
-    raise RuntimeError("agent loop: the event stream ended early")
+            error = getattr(event, "error", None) or getattr(event, "response", None)
+            error = getattr(error, "error", error)  # response.failed: response.error
+            code, message = getattr(error, "code", None), getattr(error, "message", None)
+            detail = f"{code}: {message}" if message else str(event)
+            raise AgentLoopError(f"agent loop: the server answered {kind} ({detail})")
+    raise AgentLoopError("agent loop: the event stream ended early")
 
 
 def _output_input(call: Any, output: str) -> dict[str, Any]:
@@ -194,23 +202,29 @@ def run_websocket(base_url: str, spec: AgentLoopSpec, session: int = 0) -> list[
 
 def run_http(base_url: str, spec: AgentLoopSpec, session: int = 0) -> list[TurnTiming]:
     """The session over stateless HTTP (SSE), re-sending the whole history each turn."""
+    from openai import APIStatusError
+
     script = _Script(spec, session)
     client = _client(base_url)
     history: list[Any] = [{"role": "user", "content": script.task}]
     timings: list[TurnTiming] = []
     for turn in range(spec.turns):
         t_send = time.perf_counter()
-        stream = client.responses.create(
-            model=spec.model,
-            instructions=script.system,
-            tools=TOOLS,
-            tool_choice=script.tool_choice[turn],
-            input=history,
-            store=False,
-            max_output_tokens=spec.max_output_tokens,
-            temperature=0.0,
-            stream=True,
-        )
+        try:
+            stream = client.responses.create(
+                model=spec.model,
+                instructions=script.system,
+                tools=TOOLS,
+                tool_choice=script.tool_choice[turn],
+                input=history,
+                store=False,
+                max_output_tokens=spec.max_output_tokens,
+                temperature=0.0,
+                stream=True,
+            )
+        except APIStatusError as err:  # refused before streaming (a 4xx)
+            raise AgentLoopError(f"agent loop: the server answered HTTP {err.status_code}: "
+                                 f"{err.message}") from None  # fmt: skip
         t_first, response = _read(stream)
         timings.append(_timing(turn + 1, t_send, t_first, response))
         if turn + 1 < spec.turns:
@@ -236,7 +250,7 @@ def run_concurrent(
     """`num_sessions` sessions at once, one thread each; per-session timings.
 
     Raises:
-        RuntimeError: a session failed (the first error, with its session).
+        AgentLoopError: a session failed (the first error, with its session).
     """
     results: list[list[TurnTiming] | None] = [None] * num_sessions
     errors: list[tuple[int, BaseException]] = []
@@ -254,7 +268,7 @@ def run_concurrent(
         t.join()
     if errors:
         i, exc = errors[0]
-        raise RuntimeError(f"session {i} failed: {exc}") from exc
+        raise AgentLoopError(f"session {i} failed: {exc}") from exc
     return [r for r in results if r is not None]
 
 

@@ -21,7 +21,16 @@ import dataclasses
 import time
 from typing import Any
 
-from serving.agent_loop import AgentLoopSpec, TurnTiming, flop_growth, format_table, growth
+from serving.agent_loop import (
+    AgentLoopError,
+    AgentLoopSpec,
+    TurnTiming,
+    flop_growth,
+    format_table,
+    growth,
+    median_by_turn,
+)
+from serving.cli import UsageError
 from serving.cli_serve import PRESETS, build_model_from_args, engine_config_from_args
 
 
@@ -68,6 +77,10 @@ def add_demo_args(
     p.add_argument("--max-queue", type=int, default=256)
     p.add_argument("--queue-timeout", type=float, default=600.0)
     p.add_argument("--idle-ttl", type=float, default=None)
+    p.add_argument("--repeats", type=int, default=3,
+                   help="run the pinned session this many times (a fresh server each) and "
+                   "report per-turn medians: a single run's TTFT is noisy on a shared "
+                   "machine (default 3; the slower stateless runs once)")  # fmt: skip
 
 
 def spec_from_args(args: argparse.Namespace) -> AgentLoopSpec:
@@ -107,12 +120,35 @@ def serve_and_run(
         return run_concurrent(run, server.base_url, spec, sessions)
 
 
+def configure(args: argparse.Namespace) -> tuple[AgentLoopSpec, Any, Any]:
+    """The agent loop, model and engine config from the options (shared with the
+    benchmark). Raises `UsageError` naming the bad option's problem."""
+    try:
+        if args.repeats < 1:
+            raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
+        spec = spec_from_args(args)
+        model = build_model_from_args(args, min_position=context_bound(spec))
+        return spec, model, engine_config_from_args(args, model)
+    except (ValueError, TypeError) as err:
+        raise UsageError(str(err)) from None
+
+
+def run_repeated(
+    model: Any, config: Any, run: Any, spec: AgentLoopSpec, *, repeats: int, sessions: int = 1
+) -> list[TurnTiming]:
+    """`serve_and_run` `repeats` times (a fresh server each); per-turn medians over every
+    session of every repeat."""
+    runs: list[list[TurnTiming]] = []
+    for _ in range(repeats):
+        runs += serve_and_run(model, config, run, spec, sessions=sessions)
+    return median_by_turn(runs)
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the comparison and print the table. Returns the exit code."""
     from serving.agent_loop import run_http, run_websocket
 
-    spec = spec_from_args(args)
-    model = build_model_from_args(args, min_position=context_bound(spec))
+    spec, model, base = configure(args)
     cfg = model.config
     print(
         f"pagedkv demo: {spec.turns}-turn agent loop, {spec.system_tokens}-token system "
@@ -124,13 +160,15 @@ def run(args: argparse.Namespace) -> int:
         f"random weights, {cfg.dtype}) on {args.device}\n"
     )
     t0 = time.perf_counter()
-    pinned = serve_and_run(model, engine_config_from_args(args, model), run_websocket, spec)[0]
-    t1 = time.perf_counter()
-    print(f"  pinned WebSocket session: {t1 - t0:.1f} s")
-    base = engine_config_from_args(args, model)
     no_cache = dataclasses.replace(base.scheduler, reuse_prefix=False)
     stateless_config = dataclasses.replace(base, scheduler=no_cache)
-    stateless = serve_and_run(model, stateless_config, run_http, spec)[0]
+    try:
+        pinned = run_repeated(model, base, run_websocket, spec, repeats=args.repeats)
+        t1 = time.perf_counter()
+        print(f"  pinned WebSocket session x {args.repeats}: {t1 - t0:.1f} s")
+        stateless = serve_and_run(model, stateless_config, run_http, spec)[0]
+    except AgentLoopError as err:  # e.g. a pool too small for the session
+        raise UsageError(str(err)) from None
     print(f"  stateless HTTP session:   {time.perf_counter() - t1:.1f} s\n")
     print(format_table({"pinned WebSocket": pinned, "stateless HTTP": stateless}))
     print(

@@ -44,6 +44,26 @@ def test_demo_prints_the_per_turn_table(capsys: pytest.CaptureFixture[str]) -> N
     assert "TTFT turn 4 / turn 2" in out and "prefill FLOPs turn 4 / turn 2" in out
 
 
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--repeats", "0"], "--repeats must be >= 1"),
+        (["--tool-tokens", "50", "10"], "tool_min_tokens <= tool_max_tokens"),
+        (["--block-size", "0"], "block_size must be an int >= 1"),
+        (["--num-gpu-blocks", "1"], "over_capacity"),  # refused by the server: one line too
+    ],
+)
+def test_demo_bad_options_get_one_line(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from serving.cli import main
+
+    code = main(["demo", "--model", "tiny", "--turns", "2", "--repeats", "1", *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("pagedkv demo: error: ") and message in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
 def test_prefill_flops_count_dense_layers_and_attention_over_the_context() -> None:
     from serving.agent_loop import TurnTiming, flop_growth, prefill_flops
     from serving.model_config import LlamaConfig
