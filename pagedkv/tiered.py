@@ -69,7 +69,9 @@ class TransferResult:
         num_blocks_copied: blocks whose bytes moved successfully.
         failed_blocks: table positions (block indices) that were not moved.
         valid_tokens: restore: leading GPU tokens whose K/V is valid (compute the rest);
-            offload: tokens now held on the host (0 when the offload was rolled back).
+            offload: tokens now held on the host (0 when the offload was rolled back);
+            backup: leading tokens whose blocks are now findable on the host.
+        backup: this was a `backup` (`seq_id` is then `Backup(the sequence id)`).
     """
 
     seq_id: SeqId
@@ -78,6 +80,7 @@ class TransferResult:
     num_blocks_copied: int
     failed_blocks: list[int]
     valid_tokens: int
+    backup: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +99,7 @@ class _Pending:
     valid_end: int  # tokens of the destination table the copy makes valid (if all moved)
     held_host: list[int] = field(default_factory=list)  # host refs held for the copy
     held_gpu: list[int] = field(default_factory=list)  # GPU source refs held by a backup
+    is_backup: bool = False
     cancelled: bool = False
     free_after: bool = False
 
@@ -293,9 +297,11 @@ class TieredKVCache:
         whose GPU blocks were reclaimed is restored from the host instead of recomputed.
 
         The copy is tracked as `Backup(seq_id)` (`is_pending`, `wait`, `cancel`, and the
-        `TransferResult` from `poll`); it holds references on its GPU source blocks, so
-        the sequence may grow, be offloaded or be freed meanwhile. Returns the handle, or
-        None when the host already holds every such block.
+        `TransferResult` from `poll`); it holds references on its GPU source blocks
+        (`backup_sources`), so the sequence may grow or be freed meanwhile. An `offload`
+        of it started meanwhile cannot share the blocks still in flight and copies them
+        again: free the sequence instead (the backup completes on its own). Returns the
+        handle, or None when the host already holds every such block.
 
         Raises:
             ValueError: no host tier, the sequence is not on the GPU (or has a copy in
@@ -336,8 +342,15 @@ class TieredKVCache:
             positions,
             valid_end=num_full * bs,
             held_gpu=src,
+            is_backup=True,
         )
         return self._submit(pending, src, [h.block_ids[i] for i in positions])
+
+    def backup_sources(self, seq_id: SeqId) -> list[int]:
+        """The GPU blocks an in-flight `backup` of `seq_id` holds (released when it
+        completes); empty when none is in flight."""
+        p = self._pending.get(Backup(seq_id))
+        return list(p.held_gpu) if p is not None and p.is_backup else []
 
     def restore(self, seq_id: SeqId, extra_tokens: TokenInput | None = None) -> PrefixPlan:
         """Start bringing an offloaded sequence back into (new) GPU blocks.
@@ -490,7 +503,7 @@ class TieredKVCache:
         assert self.host is not None
         if p.held_gpu:
             self.gpu.pool.release(p.held_gpu[::-1])
-        if isinstance(p.seq_id, Backup):
+        if p.is_backup:
             h = self.host.table(p.seq_id)
             # the good prefix becomes findable on the host; the backup table holds nothing
             self.host.mark_computed(p.seq_id, min(failed[0] * bs, h.num_tokens) if failed else None)
@@ -523,6 +536,7 @@ class TieredKVCache:
             num_blocks_copied=len(p.positions) - len(failed),
             failed_blocks=failed,
             valid_tokens=valid,
+            backup=p.is_backup,
         )
         if p.free_after:
             self.free(p.seq_id)

@@ -86,7 +86,7 @@ class IdleGapModel:
 
     def survival(self, t_s: float) -> float | None:
         """P(gap > t_s) (None: too few observations); log-linear within a bin."""
-        if self.num_observed < self._min_samples:
+        if self.num_observed < self._min_samples or math.isnan(t_s):
             return None
         if self._survival is None:
             tail = np.concatenate((np.cumsum(self._counts[::-1])[::-1], [0.0]))
@@ -165,6 +165,7 @@ class IdleSessions:
         tenant: str | None,
         over_cap: Mapping[str, bool],
         score: Callable[[Session], float | None] | None = None,
+        skip: Callable[[Session], bool] | None = None,
     ) -> Session | None:
         """The next session to evict, or None.
 
@@ -175,7 +176,8 @@ class IdleSessions:
         `VICTIM_CANDIDATES` least and most recently active eligible sessions (ties go to
         the least recently active); without it, or when it has no opinion, the least
         recently active. With `tenant` set, only that tenant's sessions (a tenant at its
-        cap makes room from its own sessions). Scans from both ends of the recency order
+        cap makes room from its own sessions). Sessions for which `skip` says True are
+        not eligible. Scans from both ends of the recency order
         and stops early, so the cost does not grow with the number of sessions (beyond
         the ones it must skip).
         """
@@ -189,7 +191,9 @@ class IdleSessions:
                 def eligible(s: Session, want_over_cap: bool = want_over_cap) -> bool:
                     if s.session_id == exclude or (tenant is not None and s.tenant != tenant):
                         return False
-                    return not want_over_cap or over_cap.get(s.tenant, False)
+                    if want_over_cap and not over_cap.get(s.tenant, False):
+                        return False
+                    return skip is None or not skip(s)
 
                 oldest = list(islice(filter(eligible, d.values()), VICTIM_CANDIDATES))
                 if not oldest:

@@ -13,6 +13,7 @@ import math
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 
 import numpy as np
 
@@ -82,6 +83,8 @@ class SessionScheduler:
         self._offloaded: OrderedDict[object, Session] = OrderedDict()  # host-pinned, LRU
         self._waiting: dict[object, _Hits] = {}  # ACTIVE, restore copy in flight
         self._releasing: dict[object, int] = {}  # offloading: GPU blocks freed on completion
+        # evicted with a backup in flight: GPU blocks that only the backup still holds
+        self._backup_releasing: dict[object, int] = {}
         self._pinned = 0
         self._pinned_by_tenant: Counter[str] = Counter()
         self._events: deque[Event] = deque()
@@ -217,8 +220,9 @@ class SessionScheduler:
             )  # fmt: skip
         if self.num_queued >= self.config.max_queue and self._queues_ahead(s):
             raise self._refuse(s, "queue_full", f"{self.num_queued} turns already waiting")
-        if s.num_turns and s.state != S.NEW:
-            self.idle_gaps.observe(max(0.0, self.clock() - s.last_active))
+        if s.idle_since is not None:  # once per idle period (not again for a retry)
+            self.idle_gaps.observe(max(0.0, self.clock() - s.idle_since))
+            s.idle_since = None
         s.pending_tokens = tokens
         if not self._queues_ahead(s):
             started = self._try_start(s)
@@ -280,7 +284,7 @@ class SessionScheduler:
                 "tokens were never computed (call mark_computed after the forward pass)"
             )
         self.metrics.turns_completed += 1
-        s.last_active = self.clock()
+        s.last_active = s.idle_since = self.clock()
         s.num_turns += 1
         if self.config.pin_sessions:
             s.state = S.IDLE
@@ -528,11 +532,17 @@ class SessionScheduler:
             blocks, slot, tenant_slot = short()
             if blocks <= 0 and not slot and not tenant_slot:
                 return True
-            coming = 0 if immediate else sum(self._releasing.values())
+            coming = (
+                0
+                if immediate
+                else sum(self._releasing.values()) + sum(self._backup_releasing.values())
+            )
             if blocks <= coming and not slot and not tenant_slot:
                 return False  # in-flight offloads will free enough: wait for them
             over_cap = {t: n > caps[t] for t, n in self._pinned_by_tenant.items() if t in caps}
-            victim = self._idle.pick_victim(
+
+            pick = partial(
+                self._idle.pick_victim,
                 max_priority=s.priority,
                 exclude=s.session_id,
                 # at its tenant's cap, a session makes room from its own tenant only
@@ -540,6 +550,13 @@ class SessionScheduler:
                 over_cap=over_cap,
                 score=self._victim_score(),
             )
+            # blocks a backup in flight holds are not free at once: when they are needed
+            # now, prefer other victims, else finish that backup first
+            victim = pick(skip=self._backup_in_flight if immediate else None)
+            if victim is None and immediate:
+                victim = pick()
+                if victim is not None and not self._finish_backup(victim):
+                    victim = None
             if victim is None:
                 self._blocked_by_tenant = tenant_slot
                 return False
@@ -565,12 +582,54 @@ class SessionScheduler:
         now, stays_idle = self.clock(), self.idle_gaps.stays_idle
         return lambda v: stays_idle(now - v.last_active)
 
+    def _backup_in_flight(self, s: Session) -> bool:
+        return self.cache.is_pending(Backup(s.session_id))
+
+    def _finish_backup(self, s: Session) -> bool:
+        """Block until `s`'s backup copy completes and commit it (False when the engine
+        cannot wait, as a simulated one)."""
+        try:
+            r = self.cache.wait(Backup(s.session_id))
+        except RuntimeError:
+            return False
+        if r is not None:
+            self._on_transfer(r)
+        return True
+
+    def _backed_up(self, s: Session) -> bool:
+        """Whether the host holds (or a backup in flight is copying) every full block of
+        an IDLE session, so that releasing its GPU copy loses at most its partial block."""
+        if self.cache.host is None or not self.config.backup_idle:
+            return False
+        if self._backup_in_flight(s):
+            return True  # started at the end of its turn: it covers every full block
+        table = self.cache.gpu.table(s.session_id)
+        n = len(table.hashes) if table.broken_at is None else table.broken_at
+        n = min(n, table.num_computed_tokens // self.cache.block_size)
+        if n == 0:
+            return False
+        contents = self.cache.gpu.hasher.chain_contents(table.root, table.tokens, table.hashes)
+        return len(self.cache.host.pool.match_chain(table.hashes[:n], contents, n)) == n
+
     def _evict(self, s: Session, *, allow_offload: bool = True, protect: object = None) -> None:
-        """Take an IDLE session off the GPU: offload it (when the cost model prefers a
-        restore over a recompute and the host has or can make room) or drop it. Host room
-        is never made by dropping `protect` (the offloaded session asking for room)."""
+        """Take an IDLE session off the GPU: release it when its full blocks are already on
+        the host (written back), else offload it (when the cost model prefers a restore
+        over a recompute and the host has or can make room) or drop it. Host room is never
+        made by dropping `protect` (the offloaded session asking for room)."""
         table = self.cache.gpu.table(s.session_id)
         num_blocks = len(table.block_ids)
+        if self._backed_up(s):
+            # no copy to wait for: its next turn finds the blocks on the host by hash;
+            # only the partial last block is recomputed
+            sources = self.cache.backup_sources(s.session_id)
+            self._idle.remove(s)
+            self._unpin(s)
+            self._drop(s, reason="backed_up")
+            pool = self.cache.gpu.pool
+            held = sum(1 for b in set(sources) if pool.refcount(b) == 1)
+            if held:  # free once the backup completes
+                self._backup_releasing[s.session_id] = held
+            return
         offload = (
             allow_offload
             and self.cache.host is not None
@@ -655,7 +714,9 @@ class SessionScheduler:
         self.cache.free(s.session_id)
         s.state = S.DROPPED
         s.evicted_by = reason
-        if reason != "release":
+        if reason == "backed_up":
+            self.metrics.sessions_offloaded += 1
+        elif reason != "release":
             self.metrics.sessions_dropped += 1
 
     def _pin(self, s: Session) -> None:
@@ -706,8 +767,10 @@ class SessionScheduler:
         if r.direction == "offload":
             self.metrics.blocks_offloaded += r.num_blocks_copied
             self.metrics.bytes_offloaded += moved_bytes
-            if isinstance(r.seq_id, Backup):
+            if r.backup:
                 self.metrics.blocks_backed_up += r.num_blocks_copied
+                assert isinstance(r.seq_id, Backup)
+                self._backup_releasing.pop(r.seq_id.seq_id, None)
                 return  # the session itself is unaffected
             if s is None:
                 return  # closed meanwhile: the cache released everything
@@ -759,6 +822,8 @@ class SessionScheduler:
             in_queues = sum(s.session_id in q for q in self._queues.values())
             assert in_queues == int(s.is_queued), (s.session_id, in_queues)
         assert len(self._idle) == sum(s.state == S.IDLE for s in self._sessions.values())
+        for session_id in self._backup_releasing:
+            assert self.cache.is_pending(Backup(session_id)), session_id
 
 
 __all__ = ["Event", "SessionScheduler", "TurnPlan", "TurnReady", "TurnRefused"]

@@ -38,6 +38,7 @@ class Session:
     pending_tokens: np.ndarray | None = None  # a queued/restoring turn's new tokens
     history: np.ndarray | None = None  # full token history, kept only while DROPPED
     queued_at: float | None = None  # set while a turn waits in the admission queue
+    idle_since: float | None = None  # end of the last turn, until the next is submitted
     # why the session is not on the GPU (for metrics): "offload", "drop", "release"
     evicted_by: str | None = field(default=None, repr=False)
 

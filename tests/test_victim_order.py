@@ -111,7 +111,7 @@ def test_predicted_order_evicts_the_session_expected_to_stay_idle_longest() -> N
     assert victim == "old"
 
 
-def test_backup_idle_writes_back_at_turn_end_so_eviction_copies_only_the_tail() -> None:
+def test_backup_idle_writes_back_at_turn_end_so_eviction_copies_nothing() -> None:
     sched, clock = make_scheduler(num_gpu=16, num_host=64, max_pinned_sessions=1, backup_idle=True)
     sched.open_session("a")
     run_turn(sched, sched.begin_turn("a", toks(100, 18)))  # 4 full blocks + 2 tokens
@@ -123,19 +123,19 @@ def test_backup_idle_writes_back_at_turn_end_so_eviction_copies_only_the_tail() 
     assert sched.cache.cached_prefix(toks(100, 16)) == (16, 0)
     assert sched.cache.host.num_cached_tokens(toks(100, 16)) == 16  # type: ignore[union-attr]
     sched.open_session("b")
-    plan = sched.begin_turn("b", toks(900, 4))  # the cap evicts "a": only its tail copies
-    assert plan is not None and sched.session("a").state == S.OFFLOADED
-    clock.now += 1
-    sched.poll()
-    assert (m.blocks_offloaded, m.sessions_offloaded) == (5, 1)
+    in_use = sched.cache.gpu.pool.num_in_use
+    plan = sched.begin_turn("b", toks(900, 4))  # the cap evicts "a": released at once
+    assert plan is not None and sched.session("a").state == S.DROPPED
+    assert sched.cache.num_pending == 0 and m.blocks_offloaded == 4  # nothing copied
+    assert sched.cache.gpu.pool.num_in_use == in_use - 5 + 1
+    assert m.sessions_offloaded == 1 and m.sessions_dropped == 0
     run_turn(sched, plan)
-    clock.now += 1
-    sched.poll()
     sched.cache.gpu.pool.evict(100)
-    assert sched.begin_turn("a", [1]) is None  # restored from the host
+    assert sched.begin_turn("a", [1]) is None  # its full blocks come back from the host
     clock.now += 1
     (ev,) = sched.poll()
-    assert ev.plan.hit_host == 18 and ev.plan.num_computed == 1  # type: ignore[attr-defined]
+    # the partial last block (2 tokens) is recomputed with the new token
+    assert ev.plan.hit_host == 16 and ev.plan.num_computed == 3  # type: ignore[attr-defined]
     run_turn(sched, ev.plan)  # type: ignore[attr-defined]
     sched.check_invariants()
     # a full host tier skips the backup and changes nothing
@@ -144,3 +144,71 @@ def test_backup_idle_writes_back_at_turn_end_so_eviction_copies_only_the_tail() 
     run_turn(sched2, sched2.begin_turn("x", toks(0, 16)))
     assert sched2.metrics.blocks_backed_up == 0 and sched2.cache.host.pool.num_in_use == 0  # type: ignore[union-attr]
     sched2.check_invariants()
+
+
+def test_evicting_during_a_backup_waits_for_it_instead_of_copying_again() -> None:
+    """A session evicted while its backup is in flight is released (no second copy);
+    the turn that needed room waits for the backup's blocks instead of evicting more."""
+    sched, clock = make_scheduler(
+        num_gpu=12, num_host=64, max_pinned_sessions=4, backup_idle=True, high_watermark=1.0
+    )
+    for i, sid in enumerate("abc"):
+        sched.open_session(sid)
+        run_turn(sched, sched.begin_turn(sid, toks(100 * (i + 1), 16)))  # 4 blocks each
+    assert sched.cache.num_pending == 3 and sched.cache.gpu.pool.num_available == 0
+    sched.open_session("d")
+    assert sched.begin_turn("d", toks(900, 4)) is None  # waits for a's backup
+    assert sched.session("a").state == S.DROPPED
+    assert [sched.session(x).state for x in "bc"] == [S.IDLE, S.IDLE]  # not evicted too
+    assert sched.metrics.blocks_offloaded == 0  # no offload copy was started
+    clock.now += 1
+    (ev,) = sched.poll()  # the backups complete: a's blocks are free, d starts
+    assert ev.session_id == "d"  # type: ignore[attr-defined]
+    assert sched.metrics.blocks_offloaded == sched.metrics.blocks_backed_up == 12
+    run_turn(sched, ev.plan)  # type: ignore[attr-defined]
+    sched.check_invariants()
+
+
+def test_decode_growth_finishes_a_backup_rather_than_failing() -> None:
+    """A decode step that needs a block now, when the only idle victim's blocks are held
+    by its backup copy, waits for that copy (a real engine can) and then drops it."""
+    from tier_helpers import SPEC, DeferredCopyEngine
+
+    from pagedkv.kv_store import KVStore
+
+    bs = SPEC.block_size
+    gpu, host = KVStore(SPEC, 8), KVStore(SPEC, 16)
+    sched, clock = make_scheduler(num_gpu=8, num_host=16, backup_idle=True, high_watermark=1.0)
+    sched.cache.engine = DeferredCopyEngine(gpu, host, clock, delay=1.0)
+    sched.open_session("a")
+    run_turn(sched, sched.begin_turn("a", toks(0, 4 * bs)))  # idle, backup in flight
+    sched.open_session("b")
+    plan = sched.begin_turn("b", toks(500, 4 * bs - 1))  # the pool is now full
+    assert plan is not None and sched.cache.gpu.pool.num_available == 0
+    sched.mark_computed("b")
+    slots = sched.append_tokens("b", [1, 2])  # needs a fifth block for b
+    assert len(slots) == 2 and sched.session("a").state == S.DROPPED
+    assert sched.metrics.blocks_backed_up == 4  # the backup was finished, not cancelled
+    sched.mark_computed("b")
+    sched.end_turn("b")
+    sched.check_invariants()
+
+
+def test_an_idle_gap_is_observed_once_even_if_the_turn_is_refused_and_retried() -> None:
+    sched, clock = make_scheduler(num_gpu=8, num_host=0, max_queue=0, max_pinned_sessions=1)
+    sched.open_session("a")
+    run_turn(sched, sched.begin_turn("a", [1, 2, 3]))
+    sched.open_session("b")
+    run_turn(sched, sched.begin_turn("b", [4, 5]))  # evicts a (dropped: no host)
+    sched.open_session("c")
+    plan_c = sched.begin_turn("c", [7])
+    assert plan_c is not None
+    sched.mark_computed("c")  # c is running: it holds the only pin slot
+    clock.now += 10
+    with pytest.raises(Exception, match="over capacity"):
+        sched.begin_turn("a", [9])  # refused: the queue holds nothing
+    assert sched.idle_gaps.num_observed == 1
+    clock.now += 5
+    with pytest.raises(Exception, match="over capacity"):
+        sched.begin_turn("a", [9])  # the retry is the same idle period
+    assert sched.idle_gaps.num_observed == 1
