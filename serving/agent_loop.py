@@ -313,11 +313,15 @@ def format_table(columns: dict[str, Sequence[TurnTiming]], *, width: int = 22) -
 
 
 def prefill_flops(cfg: LlamaConfig, new_tokens: int, context: int) -> float:
-    """FLOPs to prefill `new_tokens` after `context` cached ones: 2 per parameter per
-    token (the dense layers), plus attention (QK^T and PV: 4 x layers x query width per
-    new token per key, each new token seeing the context and, on average, half of the
-    new tokens)."""
-    dense = 2.0 * cfg.num_params * new_tokens
+    """FLOPs to prefill `new_tokens` after `context` cached ones: 2 per weight of the
+    transformer layers per token (the embedding is a lookup; the LM head runs for the
+    last token only), plus attention (QK^T and PV: 4 x layers x query width per new token
+    per key, each new token seeing the context and, on average, half of the new
+    tokens)."""
+    embedding = cfg.vocab_size * cfg.hidden_size
+    head = 0 if cfg.tie_word_embeddings else embedding
+    layers = cfg.num_params - embedding - head
+    dense = 2.0 * layers * new_tokens + 2.0 * embedding * (new_tokens > 0)
     keys = context + new_tokens / 2.0
     attention = 4.0 * cfg.num_layers * cfg.num_heads * cfg.head_dim * new_tokens * keys
     return dense + attention

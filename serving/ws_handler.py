@@ -92,7 +92,8 @@ class ResponsesSocket:
             if data is None:
                 continue
             try:
-                req = await off_loop(len(data), self._parse, data)
+                # up to 4 UTF-8 bytes per character: large messages go to a thread
+                req = await off_loop(4 * len(data), self._parse, data)
             except ProtocolError as err:
                 await self._send_error(err)
                 continue

@@ -70,7 +70,8 @@ def test_prefill_flops_count_dense_layers_and_attention_over_the_context() -> No
 
     cfg = LlamaConfig.demo()
     width = cfg.num_heads * cfg.head_dim
-    dense = 2.0 * cfg.num_params * 100
+    embedding = cfg.vocab_size * cfg.hidden_size  # tied: a lookup, and the head once
+    dense = 2.0 * (cfg.num_params - embedding) * 100 + 2.0 * embedding
     assert prefill_flops(cfg, 100, 0) == pytest.approx(
         dense + 4 * cfg.num_layers * width * 100 * 50
     )
