@@ -1,17 +1,31 @@
 #!/usr/bin/env bash
-# The kernel checks that need a GPU, in one go, for when a CUDA machine is lent:
-# gpu-marked kernel tests, then bench_attention and bench_copy. Installs nothing (the
-# machine must already have torch with CUDA, triton and pytest). Every output, and the
-# benchmarks' --json files, go under $OUT (default ./out/gpu_suite):
-#   nvidia-smi.txt  gpu_tests.txt  bench_attention.txt/.json  bench_copy.txt/.json
-# Usage: OUT=/some/dir bash benchmarks/gpu_suite.sh [--quick]
+# Everything that needs a GPU, for when a CUDA machine is lent. Installs nothing (the
+# machine must already have torch with CUDA, triton, pytest; the agent stage also needs
+# the serving extra: openai, starlette, uvicorn, websockets). Stages (default: all, in
+# this order; name some to run only those, e.g. to stay within a 10-minute call):
+#   kernels  gpu-marked kernel tests, bench_attention, bench_copy          (issue 3)
+#   model    gpu-marked model tests (CUDA forward, bf16, CUDA graphs)        (issue 7)
+#   offload  bench_offload: session offload/restore vs pinned copy_, decode
+#            timing with and without a concurrent offload                    (issue 4)
+#   agent    bench_agent_loop on the 1B-shaped model, 16 concurrent sessions (issue 7)
+# Every output, and the benchmarks' --json files, go under $OUT (default ./out/gpu_suite).
+# Usage: OUT=/some/dir bash benchmarks/gpu_suite.sh [--quick] [STAGE ...]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-out/gpu_suite}"
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 unset TRITON_INTERPRET  # compile for the GPU; the interpreted CPU tests skip there
-QUICK="${1:-}"
+QUICK=""
+STAGES=()
+for arg in "$@"; do
+  case "$arg" in
+    --quick) QUICK="--quick" ;;
+    kernels|model|offload|agent) STAGES+=("$arg") ;;
+    *) echo "gpu_suite: unknown argument '$arg' (stages: kernels model offload agent)" >&2; exit 2 ;;
+  esac
+done
+[ ${#STAGES[@]} -eq 0 ] && STAGES=(kernels model offload agent)
 
 {
   nvidia-smi
@@ -19,21 +33,43 @@ QUICK="${1:-}"
   python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
 } >"$OUT/nvidia-smi.txt" 2>&1
 
-# tests/conftest.py needs hypothesis; without it run the kernel tests without conftest
+# tests/conftest.py needs hypothesis; without it run the tests without conftest
 # (the gpu marker is registered in pyproject.toml, and this machine has a GPU).
 NOCONF=""
 python -c "import hypothesis" 2>/dev/null || NOCONF="--noconftest"
 status=0
-python -m pytest tests/test_kernels_gpu.py -m gpu -q -rfEs $NOCONF -p no:cacheprovider \
-  >"$OUT/gpu_tests.txt" 2>&1 || status=$?
-tail -n 5 "$OUT/gpu_tests.txt"
-
-python benchmarks/bench_attention.py $QUICK --json "$OUT/bench_attention.json" \
-  >"$OUT/bench_attention.txt" 2>&1 || status=$?
-tail -n 30 "$OUT/bench_attention.txt"
-
-python benchmarks/bench_copy.py --json "$OUT/bench_copy.json" >"$OUT/bench_copy.txt" 2>&1 || status=$?
-tail -n 16 "$OUT/bench_copy.txt"
+for stage in "${STAGES[@]}"; do
+  echo "== gpu_suite stage $stage"
+  case "$stage" in
+    kernels)
+      python -m pytest tests/test_kernels_gpu.py -m gpu -q -rfEs $NOCONF -p no:cacheprovider \
+        >"$OUT/gpu_tests.txt" 2>&1 || status=$?
+      tail -n 5 "$OUT/gpu_tests.txt"
+      python benchmarks/bench_attention.py $QUICK --json "$OUT/bench_attention.json" \
+        >"$OUT/bench_attention.txt" 2>&1 || status=$?
+      tail -n 30 "$OUT/bench_attention.txt"
+      python benchmarks/bench_copy.py --json "$OUT/bench_copy.json" \
+        >"$OUT/bench_copy.txt" 2>&1 || status=$?
+      tail -n 16 "$OUT/bench_copy.txt"
+      ;;
+    model)
+      python -m pytest tests/test_model_gpu.py -m gpu -q -rfEs $NOCONF -p no:cacheprovider \
+        >"$OUT/model_gpu_tests.txt" 2>&1 || status=$?
+      tail -n 5 "$OUT/model_gpu_tests.txt"
+      ;;
+    offload)
+      python benchmarks/bench_offload.py --json "$OUT/bench_offload.json" \
+        >"$OUT/bench_offload.txt" 2>&1 || status=$?
+      tail -n 20 "$OUT/bench_offload.txt"
+      ;;
+    agent)
+      python benchmarks/bench_agent_loop.py --model llama_1b --device cuda --dtype bfloat16 \
+        --sessions 16 --repeats 1 --json "$OUT/bench_agent_loop.json" \
+        >"$OUT/bench_agent_loop.txt" 2>&1 || status=$?
+      tail -n 45 "$OUT/bench_agent_loop.txt"
+      ;;
+  esac
+done
 
 echo "gpu_suite: exit status $status; outputs in $OUT"
 exit "$status"
