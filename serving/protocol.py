@@ -5,7 +5,9 @@ or a list of items: `message` with a string or text parts, replayed `function_ca
 `function_call_output`), `instructions`, function `tools`, `tool_choice`,
 `previous_response_id` (nullable), `store`, `generate` (WebSocket: False warms the cache
 without output), `max_output_tokens`, `temperature`, `top_p`, `metadata`, `stream` (HTTP
-only). Anything malformed raises `ProtocolError`, which the server sends as the `error`
+only), `stream_id` (WebSocket only: echoed on every event of that response; requests on
+one connection run first in, first out whatever their lane). `background: true` is
+refused. Anything malformed raises `ProtocolError`, which the server sends as the `error`
 envelope.
 """
 
@@ -85,6 +87,7 @@ class CreateRequest:
     top_p: float | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     stream: bool = False
+    stream_id: str | None = None
 
     def forced_tool(self) -> FunctionTool | None:
         """The tool a function call must be made to, or None for a text answer.
@@ -335,6 +338,14 @@ def parse_create(body: object, *, websocket: bool) -> CreateRequest:
     generate = _opt(body, "generate", (bool,), "a boolean")
     store = _opt(body, "store", (bool,), "a boolean")
     stream = _opt(body, "stream", (bool,), "a boolean")
+    if _opt(body, "background", (bool,), "a boolean"):
+        raise ProtocolError(
+            "background responses are not supported by this server; omit background",
+            code="unsupported_value",
+            param="background",
+        )
+    # WebSocket only: the lane whose events echo it (requests run FIFO on a connection)
+    stream_id = _opt(body, "stream_id", (str,), "a string") if websocket else None
     return CreateRequest(
         model=_opt(body, "model", (str,), "a string"),
         items=items,
@@ -349,4 +360,5 @@ def parse_create(body: object, *, websocket: bool) -> CreateRequest:
         top_p=None if top_p is None else float(top_p),
         metadata=dict(metadata),
         stream=bool(stream) and not websocket,
+        stream_id=stream_id,
     )

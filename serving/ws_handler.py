@@ -36,6 +36,13 @@ log = logging.getLogger("pagedkv.server")
 CLOSE_NORMAL = 1000
 
 
+def _lane(event: dict[str, Any], req: CreateRequest | None) -> dict[str, Any]:
+    """The event, tagged with its request's `stream_id` when the client gave one."""
+    if req is not None and req.stream_id is not None:
+        event["stream_id"] = req.stream_id
+    return event
+
+
 class ResponsesSocket:
     """Serves one WebSocket connection (see the module docstring)."""
 
@@ -74,8 +81,8 @@ class ResponsesSocket:
             with contextlib.suppress(WebSocketDisconnect, RuntimeError):
                 await self.ws.send_text(json.dumps(event, ensure_ascii=False))
 
-    async def _send_error(self, err: ProtocolError) -> None:
-        await self._send(error_event(err))
+    async def _send_error(self, err: ProtocolError, req: CreateRequest | None = None) -> None:
+        await self._send(_lane(error_event(err), req))
 
     # ------------------------------------------------------------------ reading
     async def _reader(self) -> None:
@@ -109,7 +116,7 @@ class ResponsesSocket:
                 )
                 continue
             if self._closing:  # past the age limit: answer it, do not run it
-                await self._send_error(self._limit_error())
+                await self._send_error(self._limit_error(), req)
                 continue
             await self._requests.put(req)
 
@@ -153,7 +160,8 @@ class ResponsesSocket:
                         code="server_error",
                         status=500,
                         type="server_error",
-                    )
+                    ),
+                    req,
                 )
             finally:
                 if self._requests.empty():
@@ -183,10 +191,10 @@ class ResponsesSocket:
                 session_id=self.session_id, ephemeral=False,
             )  # fmt: skip
         except ProtocolError as err:
-            await self._send_error(err)
+            await self._send_error(err, req)
             return
         async for event in run.events():
-            await self._send(event)
+            await self._send(_lane(event, req))
         if run.ok:
             self._responses[run.response_id] = run.conversation
             while len(self._responses) > self.config.max_stored_responses:
@@ -204,12 +212,11 @@ class ResponsesSocket:
         await asyncio.sleep(self.config.max_connection_age_s)
         self._closing = True
         # let the in-flight response finish; every queued request gets its own answer
-        dropped = 0
+        dropped: list[CreateRequest | None] = []
         while not self._requests.empty():
-            self._requests.get_nowait()
-            dropped += 1
+            dropped.append(self._requests.get_nowait())
         await self._idle.wait()
-        for _ in range(max(dropped, 1)):
-            await self._send_error(self._limit_error())
+        for req in dropped or [None]:
+            await self._send_error(self._limit_error(), req)
         with contextlib.suppress(Exception):
             await self.ws.close(CLOSE_NORMAL)

@@ -23,6 +23,8 @@ def test_hostile_bodies_get_json_errors() -> None:
         assert r.json()["error"]["param"] == "instructions"
         r = httpx.post(url, json={"input": "x", "top_p": 0})
         assert r.status_code == 400 and r.json()["error"]["param"] == "top_p"
+        r = httpx.post(url, json={"input": "x", "background": True})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "background"
         r = httpx.post(url, content=b"x" * (300 * 1024))
         assert r.status_code == 413
         r = httpx.post(url, json={"input": "still fine?", "max_output_tokens": 2})

@@ -119,6 +119,29 @@ def test_queued_responses_run_in_order_without_interleaving() -> None:
         assert seen == ["0", "1", "2"]
 
 
+def test_stream_id_lanes_are_echoed_on_every_event_and_background_is_refused() -> None:
+    with tiny_server() as (srv, _engine), connect(srv.ws_url) as ws:
+        create(ws, input="lane a", max_output_tokens=3, stream_id="a")
+        create(ws, input="lane b", max_output_tokens=3, stream_id="b")
+        create(ws, input="no lane", max_output_tokens=3)
+        for lane in ("a", "b", None):
+            got = read_response(events(ws))
+            assert got[-1]["type"] in DONE
+            assert all(e.get("stream_id") == lane for e in got), (lane, got[0])
+        # errors of a request carry its lane too
+        create(ws, previous_response_id="resp_nope", input="x", stream_id="c")
+        (ev,) = read_response(events(ws))
+        assert ev["type"] == "error" and ev["stream_id"] == "c"
+        assert ev["error"]["code"] == "previous_response_not_found"
+        err = error_of(ws, input="x", background=True)
+        assert err["code"] == "unsupported_value" and err["param"] == "background"
+        assert error_of(ws, input="x", stream_id=7)["param"] == "stream_id"
+        assert completed(ws, input="still usable", max_output_tokens=2)["status"] in (
+            "completed",
+            "incomplete",
+        )
+
+
 def test_pings_are_answered_while_the_model_works() -> None:
     with tiny_server(step_delay_s=0.3) as (srv, _engine), connect(srv.ws_url) as ws:
         create(ws, input="slow model", max_output_tokens=3)
