@@ -83,8 +83,9 @@ class SessionScheduler:
         self._offloaded: OrderedDict[object, Session] = OrderedDict()  # host-pinned, LRU
         self._waiting: dict[object, _Hits] = {}  # ACTIVE, restore copy in flight
         self._releasing: dict[object, int] = {}  # offloading: GPU blocks freed on completion
-        # evicted with a backup in flight: GPU blocks that only the backup still holds
-        self._backup_releasing: dict[object, int] = {}
+        self._backups: dict[object, Session] = {}  # backups in flight: id -> who started it
+        # released with their own backup in flight: its GPU sources free when it completes
+        self._backup_releasing: set[object] = set()
         self._pinned = 0
         self._pinned_by_tenant: Counter[str] = Counter()
         self._events: deque[Event] = deque()
@@ -527,16 +528,23 @@ class SessionScheduler:
             )
             return blocks, slot, tenant_slot
 
+        def backup_coming() -> int:
+            """GPU blocks that only in-flight backups of released sessions hold (and no
+            hit of this turn will take back)."""
+            if not self._backup_releasing:
+                return 0
+            held = Counter(
+                b for sid in self._backup_releasing for b in self.cache.backup_sources(sid)
+            )
+            hits = set(need.hits)
+            return sum(1 for b, n in held.items() if pool.refcount(b) == n and b not in hits)
+
         caps = self.config.tenant_max_pinned
         while True:
             blocks, slot, tenant_slot = short()
             if blocks <= 0 and not slot and not tenant_slot:
                 return True
-            coming = (
-                0
-                if immediate
-                else sum(self._releasing.values()) + sum(self._backup_releasing.values())
-            )
+            coming = 0 if immediate else sum(self._releasing.values()) + backup_coming()
             if blocks <= coming and not slot and not tenant_slot:
                 return False  # in-flight offloads will free enough: wait for them
             over_cap = {t: n > caps[t] for t, n in self._pinned_by_tenant.items() if t in caps}
@@ -583,7 +591,19 @@ class SessionScheduler:
         return lambda v: stays_idle(now - v.last_active)
 
     def _backup_in_flight(self, s: Session) -> bool:
-        return self.cache.is_pending(Backup(s.session_id))
+        """Whether a backup that `s` itself started is still copying (a closed session
+        with the same id may have left one of its own)."""
+        return self._backups.get(s.session_id) is s and self.cache.is_pending(Backup(s.session_id))
+
+    def _num_full_blocks(self, session_id: object) -> int:
+        """Leading blocks of a GPU table that are full, computed and indexable."""
+        table = self.cache.gpu.table(session_id)
+        n = (
+            len(table.hashes)
+            if table.broken_at is None
+            else min(len(table.hashes), table.broken_at)
+        )
+        return min(n, table.num_computed_tokens // self.cache.block_size)
 
     def _finish_backup(self, s: Session) -> bool:
         """Block until `s`'s backup copy completes and commit it (False when the engine
@@ -593,7 +613,7 @@ class SessionScheduler:
         except RuntimeError:
             return False
         if r is not None:
-            self._on_transfer(r)
+            self._on_transfer(r, follow_up=False)  # its blocks are wanted free now
         return True
 
     def _backed_up(self, s: Session) -> bool:
@@ -601,13 +621,12 @@ class SessionScheduler:
         an IDLE session, so that releasing its GPU copy loses at most its partial block."""
         if self.cache.host is None or not self.config.backup_idle:
             return False
-        if self._backup_in_flight(s):
-            return True  # started at the end of its turn: it covers every full block
-        table = self.cache.gpu.table(s.session_id)
-        n = len(table.hashes) if table.broken_at is None else table.broken_at
-        n = min(n, table.num_computed_tokens // self.cache.block_size)
+        n = self._num_full_blocks(s.session_id)
         if n == 0:
             return False
+        if self._backup_in_flight(s):  # covers what was full when it started
+            return s.backup_tokens >= n * self.cache.block_size
+        table = self.cache.gpu.table(s.session_id)
         contents = self.cache.gpu.hasher.chain_contents(table.root, table.tokens, table.hashes)
         return len(self.cache.host.pool.match_chain(table.hashes[:n], contents, n)) == n
 
@@ -621,14 +640,11 @@ class SessionScheduler:
         if self._backed_up(s):
             # no copy to wait for: its next turn finds the blocks on the host by hash;
             # only the partial last block is recomputed
-            sources = self.cache.backup_sources(s.session_id)
+            if self._backup_in_flight(s):  # its blocks free once the backup completes
+                self._backup_releasing.add(s.session_id)
             self._idle.remove(s)
             self._unpin(s)
             self._drop(s, reason="backed_up")
-            pool = self.cache.gpu.pool
-            held = sum(1 for b in set(sources) if pool.refcount(b) == 1)
-            if held:  # free once the backup completes
-                self._backup_releasing[s.session_id] = held
             return
         offload = (
             allow_offload
@@ -687,15 +703,22 @@ class SessionScheduler:
 
     def _backup(self, s: Session) -> None:
         """Write an IDLE session's new full blocks back to the host (`backup_idle`). Best
-        effort: with no host room, or a backup still in flight, it is skipped."""
+        effort: with no host room it is skipped; while an earlier backup of the id is in
+        flight, a follow-up starts when that one completes (see `_on_transfer`)."""
         if (
             not self.config.backup_idle
             or self.cache.host is None
             or self.cache.is_pending(Backup(s.session_id))
         ):
             return
-        with contextlib.suppress(OutOfBlocksError, RuntimeError, ValueError):
-            self.cache.backup(s.session_id)
+        covers = self._num_full_blocks(s.session_id) * self.cache.block_size
+        try:
+            handle = self.cache.backup(s.session_id)
+        except (OutOfBlocksError, RuntimeError, ValueError):
+            return
+        if handle is not None:
+            self._backups[s.session_id] = s
+            s.backup_tokens = covers
 
     def _offload_done(self, s: Session) -> None:
         self.metrics.sessions_offloaded += 1
@@ -710,7 +733,8 @@ class SessionScheduler:
     def _drop(self, s: Session, *, reason: str) -> None:
         table = self.cache.gpu.table(s.session_id)
         s.history = table.tokens.copy()
-        self.metrics.blocks_dropped += len(table.block_ids)
+        if reason != "backed_up":  # those blocks live on in the host tier
+            self.metrics.blocks_dropped += len(table.block_ids)
         self.cache.free(s.session_id)
         s.state = S.DROPPED
         s.evicted_by = reason
@@ -759,7 +783,7 @@ class SessionScheduler:
         )
 
     # ------------------------------------------------------------------ transfers
-    def _on_transfer(self, r: TransferResult) -> None:
+    def _on_transfer(self, r: TransferResult, *, follow_up: bool = True) -> None:
         s = self._sessions.get(r.seq_id)
         if not r.ok:
             self.metrics.transfer_failures += 1
@@ -770,8 +794,19 @@ class SessionScheduler:
             if r.backup:
                 self.metrics.blocks_backed_up += r.num_blocks_copied
                 assert isinstance(r.seq_id, Backup)
-                self._backup_releasing.pop(r.seq_id.seq_id, None)
-                return  # the session itself is unaffected
+                sid = r.seq_id.seq_id
+                self._backup_releasing.discard(sid)
+                owner = self._backups.pop(sid, None)
+                if owner is not None and not r.ok:
+                    owner.backup_tokens = min(owner.backup_tokens, r.valid_tokens)
+                if (
+                    follow_up
+                    and owner is not None
+                    and owner is self._sessions.get(sid)
+                    and owner.state == S.IDLE
+                ):
+                    self._backup(owner)  # blocks its later turns filled meanwhile, if any
+                return
             if s is None:
                 return  # closed meanwhile: the cache released everything
             self._releasing.pop(s.session_id, None)
@@ -822,7 +857,7 @@ class SessionScheduler:
             in_queues = sum(s.session_id in q for q in self._queues.values())
             assert in_queues == int(s.is_queued), (s.session_id, in_queues)
         assert len(self._idle) == sum(s.state == S.IDLE for s in self._sessions.values())
-        for session_id in self._backup_releasing:
+        for session_id in (*self._backup_releasing, *self._backups):
             assert self.cache.is_pending(Backup(session_id)), session_id
 
 

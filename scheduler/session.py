@@ -39,6 +39,7 @@ class Session:
     history: np.ndarray | None = None  # full token history, kept only while DROPPED
     queued_at: float | None = None  # set while a turn waits in the admission queue
     idle_since: float | None = None  # end of the last turn, until the next is submitted
+    backup_tokens: int = 0  # tokens whose full blocks its latest backup covers
     # why the session is not on the GPU (for metrics): "offload", "drop", "release"
     evicted_by: str | None = field(default=None, repr=False)
 

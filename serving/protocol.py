@@ -56,6 +56,7 @@ class ProtocolError(Exception):
         self.param = param
         self.status = status
         self.type = type
+        self.stream_id: str | None = None  # WebSocket: the lane of the refused request
 
     def to_json(self) -> dict[str, Any]:
         """The `error` object: type, code, message, param."""

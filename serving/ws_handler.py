@@ -82,7 +82,10 @@ class ResponsesSocket:
                 await self.ws.send_text(json.dumps(event, ensure_ascii=False))
 
     async def _send_error(self, err: ProtocolError, req: CreateRequest | None = None) -> None:
-        await self._send(_lane(error_event(err), req))
+        event = _lane(error_event(err), req)
+        if err.stream_id is not None:  # refused while parsing: the lane it asked for
+            event["stream_id"] = err.stream_id
+        await self._send(event)
 
     # ------------------------------------------------------------------ reading
     async def _reader(self) -> None:
@@ -141,7 +144,12 @@ class ResponsesSocket:
                 code="unknown_event_type",
                 param="type",
             )
-        return parse_create(event, websocket=True)
+        try:
+            return parse_create(event, websocket=True)
+        except ProtocolError as err:
+            lane = event.get("stream_id")
+            err.stream_id = lane if isinstance(lane, str) else None
+            raise
 
     # ------------------------------------------------------------------ responses
     async def _worker(self) -> None:

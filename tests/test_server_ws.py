@@ -133,8 +133,10 @@ def test_stream_id_lanes_are_echoed_on_every_event_and_background_is_refused() -
         (ev,) = read_response(events(ws))
         assert ev["type"] == "error" and ev["stream_id"] == "c"
         assert ev["error"]["code"] == "previous_response_not_found"
-        err = error_of(ws, input="x", background=True)
-        assert err["code"] == "unsupported_value" and err["param"] == "background"
+        create(ws, input="x", background=True, stream_id="d")  # refused while parsing
+        (ev,) = read_response(events(ws))
+        assert ev["stream_id"] == "d" and ev["error"]["code"] == "unsupported_value"
+        assert ev["error"]["param"] == "background"
         assert error_of(ws, input="x", stream_id=7)["param"] == "stream_id"
         assert completed(ws, input="still usable", max_output_tokens=2)["status"] in (
             "completed",

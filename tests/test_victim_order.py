@@ -212,3 +212,59 @@ def test_an_idle_gap_is_observed_once_even_if_the_turn_is_refused_and_retried() 
     with pytest.raises(Exception, match="over capacity"):
         sched.begin_turn("a", [9])  # the retry is the same idle period
     assert sched.idle_gaps.num_observed == 1
+
+
+def test_a_turn_that_ends_before_its_previous_backup_lands_gets_a_follow_up_backup() -> None:
+    """Regression (review): turn 2 ended while turn 1's backup was in flight, so its
+    blocks were never backed up, yet eviction treated the session as backed up and the
+    next turn recomputed turn 2's blocks."""
+    sched, clock = make_scheduler(num_gpu=32, num_host=64, max_pinned_sessions=1, backup_idle=True)
+    sched.open_session("a")
+    run_turn(sched, sched.begin_turn("a", toks(100, 16)))  # backup 1 in flight (4 blocks)
+    run_turn(sched, sched.begin_turn("a", toks(200, 16)))  # turn 2 ends before it lands
+    sched.open_session("b")
+    run_turn(sched, sched.begin_turn("b", toks(900, 4)))  # the cap evicts "a"
+    assert sched.session("a").state == S.OFFLOADED  # not covered: offloaded, nothing lost
+    clock.now += 1
+    sched.poll()
+    sched.cache.gpu.pool.evict(100)
+    assert sched.begin_turn("a", [1]) is None
+    clock.now += 1
+    (ev,) = sched.poll()
+    assert ev.plan.hit_host == 32 and ev.plan.num_computed == 1  # type: ignore[attr-defined]
+    run_turn(sched, ev.plan)  # type: ignore[attr-defined]
+    sched.check_invariants()
+    # without eviction, the follow-up backup starts when the first one completes
+    sched2, clock2 = make_scheduler(num_gpu=32, num_host=64, backup_idle=True)
+    sched2.open_session("a")
+    run_turn(sched2, sched2.begin_turn("a", toks(100, 16)))
+    run_turn(sched2, sched2.begin_turn("a", toks(200, 16)))
+    assert sched2.metrics.blocks_backed_up == 0
+    clock2.now += 1
+    sched2.poll()  # backup 1 completes; the follow-up for turn 2's blocks starts
+    assert sched2.metrics.blocks_backed_up == 4 and sched2.cache.num_pending == 1
+    clock2.now += 1
+    sched2.poll()
+    assert sched2.metrics.blocks_backed_up == 8
+    assert sched2.cache.host.num_cached_tokens(toks(100, 16) + toks(200, 16)) == 32  # type: ignore[union-attr]
+    sched2.check_invariants()
+
+
+def test_a_reopened_id_does_not_inherit_the_closed_sessions_backup() -> None:
+    """Regression (review): a session opened under the id of a closed one whose backup was
+    still in flight was taken for backed up, and evicting it lost its blocks."""
+    sched, clock = make_scheduler(num_gpu=32, num_host=64, max_pinned_sessions=1, backup_idle=True)
+    sched.open_session("a")
+    run_turn(sched, sched.begin_turn("a", toks(100, 8)))  # old "a": backup in flight
+    sched.close_session("a")
+    sched.open_session("a")
+    run_turn(sched, sched.begin_turn("a", toks(500, 24)))  # new "a": 6 full blocks
+    sched.open_session("b")
+    run_turn(sched, sched.begin_turn("b", toks(900, 4)))  # evicts the new "a"
+    assert sched.session("a").state == S.OFFLOADED  # its own blocks were copied
+    clock.now += 1
+    sched.poll()
+    sched.cache.gpu.pool.evict(100)
+    assert sched.cache.cached_prefix(toks(500, 24)) == (0, 24)
+    assert sched.metrics.blocks_dropped == 0
+    sched.check_invariants()
