@@ -24,6 +24,9 @@ class SchedulerMetrics:
     bytes_restored: int = 0
     sessions_offloaded: int = 0
     sessions_dropped: int = 0
+    # released under pressure with every full block already on the host (backup_idle):
+    # nothing copied; the session is DROPPED and its next turn restores by hash
+    sessions_released_backed_up: int = 0
     transfer_failures: int = 0
     admission_waits: int = 0
     admission_refusals: int = 0

@@ -739,7 +739,7 @@ class SessionScheduler:
         s.state = S.DROPPED
         s.evicted_by = reason
         if reason == "backed_up":
-            self.metrics.sessions_offloaded += 1
+            self.metrics.sessions_released_backed_up += 1
         elif reason != "release":
             self.metrics.sessions_dropped += 1
 

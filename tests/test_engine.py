@@ -310,7 +310,10 @@ def test_evicted_sessions_come_back_with_the_same_outputs(model: LlamaModel) -> 
             assert done.item is not None
             convs[sid] += [done.item, Message("user", f"turn {turn} " * 5)]
     metrics = engine.scheduler.metrics
-    assert metrics.sessions_offloaded + metrics.sessions_dropped > 0
+    assert (
+        metrics.sessions_offloaded + metrics.sessions_dropped + metrics.sessions_released_backed_up
+        > 0
+    )
     for sid in sessions:
         engine.close_session(sid)
     engine.run_until_idle()

@@ -128,7 +128,7 @@ def test_backup_idle_writes_back_at_turn_end_so_eviction_copies_nothing() -> Non
     assert plan is not None and sched.session("a").state == S.DROPPED
     assert sched.cache.num_pending == 0 and m.blocks_offloaded == 4  # nothing copied
     assert sched.cache.gpu.pool.num_in_use == in_use - 5 + 1
-    assert m.sessions_offloaded == 1 and m.sessions_dropped == 0
+    assert (m.sessions_released_backed_up, m.sessions_offloaded, m.sessions_dropped) == (1, 0, 0)
     run_turn(sched, plan)
     sched.cache.gpu.pool.evict(100)
     assert sched.begin_turn("a", [1]) is None  # its full blocks come back from the host
