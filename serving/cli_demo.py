@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import time
 from typing import Any
 
@@ -105,6 +106,8 @@ def serve_and_run(
     model: Any, config: Any, run: Any, spec: AgentLoopSpec, *, sessions: int = 1
 ) -> list[list[TurnTiming]]:
     """Start a local server on `model` with engine `config`, warm it up, run `run`."""
+    import torch
+
     from serving.agent_loop import run_concurrent
     from serving.engine import Engine
     from serving.local_server import LocalServer
@@ -117,7 +120,14 @@ def serve_and_run(
         warm = dataclasses.replace(spec, turns=2, system_tokens=64, tool_min_tokens=8,
                                    tool_max_tokens=8, seed=spec.seed + 99)  # fmt: skip
         run(server.base_url, warm, 0)  # first-call overheads out of the timings
-        return run_concurrent(run, server.base_url, spec, sessions)
+        timings = run_concurrent(run, server.base_url, spec, sessions)
+    # the next mode's engine sizes its KV pool from free memory: free this one's now (the
+    # app's closures keep the engine in a reference cycle until a collection)
+    del app, engine, server
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return timings
 
 
 def configure(args: argparse.Namespace) -> tuple[AgentLoopSpec, Any, Any]:

@@ -136,7 +136,7 @@ def engine_config_from_args(args: argparse.Namespace, model: Any, **changes: Any
         max_batch_tokens=batch,
         prefill_chunk_tokens=args.prefill_chunk or batch,
         scheduler=sched,
-        device=args.device,
+        device=str(model.device),  # "cuda:0", as the model reports it (not bare "cuda")
         seed=args.seed,
     )
     fields.update(changes)

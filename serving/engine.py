@@ -127,6 +127,8 @@ class Engine:
         self.model = model
         self.tokenizer = tokenizer or ByteTokenizer()
         self.device = torch.device(config.device)
+        if self.device.type == "cuda" and self.device.index is None:  # "cuda": the current
+            self.device = torch.device("cuda", torch.cuda.current_device())
         if model.device != self.device:
             raise ValueError(f"Engine: model is on {model.device}, config.device is {self.device}")
         bs = config.block_size

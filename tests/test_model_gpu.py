@@ -113,3 +113,23 @@ def test_decode_replays_in_a_cuda_graph() -> None:
         graph.replay()
         want = model(batch, eager_store)
         torch.testing.assert_close(static_logits, want, atol=1e-3, rtol=1e-3)
+
+
+def test_engine_accepts_a_bare_cuda_device_and_answers_on_the_gpu() -> None:
+    """`--device cuda` (no index) must match the model's `cuda:0`; a short turn runs."""
+    from serving.engine import Engine
+    from serving.engine_types import EngineConfig, EngineRequest, TurnDone
+    from serving.generation import OutputSpec
+
+    model = init_random(LlamaConfig.tiny(), seed=0, device="cuda")
+    engine = Engine(model, EngineConfig(num_gpu_blocks=64, num_host_blocks=16, device="cuda"))
+    assert engine.device == model.device
+    events: list[object] = []
+    engine.open_session("s")
+    engine.submit(
+        EngineRequest(request_id="r", session_id="s", prompt_tokens=tuple(random_ids(40, 1)),
+                      output=OutputSpec(max_output_tokens=3)),
+        events.append,
+    )  # fmt: skip
+    engine.run_until_idle()
+    assert any(isinstance(e, TurnDone) for e in events), events
