@@ -352,6 +352,31 @@ def _plot_hit_sweep(ax: Any, report: dict[str, Any], color: dict[str, str]) -> N
     ax.legend(fontsize=8)
 
 
+def _plot_p99_sweep(ax: Any, report: dict[str, Any], color: dict[str, str]) -> None:
+    """p99 modelled TTFT vs GPU KV memory, one line per policy (from `--sweep`): where
+    the policies that all reach the ideal hit ratio still differ."""
+    for p in report["policies"]:
+        name = p["policy"]
+        points = sorted(
+            (r["gpu_kv_gb"], r["ttft_p99_ms"])
+            for r in report["sweep"]
+            if r["policy"] == name and r["ttft_p99_ms"] is not None
+        )
+        if not p["varies_with_gpu"] or not points:
+            if p["ttft_ms"]["p99"] is not None:
+                ax.axhline(p["ttft_ms"]["p99"], ls="--", lw=1, color=color[name], label=name)
+            continue
+        ax.plot([x for x, _ in points], [y for _, y in points], marker="o",
+                color=color[name], label=name)  # fmt: skip
+    ax.axvline(report["settings"]["gpu_kv_gb"], color="grey", lw=0.8, ls=":")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("GPU KV memory (GB)")
+    ax.set_ylabel("p99 modelled TTFT (ms)")
+    ax.set_title("p99 TTFT vs GPU memory")
+    ax.legend(fontsize=8)
+
+
 def _plot_hit_bars(ax: Any, report: dict[str, Any]) -> None:
     """Hit ratio per policy at the run's one GPU size, stacked by tier (no sweep)."""
     names = [p["policy"] for p in report["policies"]]
@@ -370,8 +395,9 @@ def _plot_hit_bars(ax: Any, report: dict[str, Any]) -> None:
 
 
 def plot_report(report: dict[str, Any], path: str | os.PathLike[str]) -> None:
-    """Two panels, as a PNG: hit ratio vs GPU KV memory per policy (with a sweep; else
-    the hit ratio per policy stacked by tier), and p50 TTFT by turn index per policy.
+    """Panels, as a PNG: hit ratio vs GPU KV memory per policy (with a sweep; else the
+    hit ratio per policy stacked by tier), p99 TTFT vs GPU KV memory (with a sweep), and
+    p50 TTFT by turn index per policy.
 
     Raises:
         ModuleNotFoundError: matplotlib is not installed (`pip install 'pagedkv[sim]'`).
@@ -381,12 +407,14 @@ def plot_report(report: dict[str, Any], path: str | os.PathLike[str]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_hit, ax_ttft) = plt.subplots(1, 2, figsize=(13, 5))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     color = {p["policy"]: colors[i % len(colors)] for i, p in enumerate(report["policies"])}
     if report["sweep"]:
+        fig, (ax_hit, ax_p99, ax_ttft) = plt.subplots(1, 3, figsize=(19, 5))
         _plot_hit_sweep(ax_hit, report, color)
+        _plot_p99_sweep(ax_p99, report, color)
     else:
+        fig, (ax_hit, ax_ttft) = plt.subplots(1, 2, figsize=(13, 5))
         _plot_hit_bars(ax_hit, report)
     for p in report["policies"]:
         c = p["ttft_curve_ms"]
