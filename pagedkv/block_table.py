@@ -54,6 +54,13 @@ class BlockTable:
     def num_full_blocks(self) -> int:
         return self.num_tokens // self.block_size
 
+    @property
+    def num_cacheable_blocks(self) -> int:
+        """Leading blocks that are full, computed and indexable (never past a collision
+        break): what a copy to another tier can make findable by hash."""
+        n = min(self.num_computed_tokens // self.block_size, len(self.hashes))
+        return n if self.broken_at is None else min(n, self.broken_at)
+
     def parent_hash(self, block_index: int) -> bytes:
         """Hash of the block before `block_index` (the tenant root for block 0)."""
         return self.hashes[block_index - 1] if block_index else self.root

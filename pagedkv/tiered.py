@@ -315,11 +315,7 @@ class TieredKVCache:
             raise ValueError(f"backup {seq_id!r}: a backup of it is already in flight")
         g = self.gpu.table(seq_id)
         bs = self.block_size
-        # only full blocks that were computed and indexed on the GPU (never past a
-        # collision break, where the chain is not cacheable)
-        num_full = min(g.num_computed_tokens // bs, len(g.hashes))
-        if g.broken_at is not None:
-            num_full = min(num_full, g.broken_at)
+        num_full = g.num_cacheable_blocks
         if num_full == 0:
             return None
         host.add_sequence(key, tenant=g.tenant, root=g.root)

@@ -306,8 +306,8 @@ class SessionScheduler:
         With a host tier, an IDLE session's full blocks are first written through to the
         host (a `backup`) when `offload` (default: `config.offload_on_close`) and the
         host has room: a dropped connection that comes back after the GPU reclaimed them
-        is then served from the host instead of recomputing. Pass `offload=False` when the client is
-        known to be gone for good.
+        is then served from the host instead of recomputing. Pass `offload=False` when
+        the client is known to be gone for good.
 
         Raises:
             SessionError: unknown session id.
@@ -595,16 +595,6 @@ class SessionScheduler:
         with the same id may have left one of its own)."""
         return self._backups.get(s.session_id) is s and self.cache.is_pending(Backup(s.session_id))
 
-    def _num_full_blocks(self, session_id: object) -> int:
-        """Leading blocks of a GPU table that are full, computed and indexable."""
-        table = self.cache.gpu.table(session_id)
-        n = (
-            len(table.hashes)
-            if table.broken_at is None
-            else min(len(table.hashes), table.broken_at)
-        )
-        return min(n, table.num_computed_tokens // self.cache.block_size)
-
     def _finish_backup(self, s: Session) -> bool:
         """Block until `s`'s backup copy completes and commit it (False when the engine
         cannot wait, as a simulated one)."""
@@ -621,7 +611,7 @@ class SessionScheduler:
         an IDLE session, so that releasing its GPU copy loses at most its partial block."""
         if self.cache.host is None or not self.config.backup_idle:
             return False
-        n = self._num_full_blocks(s.session_id)
+        n = self.cache.gpu.table(s.session_id).num_cacheable_blocks
         if n == 0:
             return False
         if self._backup_in_flight(s):  # covers what was full when it started
@@ -711,7 +701,7 @@ class SessionScheduler:
             or self.cache.is_pending(Backup(s.session_id))
         ):
             return
-        covers = self._num_full_blocks(s.session_id) * self.cache.block_size
+        covers = self.cache.gpu.table(s.session_id).num_cacheable_blocks * self.cache.block_size
         try:
             handle = self.cache.backup(s.session_id)
         except (OutOfBlocksError, RuntimeError, ValueError):

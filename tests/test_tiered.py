@@ -349,3 +349,16 @@ def test_backup_bad_calls_change_nothing() -> None:
     no_host.host = None
     with pytest.raises(ValueError, match="no host tier"):
         no_host.backup("a")
+
+
+def test_backup_copies_only_computed_full_blocks() -> None:
+    cache, _gpu, _host = make_cache(num_gpu=8, num_host=8)
+    cache.begin_sequence("a", list(range(14)))  # 3 full blocks + 2 tokens
+    cache.gpu.mark_computed("a", 9)  # 2 full blocks computed so far
+    t = cache.gpu.table("a")
+    assert t.num_full_blocks == 3 and t.num_cacheable_blocks == 2
+    h = cache.backup("a")
+    assert h is not None and h.num_blocks == 2
+    cache.wait_all()
+    assert cache.host.num_cached_tokens(list(range(14))) == 8
+    cache.check_invariants()
