@@ -29,8 +29,9 @@ class SchedulerConfig:
             recomputing them (False: always drop).
         backup_idle: with a host tier, copy a session's new full blocks to the host when
             its turn ends, while it stays pinned (write-back ahead of need): making room
-            then releases its GPU blocks at once instead of waiting for an offload copy,
-            and its prefix stays findable on the host. Costs host-link bandwidth (each
+            then releases its GPU blocks without an offload copy (at once when that
+            backup has landed, when it completes otherwise), and its prefix stays
+            findable on the host. Costs host-link bandwidth (each
             block is copied once) and reclaimable host memory.
         offload_on_close: with a host tier, write a closed IDLE session's blocks through
             to the host (when it has room), so a client that reconnects after the GPU

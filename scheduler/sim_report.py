@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -331,49 +331,41 @@ def write_json(report: dict[str, Any], path: str | os.PathLike[str]) -> None:
         f.write("\n")
 
 
-def _plot_hit_sweep(ax: Any, report: dict[str, Any], color: dict[str, str]) -> None:
-    """Hit ratio vs GPU KV memory, one line per policy (from `--sweep`)."""
+def _plot_sweep(
+    ax: Any,
+    report: dict[str, Any],
+    color: dict[str, str],
+    *,
+    field: str,
+    main_value: Callable[[dict[str, Any]], float | None],
+    ylabel: str,
+    title: str,
+    log_y: bool = False,
+) -> None:
+    """`field` of the `--sweep` rows vs GPU KV memory, one line per policy; a policy
+    that does not vary with the GPU size (or has no sweep rows) is a dashed line at
+    `main_value` of its main run."""
     for p in report["policies"]:
         name = p["policy"]
         points = sorted(
-            (r["gpu_kv_gb"], r["hit_ratio"]) for r in report["sweep"] if r["policy"] == name
-        )
-        if not p["varies_with_gpu"] or not points:
-            ax.axhline(p["hit_ratio"]["total"], ls="--", lw=1, color=color[name], label=name)
-            continue
-        ax.plot([x for x, _ in points], [y for _, y in points], marker="o",
-                color=color[name], label=name)  # fmt: skip
-    ax.axvline(report["settings"]["gpu_kv_gb"], color="grey", lw=0.8, ls=":")
-    ax.set_xscale("log")
-    ax.set_xlabel("GPU KV memory (GB)")
-    ax.set_ylabel("token hit ratio")
-    ax.set_ylim(0, 1.02)
-    ax.set_title("hit ratio vs GPU memory")
-    ax.legend(fontsize=8)
-
-
-def _plot_p99_sweep(ax: Any, report: dict[str, Any], color: dict[str, str]) -> None:
-    """p99 modelled TTFT vs GPU KV memory, one line per policy (from `--sweep`): where
-    the policies that all reach the ideal hit ratio still differ."""
-    for p in report["policies"]:
-        name = p["policy"]
-        points = sorted(
-            (r["gpu_kv_gb"], r["ttft_p99_ms"])
+            (r["gpu_kv_gb"], r[field])
             for r in report["sweep"]
-            if r["policy"] == name and r["ttft_p99_ms"] is not None
+            if r["policy"] == name and r[field] is not None
         )
         if not p["varies_with_gpu"] or not points:
-            if p["ttft_ms"]["p99"] is not None:
-                ax.axhline(p["ttft_ms"]["p99"], ls="--", lw=1, color=color[name], label=name)
+            value = main_value(p)
+            if value is not None:
+                ax.axhline(value, ls="--", lw=1, color=color[name], label=name)
             continue
         ax.plot([x for x, _ in points], [y for _, y in points], marker="o",
                 color=color[name], label=name)  # fmt: skip
     ax.axvline(report["settings"]["gpu_kv_gb"], color="grey", lw=0.8, ls=":")
     ax.set_xscale("log")
-    ax.set_yscale("log")
+    if log_y:
+        ax.set_yscale("log")
     ax.set_xlabel("GPU KV memory (GB)")
-    ax.set_ylabel("p99 modelled TTFT (ms)")
-    ax.set_title("p99 TTFT vs GPU memory")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.legend(fontsize=8)
 
 
@@ -411,8 +403,14 @@ def plot_report(report: dict[str, Any], path: str | os.PathLike[str]) -> None:
     color = {p["policy"]: colors[i % len(colors)] for i, p in enumerate(report["policies"])}
     if report["sweep"]:
         fig, (ax_hit, ax_p99, ax_ttft) = plt.subplots(1, 3, figsize=(19, 5))
-        _plot_hit_sweep(ax_hit, report, color)
-        _plot_p99_sweep(ax_p99, report, color)
+        _plot_sweep(ax_hit, report, color, field="hit_ratio",
+                    main_value=lambda p: p["hit_ratio"]["total"],
+                    ylabel="token hit ratio", title="hit ratio vs GPU memory")  # fmt: skip
+        ax_hit.set_ylim(0, 1.02)
+        # where the policies that all reach the ideal hit ratio still differ
+        _plot_sweep(ax_p99, report, color, field="ttft_p99_ms",
+                    main_value=lambda p: p["ttft_ms"]["p99"], ylabel="p99 modelled TTFT (ms)",
+                    title="p99 TTFT vs GPU memory", log_y=True)  # fmt: skip
     else:
         fig, (ax_hit, ax_ttft) = plt.subplots(1, 2, figsize=(13, 5))
         _plot_hit_bars(ax_hit, report)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from sched_helpers import make_scheduler, run_turn
 
+from scheduler.errors import OverCapacityError
 from scheduler.eviction import IdleGapModel, IdleSessions
 from scheduler.session import Session, SessionState
 
@@ -205,11 +206,11 @@ def test_an_idle_gap_is_observed_once_even_if_the_turn_is_refused_and_retried() 
     assert plan_c is not None
     sched.mark_computed("c")  # c is running: it holds the only pin slot
     clock.now += 10
-    with pytest.raises(Exception, match="over capacity"):
+    with pytest.raises(OverCapacityError, match="over capacity"):
         sched.begin_turn("a", [9])  # refused: the queue holds nothing
     assert sched.idle_gaps.num_observed == 1
     clock.now += 5
-    with pytest.raises(Exception, match="over capacity"):
+    with pytest.raises(OverCapacityError, match="over capacity"):
         sched.begin_turn("a", [9])  # the retry is the same idle period
     assert sched.idle_gaps.num_observed == 1
 
