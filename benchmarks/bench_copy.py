@@ -4,7 +4,9 @@ The pool is Llama-3-8B's whole KV cache in 16-token blocks, `[num_blocks, 32 lay
 16, 8 KV heads, 128]` bf16 (2 MiB per block), 1 GiB moved per call. Each id table
 (one contiguous run, runs of 8 blocks, fully scattered) moves GPU -> pinned host, pinned
 host -> GPU and GPU -> GPU, against a single large `copy_` of the same bytes in the same
-direction measured in the same run. Without a GPU: CPU -> CPU with the same tables.
+direction measured in the same run, against the device-to-device `copy_` bandwidth of the
+same run, and against the torch reference (`copy_blocks(..., backend="torch")`). Without
+a GPU: CPU -> CPU with the same tables.
 
     python benchmarks/bench_copy.py [--gib 1.0] [--json PATH]
 """
@@ -86,12 +88,13 @@ def id_tables(num_blocks: int, seed: int = 0) -> dict[str, tuple[list[int], list
 def bench(
     src: torch.Tensor, dst: torch.Tensor, device: torch.device, reps: int, label: str
 ) -> list[dict[str, Any]]:
-    """copy_blocks with every id table vs one `dst.copy_(src)` of the whole pool."""
+    """copy_blocks with every id table vs one `dst.copy_(src)` of the whole pool and vs
+    the torch reference (`index_select` + `index_copy_`) on the same tables."""
     nbytes = src.numel() * src.element_size()
     flat_src, flat_dst = src.view(-1), dst.view(-1)
     base_ms = median_ms(lambda: flat_dst.copy_(flat_src, non_blocking=True), device, reps)
     base_gbps = nbytes / base_ms / 1e6
-    rows = [
+    rows: list[dict[str, Any]] = [
         {
             "direction": label,
             "pattern": "single copy_",
@@ -102,6 +105,11 @@ def bench(
     ]
     for pattern, (src_ids, dst_ids) in id_tables(src.shape[0]).items():
         ms = median_ms(lambda s=src_ids, d=dst_ids: copy_blocks(src, dst, s, d), device, reps)
+        ref_ms = median_ms(
+            lambda s=src_ids, d=dst_ids: copy_blocks(src, dst, s, d, backend="torch"),
+            device,
+            max(3, reps // 3),
+        )
         gbps = nbytes / ms / 1e6
         rows.append(
             {
@@ -110,26 +118,47 @@ def bench(
                 "ms": ms,
                 "gbps": gbps,
                 "ratio": gbps / base_gbps,
+                "ref_ms": ref_ms,
+                "vs_ref": ref_ms / ms,
             }
         )
         print(rows[-1], flush=True)
-    expected = src.view(torch.int16)[torch.tensor(src_ids, device=src.device)[:4]].cpu()
-    got = dst.view(torch.int16)[torch.tensor(dst_ids, device=dst.device)[:4]].cpu()
-    rows[-1]["bit_exact_sample"] = bool(torch.equal(expected, got))
+    copy_blocks(src, dst, src_ids, dst_ids)  # the last table, checked in full below
+    expected = src.view(torch.int16)[torch.tensor(src_ids, device=src.device)].cpu()
+    got = dst.view(torch.int16)[torch.tensor(dst_ids, device=dst.device)].cpu()
+    rows[-1]["bit_exact"] = bool(torch.equal(expected, got))
     return rows
 
 
-def print_table(rows: list[dict[str, Any]], block_mib: float) -> None:
+def add_device_ratio(rows: list[dict[str, Any]], label: str) -> float:
+    """Set `vs_dev` on every row: GB/s over the single same-device `copy_` (`label`'s
+    baseline row, e.g. gpu->gpu: the device-to-device bandwidth of this run)."""
+    dev_gbps = next(r["gbps"] for r in rows if r["direction"] == label and r["ratio"] == 1.0)
+    for r in rows:
+        r["vs_dev"] = r["gbps"] / dev_gbps
+    return float(dev_gbps)
+
+
+def print_table(rows: list[dict[str, Any]], block_mib: float, dev_label: str) -> None:
     print(
-        f"\nblock = {block_mib:.1f} MiB ({BLOCK_SHAPE} {DTYPE}); ratio = GB/s / single copy_ GB/s"
+        f"\nblock = {block_mib:.1f} MiB ({BLOCK_SHAPE} {DTYPE}); vs copy_ = GB/s over one "
+        f"large copy_ in the same direction; vs {dev_label} = GB/s over one large "
+        f"{dev_label} copy_; vs ref = torch reference time / ours"
     )
-    header = f"{'direction':<14} {'pattern':<14} {'ms':>9} {'GB/s':>8} {'ratio':>7}"
+    header = (
+        f"{'direction':<14} {'pattern':<14} {'ms':>9} {'GB/s':>8} {'vs copy_':>9} "
+        f"{'vs ' + dev_label:>12} {'vs ref':>7}"
+    )
     print(header)
     print("-" * len(header))
     for r in rows:
+        ref = f"{r['vs_ref']:7.2f}" if "vs_ref" in r else f"{'':>7}"
         print(
-            f"{r['direction']:<14} {r['pattern']:<14} {r['ms']:9.2f} {r['gbps']:8.1f} {r['ratio']:7.2f}"
+            f"{r['direction']:<14} {r['pattern']:<14} {r['ms']:9.2f} {r['gbps']:8.1f} "
+            f"{r['ratio']:9.2f} {r['vs_dev']:12.2f} {ref}"
         )
+    checks = [r["bit_exact"] for r in rows if "bit_exact" in r]
+    print(f"bit-exact (scattered table, every block): {all(checks)}")
 
 
 def main() -> None:
@@ -160,14 +189,17 @@ def main() -> None:
         gpu = torch.empty(shape, dtype=DTYPE, device=device).normal_()
         gpu_dst = torch.empty_like(gpu)
         host = torch.empty(shape, dtype=DTYPE, pin_memory=True)
+        rows += bench(gpu, gpu_dst, device, args.reps, "gpu->gpu")
         rows += bench(gpu, host, device, args.reps, "gpu->host")
         rows += bench(host, gpu_dst, device, args.reps, "host->gpu")
-        rows += bench(gpu, gpu_dst, device, args.reps, "gpu->gpu")
+        dev_label = "gpu->gpu"
     else:
         src = torch.randn(shape, dtype=DTYPE)
         dst = torch.empty_like(src)
         rows += bench(src, dst, device, args.reps, "cpu->cpu")
-    print_table(rows, block_bytes / 2**20)
+        dev_label = "cpu->cpu"
+    add_device_ratio(rows, dev_label)
+    print_table(rows, block_bytes / 2**20, dev_label)
     wall = round(time.perf_counter() - start, 1)
     print(f"\nwall time {wall} s")
     if args.json:

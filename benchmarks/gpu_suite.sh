@@ -3,7 +3,9 @@
 # machine must already have torch with CUDA, triton, pytest; the agent stage also needs
 # the serving extra: openai, starlette, uvicorn, websockets). Stages (default: all, in
 # this order; name some to run only those, e.g. to stay within a 10-minute call):
-#   kernels  gpu-marked kernel tests, bench_attention, bench_copy          (issue 3)
+#   kernels  = kernel-tests + kernel-bench                                  (issue 3)
+#   kernel-tests  gpu-marked kernel tests (CUDA matrix, graphs, int64, copies)
+#   kernel-bench  bench_attention, bench_copy
 #   model    gpu-marked model tests (CUDA forward, bf16, CUDA graphs)        (issue 7)
 #   offload  bench_offload: session offload/restore vs pinned copy_, decode
 #            timing with and without a concurrent offload                    (issue 4)
@@ -25,11 +27,12 @@ STAGES=()
 for arg in "$@"; do
   case "$arg" in
     --quick) QUICK="--quick" ;;
-    kernels|model|offload|agent) STAGES+=("$arg") ;;
-    *) echo "gpu_suite: unknown argument '$arg' (stages: kernels model offload agent)" >&2; exit 2 ;;
+    kernels) STAGES+=(kernel-tests kernel-bench) ;;
+    kernel-tests|kernel-bench|model|offload|agent) STAGES+=("$arg") ;;
+    *) echo "gpu_suite: unknown argument '$arg' (stages: kernels kernel-tests kernel-bench model offload agent)" >&2; exit 2 ;;
   esac
 done
-[ ${#STAGES[@]} -eq 0 ] && STAGES=(kernels model offload agent)
+[ ${#STAGES[@]} -eq 0 ] && STAGES=(kernel-tests kernel-bench model offload agent)
 
 {
   nvidia-smi
@@ -45,10 +48,12 @@ status=0
 for stage in "${STAGES[@]}"; do
   echo "== gpu_suite stage $stage"
   case "$stage" in
-    kernels)
-      $PY -m pytest tests/test_kernels_gpu.py -m gpu -q -rfEs $NOCONF -p no:cacheprovider \
-        >"$OUT/gpu_tests.txt" 2>&1 || status=$?
+    kernel-tests)
+      $PY -m pytest tests/test_kernels_gpu.py tests/test_kernels_strided_index.py -m gpu -q -rfEs \
+        $NOCONF -p no:cacheprovider >"$OUT/gpu_tests.txt" 2>&1 || status=$?
       tail -n 5 "$OUT/gpu_tests.txt"
+      ;;
+    kernel-bench)
       $PY benchmarks/bench_attention.py $QUICK --json "$OUT/bench_attention.json" \
         >"$OUT/bench_attention.txt" 2>&1 || status=$?
       tail -n 30 "$OUT/bench_attention.txt"

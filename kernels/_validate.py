@@ -365,7 +365,7 @@ def as_id_tensor(op: str, name: str, ids: object) -> torch.Tensor:
     t = t.to(torch.int64)
     if t.dim() != 1:
         raise ValueError(f"{op}: {name} must be 1-D; got shape {tuple(t.shape)}")
-    return t
+    return t.contiguous()  # kernels index the ids as a dense array
 
 
 def check_copy_args(

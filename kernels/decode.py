@@ -131,6 +131,32 @@ def _plan_for(
     )
 
 
+# Split workspaces kept per (device, stream) for calls that pass none: the workspace is
+# scratch (written and read within one call), and calls on one stream run in order, so
+# one buffer per stream serves them all without allocating on every step.
+_SCRATCH: dict[tuple[int, int], torch.Tensor] = {}
+
+
+def _scratch_workspace(device: torch.device, numel: int) -> torch.Tensor:
+    """An fp32 scratch buffer of >= `numel` elements for the current stream of `device`.
+
+    Reused across calls on a CUDA stream (grown geometrically when a call needs more).
+    While a CUDA graph is being captured it is allocated fresh, from the graph's private
+    pool: the graph keeps it to itself, so replays never race an eager call on the cached
+    buffer. Elsewhere (CPU under the interpreter) it is allocated per call.
+    """
+    if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+        return torch.empty(numel, dtype=torch.float32, device=device)
+    stream = torch.cuda.current_stream(device)
+    key = (stream.device_index, stream.cuda_stream)
+    buf = _SCRATCH.get(key)
+    if buf is None or buf.numel() < numel:
+        size = max(numel, 2 * buf.numel() if buf is not None else 0)
+        buf = torch.empty(size, dtype=torch.float32, device=device)
+        _SCRATCH[key] = buf
+    return buf
+
+
 def decode_workspace(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -180,7 +206,10 @@ def paged_decode(
         return_lse: also return the natural-log LSE of the scaled scores, fp32 `[B, Hq]`.
         lse: optional fp32 `[B, Hq]` buffer for the LSE (written when given).
         workspace: optional fp32 buffer from `decode_workspace` (same `max_seq_len` and
-            `num_splits`); with `out` (and `lse`) given the call allocates nothing.
+            `num_splits`). Without it a split launch uses a scratch buffer cached for the
+            current CUDA stream (allocated on the first call that needs it, or a larger
+            one), so with `out` (and `lse`, when wanted) given a steady-state call
+            allocates nothing.
         max_seq_len: optional host-known upper bound of `seq_lens` for sizing the splits
             (default: the table capacity). An underestimate is still correct, only slower.
         num_splits: force the split count (tests, benchmarks); default planned.
@@ -197,25 +226,22 @@ def paged_decode(
             `TRITON_INTERPRET=1`.
 
     Graph capture: the Triton path reads no tensor values on the host and launches a
-    grid that depends on shapes only; with `out`, `workspace` (and `lse`) preallocated
-    it allocates nothing, so it can be captured in a CUDA graph and replayed with new
-    `seq_lens` / `block_tables` contents.
+    grid that depends on shapes only, so it can be captured in a CUDA graph and replayed
+    with new `seq_lens` / `block_tables` contents. During capture a missing `workspace`
+    is allocated from the graph's private pool (at capture only, never on replay);
+    pass one to share it between graphs.
     """
     op = "paged_decode"
     dims = check_attention_args(op, q, k_cache, v_cache, block_tables, seq_lens, out)
     sm_scale = check_scale(op, scale, dims.cache.head_dim)
     if lse is not None:
         check_lse_out(op, lse, (dims.num_seqs, dims.num_q_heads), q.device)
-    if resolve_backend(op, backend, q.device) == "torch":
-        return paged_decode_reference(
-            q, k_cache, v_cache, block_tables, seq_lens,
-            scale=sm_scale, out=out, return_lse=return_lse, lse=lse,
-        )  # fmt: skip
-
-    from kernels import decode_kernel
-
-    check_kernel_runnable(op, decode_kernel._paged_decode_kernel, q.device)
-    check_triton_head_dim(op, dims.cache.head_dim)
+    # Launch hints and the workspace are checked on every backend, so a call that is
+    # wrong on CUDA is wrong on CPU too.
+    if max_seq_len is not None:
+        check_positive_int(op, "max_seq_len", max_seq_len)
+    if num_splits is not None:
+        check_positive_int(op, "num_splits", num_splits)
     plan = _plan_for(q, k_cache, block_tables, max_seq_len, num_splits)
     num_seqs, num_q_heads, head_dim = q.shape
     need = plan.workspace_numel(num_seqs, num_q_heads, head_dim)
@@ -231,6 +257,16 @@ def paged_decode(
             f"{need} elements for {plan.num_splits} splits (see decode_workspace); got "
             f"dtype={workspace.dtype}, device={workspace.device}, shape={tuple(workspace.shape)}"
         )
+    if resolve_backend(op, backend, q.device) == "torch":
+        return paged_decode_reference(
+            q, k_cache, v_cache, block_tables, seq_lens,
+            scale=sm_scale, out=out, return_lse=return_lse, lse=lse,
+        )  # fmt: skip
+
+    from kernels import decode_kernel
+
+    check_kernel_runnable(op, decode_kernel._paged_decode_kernel, q.device)
+    check_triton_head_dim(op, dims.cache.head_dim)
     if out is None:
         out = torch.empty_like(q)
     write_lse = return_lse or lse is not None
@@ -243,7 +279,7 @@ def paged_decode(
         part_out = part_lse = out
     else:
         if workspace is None:
-            workspace = torch.empty(need, dtype=torch.float32, device=q.device)
+            workspace = _scratch_workspace(q.device, need)
         part_numel = num_seqs * num_q_heads * plan.num_splits * head_dim
         part_out = workspace[:part_numel]  # [B, Hq, num_splits, D] flattened
         part_lse = workspace[part_numel:need]  # [B, Hq, num_splits] flattened
@@ -256,7 +292,8 @@ def paged_decode(
             q, k_cache, v_cache, block_tables, seq_lens,
             out, lse_arg, part_out, part_lse,
             sm_scale * math.log2(math.e), plan.tokens_per_split, plan.num_splits,
-            *q.stride(), *k_cache.stride(), *block_tables.stride(), *out.stride(), *lse_strides,
+            *q.stride(), *k_cache.stride(), *block_tables.stride(), seq_lens.stride(0),
+            *out.stride(), *lse_strides,
             GROUP=group,
             GROUP_PAD=max(16, next_pow2(group)),
             HEAD_DIM=head_dim,

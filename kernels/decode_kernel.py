@@ -36,6 +36,7 @@ def _paged_decode_kernel(
     stride_cd,
     stride_tb,
     stride_tp,
+    stride_sl,  # seq_lens
     stride_ob,
     stride_oh,
     stride_od,
@@ -56,7 +57,7 @@ def _paged_decode_kernel(
     kv_head = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2)
 
-    seq_len = tl.load(seq_lens_ptr + seq)
+    seq_len = tl.load(seq_lens_ptr + seq * stride_sl)
     start = split * tokens_per_split
     # The last split runs to the end, so a plan sized for shorter sequences stays correct.
     end = tl.where(split == num_splits - 1, seq_len, tl.minimum(start + tokens_per_split, seq_len))

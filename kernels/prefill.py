@@ -142,7 +142,8 @@ def paged_prefill(
         prefill_kernel._paged_prefill_kernel[grid](
             q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, out,
             sm_scale * math.log2(math.e),
-            *q.stride(), *k_cache.stride(), *block_tables.stride(), *out.stride(),
+            *q.stride(), *k_cache.stride(), *block_tables.stride(),
+            query_start_loc.stride(0), seq_lens.stride(0), *out.stride(),
             GROUP=dims.group_size,
             HEAD_DIM=head_dim,
             HEAD_DIM_PAD=max(16, next_pow2(head_dim)),

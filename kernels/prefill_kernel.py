@@ -88,6 +88,8 @@ def _paged_prefill_kernel(
     stride_cd,
     stride_tb,
     stride_tp,
+    stride_qsl,  # query_start_loc
+    stride_sl,  # seq_lens
     stride_ot,
     stride_oh,
     stride_od,
@@ -102,9 +104,9 @@ def _paged_prefill_kernel(
 ):
     seq = tl.program_id(1).to(tl.int64)
     head = tl.program_id(2).to(tl.int64)
-    q_start = tl.load(query_start_loc_ptr + seq)
-    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
-    seq_len = tl.load(seq_lens_ptr + seq)
+    q_start = tl.load(query_start_loc_ptr + seq * stride_qsl)
+    q_len = tl.load(query_start_loc_ptr + (seq + 1) * stride_qsl) - q_start
+    seq_len = tl.load(seq_lens_ptr + seq * stride_sl)
     prefix_len = seq_len - q_len  # the new tokens are the sequence's last q_len positions
 
     d = tl.arange(0, HEAD_DIM_PAD)
@@ -112,7 +114,10 @@ def _paged_prefill_kernel(
     table_row = block_tables_ptr + seq * stride_tb
     head_off = (head // GROUP) * stride_ch
     num_m_tiles = tl.cdiv(q_len, BLOCK_M)
-    for m_tile in range(tl.program_id(0), num_m_tiles, tl.num_programs(0)):
+    for i in range(tl.program_id(0), num_m_tiles, tl.num_programs(0)):
+        # Last tiles first: they see the most keys (causal), so the longest programs start
+        # earliest and the short ones fill in behind them instead of trailing at the end.
+        m_tile = num_m_tiles - 1 - i
         rows = m_tile * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M] index among new tokens
         row_mask = rows < q_len
         q_pos = prefix_len + rows  # absolute positions of the queries

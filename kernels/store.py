@@ -70,7 +70,7 @@ def store_kv(
     grid = (num_tokens, cdiv(dims.num_kv_heads, block_h))
     with device_context(k.device):
         store_kernel._store_kv_kernel[grid](
-            k, v, k_cache, v_cache, slot_mapping, num_slots,
+            k, v, k_cache, v_cache, slot_mapping, num_slots, slot_mapping.stride(0),
             *k.stride(), *v.stride(), *k_cache.stride(),
             NUM_KV_HEADS=dims.num_kv_heads,
             HEAD_DIM=dims.head_dim,

@@ -21,6 +21,7 @@ def _store_kv_kernel(
     v_cache_ptr,  # same shape and strides as k_cache
     slot_mapping_ptr,  # int64 [T]
     num_slots,  # num_blocks * BLOCK_SIZE
+    stride_slot,  # slot_mapping
     stride_kt,
     stride_kh,
     stride_kd,
@@ -40,7 +41,7 @@ def _store_kv_kernel(
     token = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)  # [BLOCK_H] kv heads
     d = tl.arange(0, HEAD_DIM_PAD)
-    slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
+    slot = tl.load(slot_mapping_ptr + token * stride_slot).to(tl.int64)
     if (slot >= 0) & (slot < num_slots):
         block_id = slot // BLOCK_SIZE
         offset = slot % BLOCK_SIZE

@@ -31,6 +31,7 @@ from kernels import (
     paged_decode_reference,
     paged_prefill,
     paged_prefill_reference,
+    plan_decode,
     store_kv,
     store_kv_reference,
 )
@@ -119,6 +120,10 @@ def test_gpu_decode_long_context_uses_splits() -> None:
     )
     q = randn(2, 32, 128, dtype=dtype, device=CUDA)
     args = (q, case.k_cache, case.v_cache, case.block_tables, case.seq_lens)
+    for batch in (1, 2):
+        plan = plan_decode(num_seqs=batch, num_kv_heads=8, head_dim=128, block_size=bs,
+                           max_blocks=case.block_tables.shape[1], device=q.device)  # fmt: skip
+        assert plan.num_splits > 1, plan
     want = paged_decode_reference(*cpu(*args))
     assert_close(paged_decode(*args), want, dtype)
     assert_close(paged_decode(*args, max_seq_len=2048), want, dtype)
@@ -217,6 +222,48 @@ def test_gpu_decode_cuda_graph_capture_and_replay() -> None:
     check()
     assert torch.equal(case.k_cache[int(case.block_tables[0, last // bs]), last % bs], k_new[1])
     assert torch.equal(out[2], torch.zeros_like(out[2]))
+
+
+def test_gpu_decode_with_out_allocates_nothing_in_steady_state() -> None:
+    # No workspace passed: the split launch reuses the per-stream scratch buffer.
+    dtype = torch.bfloat16
+    case = make_case([4000, 90], block_size=16, num_kv_heads=8, head_dim=128, dtype=dtype,
+                     device=CUDA)  # fmt: skip
+    q = randn(2, 32, 128, dtype=dtype, device=CUDA)
+    out = torch.empty_like(q)
+    args = (q, case.k_cache, case.v_cache, case.block_tables, case.seq_lens)
+    paged_decode(*args, out=out, num_splits=8)  # compile and size the scratch buffer
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_stats()["allocation.all.allocated"]
+    for _ in range(3):
+        paged_decode(*args, out=out, num_splits=8)
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_stats()["allocation.all.allocated"] == before
+    assert_close(out, paged_decode_reference(*cpu(*args)), dtype)
+
+
+def test_gpu_decode_graph_capture_without_workspace() -> None:
+    dtype = torch.float16
+    case = make_case([3000, 17], block_size=16, num_kv_heads=2, head_dim=64, dtype=dtype,
+                     device=CUDA)  # fmt: skip
+    q = randn(2, 8, 64, dtype=dtype, device=CUDA)
+    out = torch.empty_like(q)
+    args = (q, case.k_cache, case.v_cache, case.block_tables, case.seq_lens)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        paged_decode(*args, out=out, num_splits=6)  # compile outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        paged_decode(*args, out=out, num_splits=6)
+    # an eager call on the default stream between replays must not disturb the graph
+    other = paged_decode(*args, num_splits=6)
+    q.copy_(randn(2, 8, 64, dtype=dtype, device=CUDA, seed=4))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_close(out, paged_decode_reference(*cpu(*args)), dtype)
+    assert not torch.equal(out, other)
 
 
 def test_gpu_int64_addressing_beyond_int32() -> None:

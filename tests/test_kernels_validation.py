@@ -29,6 +29,7 @@ K, V, TABLES, LENS = CASE.k_cache, CASE.v_cache, CASE.block_tables, CASE.seq_len
 Q = randn(2, 8, 64, dtype=torch.float16)
 QP = randn(7, 8, 64, dtype=torch.float16)
 QSL = query_start_loc([3, 4])
+WIDE = TABLES.repeat(1, 8)  # 256 positions: room for 2 decode splits of 64
 
 DECODE_ERRORS: list[tuple[str, Callable[[], object], type[Exception], str]] = [
     ("q-not-tensor", lambda: paged_decode([1], K, V, TABLES, LENS), TypeError,
@@ -69,6 +70,16 @@ DECODE_ERRORS: list[tuple[str, Callable[[], object], type[Exception], str]] = [
      "scale must be a float or None; got str"),
     ("backend", lambda: paged_decode(Q, K, V, TABLES, LENS, backend="cuda"), ValueError,  # type: ignore[arg-type]
      r"backend must be one of \('auto', 'triton', 'torch'\); got backend='cuda'"),
+    ("num-splits-zero", lambda: paged_decode(Q, K, V, TABLES, LENS, num_splits=0), ValueError,
+     "paged_decode: num_splits must be >= 1; got num_splits=0"),
+    ("num-splits-type", lambda: paged_decode(Q, K, V, TABLES, LENS, num_splits=2.0), TypeError,  # type: ignore[arg-type]
+     "paged_decode: num_splits must be an int; got float"),
+    ("max-seq-len", lambda: paged_decode(Q, K, V, TABLES, LENS, max_seq_len=-3), ValueError,
+     "paged_decode: max_seq_len must be >= 1; got max_seq_len=-3"),
+    ("workspace-dtype", lambda: paged_decode(Q, K, V, WIDE, LENS, num_splits=2, workspace=torch.empty(10**4, dtype=torch.int8)), ValueError,
+     r"paged_decode: workspace must be a contiguous 1-D float32 tensor .* for 2 splits .*got dtype=torch.int8"),
+    ("workspace-small", lambda: paged_decode(Q, K, V, WIDE, LENS, num_splits=2, workspace=torch.empty(3)), ValueError,
+     r"with >= \d+ elements for 2 splits .*shape=\(3,\)"),
     ("ref-block-id", lambda: paged_decode_reference(Q, K, V, torch.tensor([[0, 0], [1, 99]], dtype=torch.int32), LENS), ValueError,
      r"block_tables\[1, 1\]=99 is outside \[0, num_blocks = \d+\)"),
     ("ref-too-long", lambda: paged_decode_reference(Q, K, V, TABLES, torch.tensor([5, 999], dtype=torch.int32)), ValueError,
