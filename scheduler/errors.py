@@ -17,9 +17,14 @@ class OverCapacityError(PagedKVError):
     Attributes:
         session_id: the refused session.
         reason: "queue_full" or "timeout" (or "too_large" when a turn can never fit).
+        detail: the reason in words, without the session id (what a server can show a
+            client without exposing its internal keys).
     """
 
-    def __init__(self, message: str, *, session_id: object = None, reason: str = "") -> None:
+    def __init__(
+        self, message: str, *, session_id: object = None, reason: str = "", detail: str = ""
+    ) -> None:
         super().__init__(message)
         self.session_id = session_id
         self.reason = reason
+        self.detail = detail or message

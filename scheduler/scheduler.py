@@ -770,6 +770,7 @@ class SessionScheduler:
             f"session {s.session_id!r}: over capacity ({reason}): {detail}",
             session_id=s.session_id,
             reason=reason,
+            detail=f"over capacity ({reason}): {detail}",
         )
 
     # ------------------------------------------------------------------ transfers

@@ -75,6 +75,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="default when a request sets none (default 16)")  # fmt: skip
     p.add_argument("--max-connection-age", type=float, default=3600.0,
                    help="seconds before websocket_connection_limit_reached (default 3600)")  # fmt: skip
+    p.add_argument("--max-queued-responses", type=int, default=32,
+                   help="responses one WebSocket connection may queue behind its running "
+                   "one; more are refused (default 32)")  # fmt: skip
     p.add_argument("--log-level", default="info")
     add_model_args(p)
     add_engine_args(p)
@@ -160,6 +163,7 @@ def run(args: argparse.Namespace) -> int:
         model_name=str(name),
         default_max_output_tokens=args.max_output_tokens,
         max_connection_age_s=args.max_connection_age,
+        max_queued_responses=args.max_queued_responses,
     )
     cfg = model.config
     print(

@@ -300,7 +300,21 @@ class Engine:
         elif kind == "close":
             self._close(arg)
         elif kind == "submit":
-            self._submit(*arg)
+            req, emit = arg
+            try:
+                self._submit(req, emit)
+            except Exception:  # a bug: end this turn with an error, never leave it hanging
+                log.exception("engine submit failed")
+                s = self._sessions.get(req.session_id)
+                if s is not None and s.job is not None and s.job.req is req:
+                    self._fail(s.job, "server_error", "internal error starting the turn", 500)
+                else:
+                    emit(
+                        TurnFailed(
+                            req.request_id, "server_error", "internal error starting the turn",
+                            500, "server_error",
+                        )
+                    )  # fmt: skip
         elif kind == "call":
             fn, fut = arg
             if fut.set_running_or_notify_cancel():
@@ -391,7 +405,7 @@ class Engine:
             self._fail(
                 job,
                 "over_capacity",
-                str(exc),
+                exc.detail,
                 400 if exc.reason == "too_large" else 503,
                 reset=False,
             )
@@ -402,6 +416,14 @@ class Engine:
             self._admit(job, plan)
 
     def _poll(self) -> None:
+        try:
+            self._poll_scheduler()
+        except Exception:  # a bug: fail the waiting turns, keep the engine thread alive
+            log.exception("engine poll failed")
+            for job in list(self._waiting.values()):
+                self._fail(job, "server_error", "internal error while admitting", 500)
+
+    def _poll_scheduler(self) -> None:
         for event in self.scheduler.poll():
             key = event.session_id  # our scheduler ids are the sessions' keys
             job = self._waiting.pop(key, None) if isinstance(key, tuple) else None
@@ -410,7 +432,7 @@ class Engine:
             if isinstance(event, TurnReady):
                 self._admit(job, event.plan)
             elif isinstance(event, TurnRefused):
-                self._fail(job, "over_capacity", str(event.error), 503, reset=False)
+                self._fail(job, "over_capacity", event.error.detail, 503, reset=False)
 
     def _admit(self, job: _Job, plan: TurnPlan) -> None:
         table = self.cache.gpu.table(job.session.key)
@@ -497,6 +519,19 @@ class Engine:
         if job.t_first is None:
             job.t_first = time.monotonic()
             job.emit(OutputStarted(job.req.request_id, job.t_first - job.req.arrival))
+        held = self.cache.gpu.table(job.session.key).num_tokens
+        if held + len(step.tokens) > self.max_position:
+            # Callers reserve room for the whole item before submitting; this is the last
+            # guard, so one turn past the context fails alone instead of the batch.
+            self._fail(
+                job,
+                "context_length_exceeded",
+                f"the response would grow the conversation to {held + len(step.tokens)} "
+                f"tokens, past the model's context of {self.max_position}",
+                400,
+                error_type="invalid_request_error",
+            )
+            return
         if step.delta:
             job.emit(OutputDelta(job.req.request_id, step.delta))
         try:

@@ -107,6 +107,18 @@ class OutputProgram:
         self.hit_limit = False  # stopped at max_output_tokens rather than by choice
         self._started = False
 
+    def max_tokens(self) -> int:
+        """The most tokens this item can append after the prompt: the forced header of a
+        function call (its id, name and JSON-encoded key, as `_advance_call` encodes
+        them), every sampled token, and the closing tokens."""
+        spec = self.spec
+        total = spec.max_output_tokens + len(self._close())
+        if spec.is_function_call:
+            opening = "{" + json.dumps(spec.arg_key) + ': "'
+            header = self.tok.encode(f"{spec.call_id}\n{spec.name}\n{opening}")
+            total += 1 + len(header) + len(self.tok.encode('"}'))
+        return total
+
     def allowed(self) -> str | None:
         """Name of the `CharMasks` span for the next token, or None when it is forced."""
         if self.spec.is_function_call:

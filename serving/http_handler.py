@@ -35,6 +35,27 @@ def _parse_body(body: bytes) -> CreateRequest:
     return parse_create(decode_json(body, "body"), websocket=False)
 
 
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request body, read chunk by chunk so that a body without a (truthful)
+    Content-Length is refused as soon as it passes `limit`, before it is all in memory.
+
+    Raises:
+        ProtocolError: the body is larger than `limit` (413 `message_too_large`).
+    """
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ProtocolError(
+                f"body of more than {limit} bytes exceeds the limit of {limit}",
+                code="message_too_large",
+                status=413,
+            )
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 async def create_response(request: Request, engine: Engine, config: ServerConfig) -> Response:
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > config.max_message_bytes:
@@ -46,14 +67,8 @@ async def create_response(request: Request, engine: Engine, config: ServerConfig
                 status=413,
             )
         )
-    body = await request.body()
     try:
-        if len(body) > config.max_message_bytes:
-            raise ProtocolError(
-                f"body of {len(body)} bytes exceeds the limit of {config.max_message_bytes}",
-                code="message_too_large",
-                status=413,
-            )
+        body = await _read_body(request, config.max_message_bytes)
         req = await off_loop(len(body), _parse_body, body)
         if req.previous_response_id is not None:
             raise ProtocolError(

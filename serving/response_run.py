@@ -25,7 +25,7 @@ from serving.engine_types import (
     TurnFailed,
     TurnStarted,
 )
-from serving.generation import OutputSpec
+from serving.generation import OutputProgram, OutputSpec
 from serving.protocol import CreateRequest, ProtocolError
 from serving.response_events import ResponseBuilder, new_id
 
@@ -51,11 +51,18 @@ class ServerConfig:
 
     Attributes:
         model_name: the `model` reported in responses (requests may name any model).
-        default_max_output_tokens: when a request sets none (small: a CPU default).
+        default_max_output_tokens: the output length of a request that sets none
+            (small: a CPU default). Reaching it completes the response (the server's
+            stop length); a request's own `max_output_tokens` that cuts the output
+            off makes it "incomplete", as in the API.
         max_output_tokens_cap: requests asking for more are capped to this.
         max_message_bytes: a larger WebSocket message or HTTP body is refused.
         max_connection_age_s: a WebSocket connection older than this is ended with
             `websocket_connection_limit_reached` once its in-flight response is done.
+        max_queued_responses: `response.create` requests a WebSocket connection may
+            have waiting behind its running response; more are refused
+            (`too_many_queued_responses`), so a client cannot grow server memory by
+            pipelining requests.
         max_stored_responses: responses a connection remembers for
             `previous_response_id` (least recent forgotten first).
     """
@@ -65,6 +72,7 @@ class ServerConfig:
     max_output_tokens_cap: int = 1024
     max_message_bytes: int = 8 * 1024 * 1024
     max_connection_age_s: float = 3600.0
+    max_queued_responses: int = 32
     max_stored_responses: int = 64
 
     def __post_init__(self) -> None:
@@ -72,6 +80,7 @@ class ServerConfig:
             "default_max_output_tokens",
             "max_output_tokens_cap",
             "max_message_bytes",
+            "max_queued_responses",
             "max_stored_responses",
         ):
             value = getattr(self, name)
@@ -109,6 +118,10 @@ class ResponseRun:
         max_out = min(
             req.max_output_tokens or config.default_max_output_tokens, config.max_output_tokens_cap
         )
+        # Only a limit the client asked for makes a cut-off response "incomplete"; the
+        # server's default length is its stop length (like a stop sequence): reaching it
+        # completes the response.
+        self.client_limit = req.max_output_tokens is not None
         temperature = 1.0 if req.temperature is None else req.temperature
         self.spec: OutputSpec | None = None
         if req.generate:
@@ -132,7 +145,7 @@ class ResponseRun:
         )
         reserve = 0  # the output item's tokens: framing, call id, name, key, sampled text
         if self.spec is not None:
-            reserve = max_out + 64 + len(self.spec.name or "") + len(self.spec.arg_key)
+            reserve = OutputProgram(self.spec, engine.tokenizer).max_tokens()
         if len(self.tokens) + reserve > engine.max_position:
             raise ProtocolError(
                 f"the conversation renders to {len(self.tokens)} tokens; with "
@@ -205,7 +218,7 @@ class ResponseRun:
                     cached_tokens=event.cached_tokens,
                     output_tokens=event.output_tokens,
                     metrics=event.metrics,
-                    incomplete_reason=event.incomplete_reason,
+                    incomplete_reason=(event.incomplete_reason if self.client_limit else None),
                 ):
                     yield ev
                 return

@@ -121,6 +121,18 @@ class ResponsesSocket:
             if self._closing:  # past the age limit: answer it, do not run it
                 await self._send_error(self._limit_error(), req)
                 continue
+            if self._requests.qsize() >= self.config.max_queued_responses:
+                await self._send_error(
+                    ProtocolError(
+                        f"{self._requests.qsize()} responses are already queued on this "
+                        f"connection (limit {self.config.max_queued_responses}); wait for "
+                        "one to finish",
+                        code="too_many_queued_responses",
+                        status=429,
+                    ),
+                    req,
+                )
+                continue
             await self._requests.put(req)
 
     def _parse(self, data: str) -> CreateRequest:

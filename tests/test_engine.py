@@ -266,6 +266,7 @@ def test_admission_refusal_is_an_over_capacity_failure(model: LlamaModel) -> Non
     rec.done(ra)
     failed = rec.failed(rb)
     assert (failed.code, failed.status) == ("over_capacity", 503)
+    assert failed.message.startswith("over capacity (queue_full)"), failed.message
     # the refused session is usable: now that a is idle it can be evicted for b
     rb2 = rec.submit("b", text_prompt("two"), greedy())
     engine.run_until_idle()
@@ -370,3 +371,70 @@ def test_unknown_session_and_second_turn_in_flight_fail(model: LlamaModel) -> No
     assert rec.failed(r0).code == "session_not_found"
     assert rec.failed(r2).code == "response_already_in_flight"
     rec.done(r1)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        greedy(5),
+        greedy(7, call_id="call_x", name="lookup", arg_key="path"),
+        greedy(3, call_id="call_\u00e9", name="n\u00e4me", arg_key="\u00e9\n\u2028" * 40),
+    ],
+    ids=["text", "call", "call-non-ascii-key"],
+)
+def test_max_tokens_bounds_what_the_item_appends(spec: OutputSpec) -> None:
+    # Sampling never stops early here, so the item runs to its limit: the reserve the
+    # server checks against the context must be exactly what is appended.
+    program = OutputProgram(spec, TOK)
+    appended = 0
+    while not program.done:
+        token = None if program.allowed() is None else ord("a")
+        appended += len(program.advance(token).tokens)
+    assert appended == program.max_tokens()
+
+
+def test_a_turn_growing_past_the_context_fails_alone(model: LlamaModel) -> None:
+    engine = make_engine(model, num_gpu_blocks=256)
+    rec = Recorder(engine)
+    for sid in ("long", "ok"):
+        engine.open_session(sid)
+    limit = model.config.max_position
+    prompt = text_prompt("x" * (limit - 40))
+    assert limit - 20 < len(prompt) + 30 < limit + 40  # the output would cross the context
+    r_long = rec.submit("long", prompt, greedy(60))
+    r_ok = rec.submit("ok", text_prompt("fine"), greedy(30))
+    engine.run_until_idle()
+    failed = rec.failed(r_long)
+    assert (failed.code, failed.status) == ("context_length_exceeded", 400)
+    assert rec.done(r_ok).item is not None  # the other session's turn was not failed
+    engine.close_session("long")
+    engine.close_session("ok")
+    engine.run_until_idle()
+    assert_no_leaks(engine)
+
+
+def test_a_bug_starting_or_admitting_a_turn_fails_that_turn_only(
+    model: LlamaModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = make_engine(model)
+    rec = Recorder(engine)
+    engine.open_session("s")
+    real_begin, real_poll = engine.scheduler.begin_turn, engine.scheduler.poll
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("injected bug")
+
+    monkeypatch.setattr(engine.scheduler, "begin_turn", broken)
+    r1 = rec.submit("s", text_prompt("one"), greedy())
+    engine.run_until_idle()
+    assert (rec.failed(r1).code, rec.failed(r1).status) == ("server_error", 500)
+    monkeypatch.setattr(engine.scheduler, "begin_turn", real_begin)
+    monkeypatch.setattr(engine.scheduler, "poll", broken)
+    r2 = rec.submit("s", text_prompt("two"), greedy())  # admitted at once: no poll needed
+    engine.run_until_idle(max_steps=50)
+    monkeypatch.setattr(engine.scheduler, "poll", real_poll)
+    engine.run_until_idle()
+    assert rec.done(r2).item is not None  # the session works after both bugs
+    engine.close_session("s")
+    engine.run_until_idle()
+    assert_no_leaks(engine)

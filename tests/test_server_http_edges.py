@@ -27,6 +27,13 @@ def test_hostile_bodies_get_json_errors() -> None:
         assert r.status_code == 400 and r.json()["error"]["param"] == "background"
         r = httpx.post(url, content=b"x" * (300 * 1024))
         assert r.status_code == 413
+
+        def chunks():  # chunked transfer encoding: no Content-Length to refuse early
+            for _ in range(40):
+                yield b"x" * (16 * 1024)
+
+        r = httpx.post(url, content=chunks())
+        assert r.status_code == 413 and r.json()["error"]["code"] == "message_too_large"
         r = httpx.post(url, json={"input": "still fine?", "max_output_tokens": 2})
         assert r.status_code == 200
         assert r.json()["status"] in ("completed", "incomplete")

@@ -205,6 +205,25 @@ def test_connection_age_limit_finishes_the_response_then_closes() -> None:
     time.sleep(0.1)
 
 
+def test_server_default_length_completes_the_response() -> None:
+    # No max_output_tokens: the server's default length is its stop length, so the
+    # response (a text one and a forced function call) ends response.completed.
+    with tiny_server() as (srv, _engine), connect(srv.ws_url) as ws:
+        create(ws, input="tell me a long story", temperature=0)
+        last = read_response(events(ws))[-1]
+        assert last["type"] == "response.completed", last
+        assert last["response"]["incomplete_details"] is None
+        assert last["response"]["output"][0]["status"] == "completed"
+        tool = {"type": "function", "name": "ls", "parameters": {"type": "object",
+                "properties": {"path": {"type": "string"}}}}  # fmt: skip
+        create(ws, input="list files", tools=[tool], tool_choice="required", temperature=0)
+        last = read_response(events(ws))[-1]
+        assert last["type"] == "response.completed", last
+        call = last["response"]["output"][0]
+        assert call["type"] == "function_call" and call["status"] == "completed"
+        assert set(json.loads(call["arguments"])) == {"path"}
+
+
 def test_output_cut_by_max_output_tokens_is_incomplete() -> None:
     with tiny_server() as (srv, _engine), connect(srv.ws_url) as ws:
         create(ws, input="tell me a long story", max_output_tokens=2, temperature=0)
@@ -223,3 +242,23 @@ def test_output_cut_by_max_output_tokens_is_incomplete() -> None:
             "cached_tokens": usage["input_tokens_details"]["cached_tokens"],
             "cache_write_tokens": 0,
         }
+
+
+def test_requests_queued_past_the_limit_are_refused_and_the_rest_run() -> None:
+    cfg = ServerConfig(model_name="tiny", max_queued_responses=2)
+    with tiny_server(server=cfg) as (srv, engine), connect(srv.ws_url) as ws:
+        for i in range(6):  # one runs, two wait, the rest arrive while those are busy
+            create(ws, input=f"request {i} " * 50, max_output_tokens=48, temperature=0)
+        ends, refused = 0, 0
+        stream = events(ws)
+        while ends + refused < 6:
+            event = next(stream)
+            if event["type"] == "error":
+                assert event["error"]["code"] == "too_many_queued_responses", event
+                assert "limit 2" in event["error"]["message"]
+                refused += 1
+            elif event["type"] in DONE:
+                ends += 1
+        assert refused >= 1 and ends >= 3  # the running one and the two queued
+        assert completed(ws, input="still usable")["status"] in ("completed", "incomplete")
+        engine_check(engine)

@@ -1,9 +1,5 @@
-"""API gaps the serving engine works around, as minimal failing (xfail strict) tests.
-
-Each test states the behaviour serving needs from `scheduler`/`pagedkv`; when the
-lower layer changes, the test starts passing and strict xfail flags it for removal of
-the workaround.
-"""
+"""Behaviour the serving engine relies on from `scheduler`/`pagedkv`, as minimal tests
+(each was once a gap the engine had to work around)."""
 
 from __future__ import annotations
 
