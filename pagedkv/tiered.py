@@ -66,8 +66,12 @@ class TransferResult:
 
     Attributes:
         ok: every block moved.
-        num_blocks_copied: blocks whose bytes moved successfully.
-        failed_blocks: table positions (block indices) that were not moved.
+        num_blocks_copied: blocks moved and kept (the copied prefix before the first
+            failure).
+        failed_blocks: table positions (block indices) of the copy that did not land:
+            the first block that failed and every later one of the copy (those may have
+            moved, but a table is only valid up to its first gap, so they are discarded
+            and must be recomputed).
         valid_tokens: restore: leading GPU tokens whose K/V is valid (compute the rest);
             offload: tokens now held on the host (0 when the offload was rolled back);
             backup: leading tokens whose blocks are now findable on the host.
@@ -123,16 +127,21 @@ class TieredKVCache:
             if engine is None:
                 raise ValueError("TieredKVCache: a host tier needs a transfer engine")
         for name, manager in (("gpu", gpu), ("host", host)):
-            store = getattr(engine, name, None)  # CopyTransferEngine: the stores it copies
+            # CopyTransferEngine (or a wrapper that exposes it): the stores it copies
+            store = getattr(engine, name, None)
+            if manager is None or store is None:
+                continue
             store_blocks = getattr(store, "num_blocks", None)
-            if (
-                manager is not None
-                and store_blocks is not None
-                and manager.pool.num_blocks > store_blocks
-            ):
+            if store_blocks is not None and manager.pool.num_blocks > store_blocks:
                 raise ValueError(
                     f"TieredKVCache: the {name} pool has {manager.pool.num_blocks} blocks "
                     f"but the engine's {name} store holds only {store_blocks}"
+                )
+            spec = getattr(store, "spec", None)
+            if spec is not None and spec.block_size != manager.block_size:
+                raise ValueError(
+                    f"TieredKVCache: the {name} manager has block_size {manager.block_size} "
+                    f"but the engine's {name} store has block_size {spec.block_size}"
                 )
         self.gpu = gpu
         self.host = host
@@ -275,6 +284,9 @@ class TieredKVCache:
         host.add_sequence(seq_id, tenant=g.tenant, root=g.root)
         try:
             r = host.append_tokens(seq_id, g.tokens, known_hashes=g.hashes)
+        except OutOfBlocksError as exc:
+            host.free_sequence(seq_id)
+            raise _host_full("offload", seq_id, exc) from exc
         except BaseException:
             host.free_sequence(seq_id)
             raise
@@ -321,6 +333,9 @@ class TieredKVCache:
         host.add_sequence(key, tenant=g.tenant, root=g.root)
         try:
             r = host.append_tokens(key, g.tokens[: num_full * bs], known_hashes=g.hashes[:num_full])
+        except OutOfBlocksError as exc:
+            host.free_sequence(key)
+            raise _host_full("backup", seq_id, exc) from exc
         except BaseException:
             host.free_sequence(key)
             raise
@@ -471,8 +486,12 @@ class TieredKVCache:
         return p.handle
 
     def poll(self) -> list[TransferResult]:
-        """Commit every finished copy (never blocks). Returns their results."""
-        done = [p for p in self._pending.values() if p.handle.done()]
+        """Commit every finished copy (never blocks). Returns their results.
+
+        A handle whose completion check raises (an asynchronous device error surfacing)
+        is committed as failed, with the error on its handle; the others are unaffected.
+        """
+        done = [p for p in list(self._pending.values()) if self._finished(p, block=False)]
         return [self._complete(p) for p in done]
 
     def wait(self, seq_id: SeqId) -> TransferResult | None:
@@ -480,21 +499,39 @@ class TieredKVCache:
         pending = self._pending.get(seq_id)
         if pending is None:
             return None
-        pending.handle.wait()
+        self._finished(pending, block=True)
         return self._complete(pending)
 
     def wait_all(self) -> list[TransferResult]:
         """Block until every copy finishes; commit them in submission order."""
         out = []
         for pending in list(self._pending.values()):
-            pending.handle.wait()
+            self._finished(pending, block=True)
             out.append(self._complete(pending))
         return out
+
+    @staticmethod
+    def _finished(p: _Pending, *, block: bool) -> bool:
+        """Whether `p`'s copy is over (waiting for it when `block`). An error raised by
+        the check fails the whole copy: nothing it moved is trusted."""
+        try:
+            if block:
+                p.handle.wait()
+                return True
+            return p.handle.done()
+        except Exception as exc:  # e.g. a CUDA error reported by the completion event
+            p.handle.error = exc
+            p.cancelled = True
+            return True
 
     def _complete(self, p: _Pending) -> TransferResult:
         del self._pending[p.seq_id]
         failed_pairs = set(range(len(p.positions))) if p.cancelled else p.handle.failed
         failed = sorted(p.positions[i] for i in failed_pairs)
+        if failed:
+            # only the prefix before the first failed block is kept; the blocks after it
+            # moved but are discarded (a table is valid up to its first gap)
+            failed = [pos for pos in p.positions if pos >= failed[0]]
         bs = self.block_size
         assert self.host is not None
         if p.held_gpu:
@@ -575,6 +612,15 @@ class TieredKVCache:
         loc = self.location(seq_id)
         if loc != "gpu":
             raise ValueError(f"{what} {seq_id!r}: expected a sequence on the GPU, it is at {loc!r}")
+
+
+def _host_full(what: str, seq_id: SeqId, exc: OutOfBlocksError) -> OutOfBlocksError:
+    """`exc` (from the host manager) restated as the host tier being full."""
+    return OutOfBlocksError(
+        f"{what} {seq_id!r}: the host tier is full: {exc}",
+        needed=exc.needed,
+        available=exc.available,
+    )
 
 
 __all__ = [

@@ -2,9 +2,11 @@
 
 Three engines behind one interface:
 - `CopyTransferEngine`: real copies with `kernels.copy_blocks`. On CUDA they run on a
-  side stream, ordered after the work already queued on the compute stream (an event),
-  and the handle polls a completion event: the compute stream is never blocked. On CPU
-  the copy happens synchronously inside `submit`.
+  side stream per direction (offloads and backups on one, restores on the other, so a
+  restore a turn waits for never queues behind write-backs, and both PCIe directions
+  are used at once), ordered after the work already queued on the compute stream (an
+  event), and the handle polls a completion event: the compute stream is never
+  blocked. On CPU the copy happens synchronously inside `submit`.
 - `SimulatedTransferEngine`: no tensors; a handle completes when the injected clock
   reaches `ready_at`, from a latency + bandwidth model with one link per direction.
 - `FaultInjectingEngine`: wraps another engine and fails chosen pairs (tests).
@@ -109,11 +111,20 @@ class CopyTransferEngine(TransferEngine):
             )
         self.gpu = gpu
         self.host = host
-        self._stream = (
-            torch.cuda.Stream(device=gpu.device)  # type: ignore[no-untyped-call]
+        self._streams: dict[str, torch.cuda.Stream] = (
+            {
+                direction: torch.cuda.Stream(device=gpu.device)  # type: ignore[no-untyped-call]
+                for direction in ("offload", "restore")
+            }
             if self._cuda
-            else None
+            else {}
         )
+
+    def synchronize(self) -> None:
+        """Block until every copy submitted so far has finished (e.g. before the stores
+        are freed: a copy still in flight would write into reused memory)."""
+        for stream in self._streams.values():
+            stream.synchronize()  # type: ignore[no-untyped-call]
 
     def submit(
         self, direction: Direction, src_ids: list[int], dst_ids: list[int]
@@ -129,7 +140,8 @@ class CopyTransferEngine(TransferEngine):
         handle = TransferHandle(direction, list(src_ids), list(dst_ids))
         if not src_ids:
             return handle
-        if self._stream is None:
+        side = self._streams.get(direction)
+        if side is None:
             # CPU: one synchronous batch; a failure fails every pair of it
             try:
                 copy_blocks(src, dst, src_ids, dst_ids)
@@ -145,14 +157,14 @@ class CopyTransferEngine(TransferEngine):
         ready = torch.cuda.Event()  # type: ignore[no-untyped-call]
         ready.record(compute)
         finished = torch.cuda.Event()  # type: ignore[no-untyped-call]
-        with torch.cuda.stream(self._stream):
-            self._stream.wait_event(ready)
+        with torch.cuda.stream(side):
+            side.wait_event(ready)
             try:
                 copy_blocks(src, dst, src_ids, dst_ids, non_blocking=True)
             except (RuntimeError, ValueError, TypeError) as exc:
                 handle.failed = set(range(len(src_ids)))
                 handle.error = exc
-            finished.record(self._stream)
+            finished.record(side)
         handle._poll = finished.query
         handle._wait = finished.synchronize
         return handle
@@ -223,11 +235,22 @@ class SimulatedTransferEngine(TransferEngine):
 
 class FaultInjectingEngine(TransferEngine):
     """Wraps an engine; pairs for which `fail(direction, src_id, dst_id)` is true are not
-    copied and are reported in `handle.failed`."""
+    copied and are reported in `handle.failed`, together with whatever the inner engine
+    reports failed once its copy is done."""
 
     def __init__(self, inner: TransferEngine, fail: Callable[[str, int, int], bool]) -> None:
         self.inner = inner
         self.fail = fail
+
+    @property
+    def gpu(self) -> KVStore | None:
+        """The inner engine's GPU store, if it has one (for pool-size checks)."""
+        return getattr(self.inner, "gpu", None)
+
+    @property
+    def host(self) -> KVStore | None:
+        """The inner engine's host store, if it has one."""
+        return getattr(self.inner, "host", None)
 
     def submit(
         self, direction: Direction, src_ids: list[int], dst_ids: list[int]
@@ -240,13 +263,23 @@ class FaultInjectingEngine(TransferEngine):
         }
         keep = [i for i in range(len(src_ids)) if i not in bad]
         inner = self.inner.submit(direction, [src_ids[i] for i in keep], [dst_ids[i] for i in keep])
-        return TransferHandle(
-            direction,
-            list(src_ids),
-            list(dst_ids),
-            ready_at=inner.ready_at,
-            failed=bad | {keep[i] for i in inner.failed},
-            error=inner.error,
-            _poll=inner.done,
-            _wait=inner.wait,
+        handle = TransferHandle(
+            direction, list(src_ids), list(dst_ids), ready_at=inner.ready_at, failed=set(bad)
         )
+
+        def settle() -> None:  # the inner result is meaningful only once it is done
+            handle.failed = bad | {keep[i] for i in inner.failed}
+            handle.error = inner.error
+
+        def poll() -> bool:
+            if not inner.done():
+                return False
+            settle()
+            return True
+
+        def wait() -> None:
+            inner.wait()
+            settle()
+
+        handle._poll, handle._wait = poll, wait
+        return handle

@@ -110,7 +110,9 @@ def test_failed_offload_keeps_gpu_copy_and_good_host_prefix() -> None:
     fail_dst.add(2)  # the third host block (the third block of "a") fails to copy
     cache.offload("a")
     (r,) = cache.wait_all()
-    assert not r.ok and r.failed_blocks == [2] and r.valid_tokens == 0
+    # block 2 failed; block 3 moved but sits past the gap: both are reported, 2 kept
+    assert not r.ok and r.failed_blocks == [2, 3] and r.valid_tokens == 0
+    assert r.num_blocks_copied == 2
     assert cache.location("a") == "gpu"  # rolled back: the session is intact on the GPU
     assert cache.host.pool.num_in_use == 0
     assert cache.host.num_cached_tokens(list(range(14))) == 8  # good prefix is findable
@@ -132,7 +134,8 @@ def test_failed_restore_reports_valid_prefix_and_never_serves_garbage() -> None:
     fail_src.add(cache.host.table("a").block_ids[1])
     cache.restore("a")
     r = cache.wait("a")
-    assert r is not None and not r.ok and r.failed_blocks == [1] and r.valid_tokens == 4
+    assert r is not None and not r.ok and r.failed_blocks == [1, 2, 3] and r.valid_tokens == 4
+    assert r.num_blocks_copied == 1
     t = cache.gpu.table("a")
     assert t.num_computed_tokens == 4 and t.num_tokens == 14
     # the un-restored blocks are not findable on the GPU; the caller recomputes from 4
@@ -327,7 +330,7 @@ def test_backup_source_blocks_survive_a_free_and_a_failed_copy_keeps_the_good_pr
     compute(cache2, gpu2, "c", gen)
     cache2.backup("c")
     (r,) = cache2.wait_all()
-    assert r.seq_id == Backup("c") and not r.ok and r.failed_blocks == [2]
+    assert r.seq_id == Backup("c") and not r.ok and r.failed_blocks == [2, 3]
     assert r.valid_tokens == 8 and cache2.host.num_cached_tokens(tokens) == 8
     assert cache2.location("c") == "gpu" and cache2.host.pool.num_in_use == 0
     cache2.check_invariants()

@@ -45,6 +45,7 @@ class TieredMachine(RuleBasedStateMachine):
         self.model: dict[int, tuple[int, list[int]]] = {}  # seq -> (tenant index, tokens)
         self.seen: list[tuple[int, list[int]]] = []  # histories presented so far
         self.next_id = 0
+        self.cancelled: set[object] = set()  # copies cancelled while in flight
 
     # -------------------------------------------------------------- helpers
     def _compute_rest(self, seq: int) -> None:
@@ -57,6 +58,11 @@ class TieredMachine(RuleBasedStateMachine):
 
     def _settle(self, results: list[TransferResult]) -> None:
         for r in results:
+            if r.seq_id in self.cancelled:  # a cancelled copy keeps nothing it moved
+                self.cancelled.discard(r.seq_id)
+                assert not r.ok and r.failed_blocks and r.num_blocks_copied == 0, r
+                if r.direction == "offload" and not r.backup:
+                    assert r.valid_tokens == 0, r
             if r.direction == "restore" and self.cache.location(r.seq_id) == "gpu":
                 assert r.valid_tokens == self.cache.gpu.table(r.seq_id).num_computed_tokens
                 self._compute_rest(r.seq_id)  # failed blocks are recomputed
@@ -244,7 +250,9 @@ class TieredMachine(RuleBasedStateMachine):
         seqs = [s for s in self.model if self.cache.is_pending(s)]
         seqs += [Backup(s) for s in range(self.next_id) if self.cache.is_pending(Backup(s))]
         if seqs:
-            self.cache.cancel(data.draw(st.sampled_from(seqs)))
+            key = data.draw(st.sampled_from(seqs))
+            self.cache.cancel(key)
+            self.cancelled.add(key)
 
     def _forget_freed(self) -> None:
         for seq in [s for s in self.model if self.cache.location(s) is None]:
@@ -270,6 +278,11 @@ class TieredMachine(RuleBasedStateMachine):
             got = read_tokens(self.host, [block_id], BS)
             want = expected_tokens(values[: (i + 1) * BS])[i * BS :]
             assert torch.equal(got, want), f"host block {block_id} at {i} holds wrong bytes"
+        # every block the host tier itself matches, under GPU hits too
+        host_ids = self.cache.host.match_prefix(prompt, tenant=TENANTS[tenant])
+        if host_ids:
+            got = read_tokens(self.host, host_ids, len(host_ids) * BS)
+            assert torch.equal(got, expected_tokens(values[: len(host_ids) * BS]))
 
     # -------------------------------------------------------------- invariants
     @invariant()
