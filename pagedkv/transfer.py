@@ -124,7 +124,7 @@ class CopyTransferEngine(TransferEngine):
         """Block until every copy submitted so far has finished (e.g. before the stores
         are freed: a copy still in flight would write into reused memory)."""
         for stream in self._streams.values():
-            stream.synchronize()  # type: ignore[no-untyped-call]
+            stream.synchronize()
 
     def submit(
         self, direction: Direction, src_ids: list[int], dst_ids: list[int]
