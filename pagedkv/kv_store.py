@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import math
+from collections.abc import Callable
+
+import numpy as np
 import torch
 
 from pagedkv.spec import KVSpec
+
+log = logging.getLogger("pagedkv.kv_store")
+
+_PAGE = 4096
 
 TORCH_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -18,6 +28,62 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
 def can_pin_memory() -> bool:
     """Whether page-locked host memory is available (it needs a CUDA runtime)."""
     return bool(torch.cuda.is_available())
+
+
+class _RegisteredHostBuffer(np.ndarray):
+    """A host buffer page-locked for exactly its own size (`cudaHostRegister`), unlocked
+    (`cudaHostUnregister`) just before its memory is freed: the tensors made from it
+    (`torch.from_numpy`) keep it alive, so it is unlocked only after the last of them is
+    gone. Only the instance that registered holds `_registered_ptr`; views do not."""
+
+    _registered_ptr: int | None
+    _unregister: Callable[[int], object] | None
+
+    def __del__(self) -> None:
+        ptr = self.__dict__.get("_registered_ptr")
+        unregister = self.__dict__.get("_unregister")
+        if ptr is not None and unregister is not None:
+            # at interpreter shutdown or with a dead CUDA context there is nothing to do
+            with contextlib.suppress(Exception):
+                unregister(ptr)
+
+
+def _cuda_register(ptr: int, nbytes: int) -> bool:
+    return int(torch.cuda.cudart().cudaHostRegister(ptr, nbytes, 0)) == 0
+
+
+def _cuda_unregister(ptr: int) -> object:
+    return torch.cuda.cudart().cudaHostUnregister(ptr)
+
+
+def pinned_empty(
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    *,
+    register: Callable[[int, int], bool] = _cuda_register,
+    unregister: Callable[[int], object] = _cuda_unregister,
+) -> tuple[torch.Tensor, bool]:
+    """An uninitialised page-locked CPU tensor of exactly `shape` x `dtype` bytes.
+
+    `torch.empty(..., pin_memory=True)` goes through PyTorch's caching host allocator,
+    which rounds every request up to a power of two: a 70 GiB host tier would pin 128 GiB
+    (or fail). Here a page-aligned buffer of the exact size is allocated and registered
+    with the CUDA driver instead. When registration fails the function falls back to
+    `pin_memory=True`. Returns (tensor, exact): `exact` is False on the fallback.
+    """
+    elem = torch.empty((), dtype=dtype).element_size()
+    nbytes = math.prod(shape) * elem
+    raw = np.empty(nbytes + _PAGE, dtype=np.uint8).view(_RegisteredHostBuffer)
+    offset = (-raw.ctypes.data) % _PAGE
+    aligned = raw[offset : offset + nbytes]
+    ptr = int(aligned.ctypes.data)
+    if nbytes == 0 or not register(ptr, nbytes):
+        log.warning("cudaHostRegister of %d bytes failed; using pin_memory=True", nbytes)
+        return torch.empty(shape, dtype=dtype, pin_memory=True), False
+    raw._registered_ptr = ptr
+    raw._unregister = unregister
+    tensor = torch.from_numpy(aligned).view(dtype).view(shape)
+    return tensor, True
 
 
 class KVStore:
@@ -57,12 +123,13 @@ class KVStore:
             raise ValueError(f"KVStore: pin_memory applies to CPU stores, got device {device}")
         self.spec = spec
         self.num_blocks = num_blocks
-        self.kv = torch.empty(
-            (num_blocks, *spec.block_shape),
-            dtype=TORCH_DTYPES[spec.dtype],
-            device=device,
-            pin_memory=pin,
-        )
+        shape = (num_blocks, *spec.block_shape)
+        dtype = TORCH_DTYPES[spec.dtype]
+        self._pinned = pin
+        if pin:  # exactly the bytes asked for (torch's pinned allocator rounds up)
+            self.kv, _exact = pinned_empty(shape, dtype)
+        else:
+            self.kv = torch.empty(shape, dtype=dtype, device=device)
         if fill is not None:
             self.kv.fill_(fill)
 
@@ -105,7 +172,8 @@ class KVStore:
 
     @property
     def is_pinned(self) -> bool:
-        return self.kv.device.type == "cpu" and self.kv.is_pinned()
+        """Whether this is a page-locked host store (copies to and from it are async)."""
+        return self.kv.device.type == "cpu" and (self._pinned or self.kv.is_pinned())
 
     @property
     def num_bytes(self) -> int:
