@@ -49,11 +49,11 @@ class _RegisteredHostBuffer(np.ndarray):
 
 
 def _cuda_register(ptr: int, nbytes: int) -> bool:
-    return int(torch.cuda.cudart().cudaHostRegister(ptr, nbytes, 0)) == 0
+    return int(torch.cuda.cudart().cudaHostRegister(ptr, nbytes, 0)) == 0  # type: ignore[no-untyped-call]
 
 
 def _cuda_unregister(ptr: int) -> object:
-    return torch.cuda.cudart().cudaHostUnregister(ptr)
+    return torch.cuda.cudart().cudaHostUnregister(ptr)  # type: ignore[no-untyped-call]
 
 
 def pinned_empty(
