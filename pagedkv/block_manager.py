@@ -66,6 +66,27 @@ class BlockManager:
         self.hasher = hasher
         self.block_size = hasher.block_size
         self._tables: dict[SeqId, BlockTable] = {}
+        # sequences whose blocks a copy between tiers is reading or writing (set by
+        # TieredKVCache): appending to or freeing them would race the copy
+        self._frozen: dict[SeqId, str] = {}
+
+    # ------------------------------------------------------------------ copies
+    def freeze(self, seq_id: SeqId, why: str) -> None:
+        """Refuse appends to and frees of `seq_id` until `thaw` (a copy of its blocks is
+        in flight; `why` names it in the errors)."""
+        self.table(seq_id)
+        self._frozen[seq_id] = why
+
+    def thaw(self, seq_id: SeqId) -> None:
+        self._frozen.pop(seq_id, None)
+
+    def _check_not_frozen(self, seq_id: SeqId, what: str) -> None:
+        why = self._frozen.get(seq_id)
+        if why is not None:
+            raise ValueError(
+                f"{what} {seq_id!r}: its {why} is in flight; wait for it to complete "
+                "(TieredKVCache.poll / wait)"
+            )
 
     # ------------------------------------------------------------------ queries
     def __contains__(self, seq_id: SeqId) -> bool:
@@ -165,6 +186,8 @@ class BlockManager:
             OutOfBlocksError: not enough blocks; nothing was changed.
         """
         table = self.table(seq_id)
+        if self._frozen:
+            self._check_not_frozen(seq_id, "append_tokens")
         arr = as_token_array(tokens)
         if max_cached_tokens is not None and max_cached_tokens < 0:
             raise ValueError(f"max_cached_tokens must be >= 0, got {max_cached_tokens}")
@@ -236,6 +259,8 @@ class BlockManager:
             OutOfBlocksError: a new block is needed and none is available; nothing changed.
         """
         table = self.table(seq_id)
+        if self._frozen:
+            self._check_not_frozen(seq_id, "append_token")
         if type(token) is not int:
             if isinstance(token, np.integer) and not isinstance(token, np.bool_):
                 token = int(token)
@@ -366,8 +391,11 @@ class BlockManager:
 
         Raises:
             KeyError: unknown sequence id.
+            ValueError: a copy of its blocks between tiers is in flight.
         """
         table = self.table(seq_id)
+        if self._frozen:
+            self._check_not_frozen(seq_id, "free_sequence")
         self.pool.release(table.block_ids[::-1])
         del self._tables[seq_id]
         return table

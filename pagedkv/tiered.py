@@ -483,6 +483,8 @@ class TieredKVCache:
             else:
                 self.gpu.free_sequence(p.seq_id)
             raise
+        if not p.is_backup:  # a backup holds its own source refs: the table may change
+            self.gpu.freeze(p.seq_id, f"{p.handle.direction} copy")
         return p.handle
 
     def poll(self) -> list[TransferResult]:
@@ -526,6 +528,7 @@ class TieredKVCache:
 
     def _complete(self, p: _Pending) -> TransferResult:
         del self._pending[p.seq_id]
+        self.gpu.thaw(p.seq_id)
         failed_pairs = set(range(len(p.positions))) if p.cancelled else p.handle.failed
         failed = sorted(p.positions[i] for i in failed_pairs)
         if failed:

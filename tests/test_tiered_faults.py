@@ -205,3 +205,32 @@ def test_a_full_host_tier_is_named_and_nothing_changes() -> None:
         assert info.value.needed > info.value.available
         assert cache.location("a") == "gpu" and not list(cache.host.sequences())
         cache.check_invariants()
+
+
+@pytest.mark.parametrize("direction", ["offload", "restore"])
+def test_a_sequence_with_a_copy_in_flight_cannot_grow_or_be_freed_under_it(
+    direction: str,
+) -> None:
+    cache, gpu, _host = make_cache(num_gpu=8, num_host=8)
+    filled(cache, gpu, "a", TOKENS)
+    if direction == "restore":
+        cache.offload("a")
+        cache.wait_all()
+        cache.gpu.pool.evict(cache.gpu.pool.num_cached)
+        cache.restore("a")
+    else:
+        cache.offload("a")
+    table_before = list(cache.gpu.table("a").tokens)
+    with pytest.raises(ValueError, match=f"append_token 'a': its {direction} copy is in flight"):
+        cache.gpu.append_token("a", 5)
+    with pytest.raises(ValueError, match=f"append_tokens 'a': its {direction} copy is in flight"):
+        cache.gpu.append_tokens("a", [5, 6])
+    with pytest.raises(ValueError, match=f"free_sequence 'a': its {direction} copy is in flight"):
+        cache.gpu.free_sequence("a")
+    assert list(cache.gpu.table("a").tokens) == table_before
+    cache.check_invariants()
+    (r,) = cache.wait_all()
+    assert r.ok
+    if direction == "restore":  # usable again once the copy is committed
+        cache.gpu.append_token("a", 5)
+    cache.check_invariants()
