@@ -75,6 +75,7 @@ def plan_decode(
     max_seq_len: int | None = None,
     num_splits: int | None = None,
     dtype: torch.dtype = torch.bfloat16,
+    op: str = "plan_decode",
 ) -> DecodePlan:
     """Choose tile size and split count for `paged_decode` (host only, no sync).
 
@@ -83,12 +84,11 @@ def plan_decode(
     GPU, while each split keeps at least `MIN_TILES_PER_SPLIT` tiles of work. The length is
     taken as `max_seq_len` if given, else the table's capacity `max_blocks * block_size`.
     `dtype` only sets the pipeline depth (fp32 tiles take twice the shared memory); the
-    split count and workspace size do not depend on it.
+    split count and workspace size do not depend on it. `op` names the caller in errors.
 
     Raises:
         TypeError, ValueError: a non-positive `max_seq_len` or `num_splits`.
     """
-    op = "plan_decode"
     block_n = 32 if head_dim > 128 else 64
     max_tokens = max_blocks * block_size
     if max_seq_len is not None:
@@ -117,6 +117,7 @@ def _plan_for(
     block_tables: torch.Tensor,
     max_seq_len: int | None,
     num_splits: int | None,
+    op: str = "plan_decode",
 ) -> DecodePlan:
     return plan_decode(
         num_seqs=q.shape[0],
@@ -128,6 +129,7 @@ def _plan_for(
         max_seq_len=max_seq_len,
         num_splits=num_splits,
         dtype=q.dtype,
+        op=op,
     )
 
 
@@ -238,11 +240,7 @@ def paged_decode(
         check_lse_out(op, lse, (dims.num_seqs, dims.num_q_heads), q.device)
     # Launch hints and the workspace are checked on every backend, so a call that is
     # wrong on CUDA is wrong on CPU too.
-    if max_seq_len is not None:
-        check_positive_int(op, "max_seq_len", max_seq_len)
-    if num_splits is not None:
-        check_positive_int(op, "num_splits", num_splits)
-    plan = _plan_for(q, k_cache, block_tables, max_seq_len, num_splits)
+    plan = _plan_for(q, k_cache, block_tables, max_seq_len, num_splits, op)
     num_seqs, num_q_heads, head_dim = q.shape
     need = plan.workspace_numel(num_seqs, num_q_heads, head_dim)
     if workspace is not None and (

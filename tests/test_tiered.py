@@ -4,22 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tier_helpers import make_cache, read_tokens
+from tier_helpers import compute, make_cache, read_tokens
 
 from pagedkv.errors import OutOfBlocksError
 from pagedkv.transfer import CopyTransferEngine, FaultInjectingEngine, SimulatedTransferEngine
-
-
-def compute(cache, store, seq_id, gen) -> None:  # type: ignore[no-untyped-def]
-    """Fill the uncomputed tokens of a GPU sequence with random K/V, then mark them."""
-    t = cache.gpu.table(seq_id)
-    slots = cache.gpu.slot_mapping(seq_id, t.num_computed_tokens, t.num_tokens).tolist()
-    for slot in slots:
-        bs = store.spec.block_size
-        store.kv[slot // bs, :, :, slot % bs] = torch.randn(
-            store.kv.shape[1:3] + store.kv.shape[4:], generator=gen
-        )
-    cache.gpu.mark_computed(seq_id)
 
 
 def test_round_trip_bit_exact_with_sharing_and_partial_blocks() -> None:

@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from tier_helpers import SPEC, make_cache, read_tokens
+from tier_helpers import SPEC, compute, make_cache, read_tokens
 
 from pagedkv.block_manager import BlockManager
 from pagedkv.block_pool import BlockPool
@@ -30,14 +30,8 @@ TOKENS = list(range(50, 64))  # 3 full blocks of 4 and a partial one
 def filled(cache: TieredKVCache, store: KVStore, seq_id: str, tokens: list[int]) -> torch.Tensor:
     """Begin `seq_id` on the GPU with random K/V for every token; returns that K/V."""
     cache.begin_sequence(seq_id, tokens)
+    compute(cache, store, seq_id, torch.Generator().manual_seed(len(seq_id)))
     t = cache.gpu.table(seq_id)
-    gen = torch.Generator().manual_seed(len(seq_id))
-    for slot in cache.gpu.slot_mapping(seq_id, 0, t.num_tokens).tolist():
-        bs = SPEC.block_size
-        store.kv[slot // bs, :, :, slot % bs] = torch.randn(
-            store.kv.shape[1:3] + store.kv.shape[4:], generator=gen
-        )
-    cache.gpu.mark_computed(seq_id)
     return read_tokens(store, t.block_ids, t.num_tokens)
 
 

@@ -32,6 +32,17 @@ def make_cache(
     return cache, gpu_store, host_store
 
 
+def compute(cache: TieredKVCache, store: KVStore, seq_id: object, gen: torch.Generator) -> None:
+    """Fill the uncomputed tokens of a GPU sequence with random K/V, then mark them."""
+    t = cache.gpu.table(seq_id)
+    bs = store.spec.block_size
+    for slot in cache.gpu.slot_mapping(seq_id, t.num_computed_tokens, t.num_tokens).tolist():
+        store.kv[slot // bs, :, :, slot % bs] = torch.randn(
+            store.kv.shape[1:3] + store.kv.shape[4:], generator=gen
+        )
+    cache.gpu.mark_computed(seq_id)
+
+
 def token_values(tenant_index: int, tokens: list[int]) -> list[float]:
     """A value per position that depends on the tenant and the whole prefix up to it."""
     out, v = [], tenant_index + 1
