@@ -41,7 +41,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from serving.agent_loop import (
+from pagedkv.cli.demo import add_demo_args, configure, serve_and_run
+from pagedkv.cli.main import UsageError
+from pagedkv.serving.agent_loop import (
     TurnTiming,
     flop_growth,
     format_table,
@@ -50,8 +52,6 @@ from serving.agent_loop import (
     run_http,
     run_websocket,
 )
-from serving.cli import UsageError
-from serving.cli_demo import add_demo_args, configure, serve_and_run
 
 
 def environment(args: argparse.Namespace) -> dict[str, Any]:

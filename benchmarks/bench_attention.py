@@ -32,8 +32,8 @@ if not torch.cuda.is_available():  # the Triton kernels run interpreted on the C
     os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-import kernels
-from kernels import (
+from pagedkv import kernels
+from pagedkv.kernels import (
     paged_decode,
     paged_decode_reference,
     paged_prefill,

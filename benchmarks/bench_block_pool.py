@@ -26,9 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pagedkv.block_manager import BlockManager
-from pagedkv.block_pool import BlockPool
-from pagedkv.hashing import BlockHasher, as_token_array
+from pagedkv.cache.block_manager import BlockManager
+from pagedkv.cache.block_pool import BlockPool
+from pagedkv.cache.hashing import BlockHasher, as_token_array
 
 
 def median_time(fn: Callable[[], object], repeats: int) -> float:

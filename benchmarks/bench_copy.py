@@ -30,8 +30,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-import kernels
-from kernels import copy_blocks
+from pagedkv import kernels
+from pagedkv.kernels import copy_blocks
 
 BLOCK_SHAPE = (32, 2, 16, 8, 128)  # [num_layers, 2, block_size, Hkv, D]
 DTYPE = torch.bfloat16

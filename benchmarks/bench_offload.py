@@ -23,13 +23,13 @@ from collections.abc import Callable
 
 import torch
 
-from pagedkv.block_manager import BlockManager
-from pagedkv.block_pool import BlockPool
-from pagedkv.hashing import BlockHasher
-from pagedkv.kv_store import KVStore
-from pagedkv.spec import KVSpec
-from pagedkv.tiered import TieredKVCache
-from pagedkv.transfer import CopyTransferEngine
+from pagedkv.cache.block_manager import BlockManager
+from pagedkv.cache.block_pool import BlockPool
+from pagedkv.cache.hashing import BlockHasher
+from pagedkv.cache.spec import KVSpec
+from pagedkv.tiers.kv_store import KVStore
+from pagedkv.tiers.tiered import TieredKVCache
+from pagedkv.tiers.transfer import CopyTransferEngine
 
 SPEC = KVSpec(num_layers=32, num_kv_heads=8, head_dim=128, dtype="bfloat16", block_size=16)
 
@@ -129,7 +129,7 @@ def bench_overlap(
     cache: TieredKVCache, gpu: KVStore, tokens: object, device: torch.device, repeats: int
 ) -> dict[str, float]:
     """Decode kernel time alone vs while an offload runs on the transfer stream."""
-    from kernels import decode_workspace, paged_decode
+    from pagedkv.kernels import decode_workspace, paged_decode
 
     batch, hq = 8, 32
     ctx_blocks = min(gpu.num_blocks, 256)

@@ -21,12 +21,12 @@ import time
 
 import numpy as np
 
-from pagedkv.block_manager import BlockManager
-from pagedkv.block_pool import BlockPool
-from pagedkv.hashing import BlockHasher
-from pagedkv.tiered import TieredKVCache
-from scheduler.config import SchedulerConfig
-from scheduler.scheduler import SessionScheduler
+from pagedkv.cache.block_manager import BlockManager
+from pagedkv.cache.block_pool import BlockPool
+from pagedkv.cache.hashing import BlockHasher
+from pagedkv.scheduler.config import SchedulerConfig
+from pagedkv.scheduler.scheduler import SessionScheduler
+from pagedkv.tiers.tiered import TieredKVCache
 
 BS = 16
 

@@ -32,17 +32,17 @@ from typing import Any
 
 import numpy as np
 
-from scheduler.agent_workload import AgentWorkloadConfig, generate_agent_workload
-from scheduler.sim_compare import main_jobs, run_jobs, workload_facts
-from scheduler.sim_policies import (
+from pagedkv.sim.agent_workload import AgentWorkloadConfig, generate_agent_workload
+from pagedkv.sim.compare import main_jobs, run_jobs, workload_facts
+from pagedkv.sim.policies import (
     HardwareProfile,
     SimSettings,
     default_pinned_cap,
     parse_policies,
 )
-from scheduler.sim_report import build_report
-from scheduler.traces import load_mooncake
-from scheduler.workload import Workload
+from pagedkv.sim.report import build_report
+from pagedkv.sim.traces import load_mooncake
+from pagedkv.sim.workload import Workload
 
 TRACE = Path(__file__).resolve().parents[2] / "shared/traces/mooncake/conversation_trace.jsonl"
 

@@ -19,14 +19,14 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from kernels import (
+from pagedkv.kernels import (
     paged_decode,
     paged_decode_reference,
     paged_prefill,
     paged_prefill_reference,
     store_kv,
 )
-from kernels._triton import HAS_TRITON, interpreting
+from pagedkv.kernels._triton import HAS_TRITON, interpreting
 
 # Relative and absolute tolerance per dtype (outputs are O(1) averages of V rows).
 TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1.6e-2}

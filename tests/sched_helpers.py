@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from pagedkv.block_manager import BlockManager
-from pagedkv.block_pool import BlockPool
-from pagedkv.hashing import BlockHasher
-from pagedkv.tiered import TieredKVCache
-from pagedkv.transfer import SimulatedTransferEngine, TransferEngine
-from scheduler.config import SchedulerConfig
-from scheduler.scheduler import SessionScheduler, TurnPlan
+from pagedkv.cache.block_manager import BlockManager
+from pagedkv.cache.block_pool import BlockPool
+from pagedkv.cache.hashing import BlockHasher
+from pagedkv.scheduler.config import SchedulerConfig
+from pagedkv.scheduler.scheduler import SessionScheduler, TurnPlan
+from pagedkv.tiers.tiered import TieredKVCache
+from pagedkv.tiers.transfer import SimulatedTransferEngine, TransferEngine
 
 
 class Clock:

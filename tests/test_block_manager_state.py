@@ -25,10 +25,10 @@ from hypothesis.stateful import (
     rule,
 )
 
-from pagedkv.block_manager import BlockManager
-from pagedkv.block_pool import BlockPool
-from pagedkv.errors import OutOfBlocksError
-from pagedkv.hashing import BlockHasher
+from pagedkv.cache.block_manager import BlockManager
+from pagedkv.cache.block_pool import BlockPool
+from pagedkv.cache.errors import OutOfBlocksError
+from pagedkv.cache.hashing import BlockHasher
 
 BS = 4
 NUM_BLOCKS = 24

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from pagedkv.block_manager import BlockManager
-from pagedkv.block_pool import BlockPool
-from pagedkv.errors import InvariantError, OutOfBlocksError
-from pagedkv.hashing import BlockHasher
-from pagedkv.spec import KVSpec
+from pagedkv.cache.block_manager import BlockManager
+from pagedkv.cache.block_pool import BlockPool
+from pagedkv.cache.errors import InvariantError, OutOfBlocksError
+from pagedkv.cache.hashing import BlockHasher
+from pagedkv.cache.spec import KVSpec
 
 
 def make(num_blocks: int = 8, bs: int = 4) -> BlockManager:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from serving.cli import main
+from pagedkv.cli.main import main
 
 SMALL = ["simulate", "--sessions", "3", "--no-progress", "--jobs", "1"]
 
@@ -47,7 +47,12 @@ def test_help_lists_and_explains_the_subcommand(capsys: pytest.CaptureFixture[st
 
 def test_console_script_runs() -> None:
     proc = subprocess.run(
-        [sys.executable, "-c", "import sys; from serving.cli import main; sys.exit(main())", "-h"],
+        [
+            sys.executable,
+            "-c",
+            "import sys; from pagedkv.cli.main import main; sys.exit(main())",
+            "-h",
+        ],
         capture_output=True,
         text=True,
         check=False,

@@ -15,8 +15,9 @@ import pytest
 pytest.importorskip("openai")
 pytest.importorskip("uvicorn")
 
-from serving import cli_demo, cli_serve
-from serving.testing import read_response
+from pagedkv.cli import demo as cli_demo
+from pagedkv.cli import serve as cli_serve
+from pagedkv.serving.testing import read_response
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,7 +57,7 @@ def test_demo_prints_the_per_turn_table(capsys: pytest.CaptureFixture[str]) -> N
 def test_demo_bad_options_get_one_line(
     argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from serving.cli import main
+    from pagedkv.cli.main import main
 
     code = main(["demo", "--model", "tiny", "--turns", "2", "--repeats", "1", *argv])
     err = capsys.readouterr().err
@@ -65,8 +66,8 @@ def test_demo_bad_options_get_one_line(
 
 
 def test_prefill_flops_count_dense_layers_and_attention_over_the_context() -> None:
-    from serving.agent_loop import TurnTiming, flop_growth, prefill_flops
-    from serving.model_config import LlamaConfig
+    from pagedkv.model.config import LlamaConfig
+    from pagedkv.serving.agent_loop import TurnTiming, flop_growth, prefill_flops
 
     cfg = LlamaConfig.demo()
     width = cfg.num_heads * cfg.head_dim
@@ -113,7 +114,7 @@ def test_serve_answers_the_openai_sdk() -> None:
 
     port = free_port()
     code = (
-        "import argparse, sys; from serving import cli_serve; "
+        "import argparse, sys; from pagedkv.cli import serve as cli_serve; "
         "p = argparse.ArgumentParser(); cli_serve.add_parser(p.add_subparsers()); "
         "a = p.parse_args(sys.argv[1:]); sys.exit(a.func(a))"
     )

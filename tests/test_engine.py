@@ -13,10 +13,12 @@ from typing import Any
 import pytest
 import torch
 
-from pagedkv.kv_store import KVStore
-from serving.conversation import FunctionCall, Item, Message, render_prompt
-from serving.engine import Engine
-from serving.engine_types import (
+from pagedkv.model.forward_batch import SeqChunk, build_forward_batch
+from pagedkv.model.llama import LlamaModel
+from pagedkv.model.tokenizer import ByteTokenizer
+from pagedkv.serving.conversation import FunctionCall, Item, Message, render_prompt
+from pagedkv.serving.engine import Engine
+from pagedkv.serving.engine_types import (
     EngineEvent,
     EngineRequest,
     OutputDelta,
@@ -25,11 +27,9 @@ from serving.engine_types import (
     TurnFailed,
     TurnStarted,
 )
-from serving.factory import build_engine, build_model
-from serving.forward_batch import SeqChunk, build_forward_batch
-from serving.generation import CharMasks, OutputProgram, OutputSpec, sample_rows
-from serving.model import LlamaModel
-from serving.tokenizer import ByteTokenizer
+from pagedkv.serving.factory import build_engine, build_model
+from pagedkv.serving.generation import CharMasks, OutputProgram, OutputSpec, sample_rows
+from pagedkv.tiers.kv_store import KVStore
 
 TOK = ByteTokenizer()
 
@@ -48,7 +48,7 @@ def model() -> LlamaModel:
 
 
 def make_engine(model: LlamaModel, **config: Any) -> Engine:
-    from scheduler.config import SchedulerConfig
+    from pagedkv.scheduler.config import SchedulerConfig
 
     sched = config.pop("scheduler", {})
     base: dict[str, Any] = {"num_gpu_blocks": 128, "num_host_blocks": 128}
@@ -171,7 +171,7 @@ def test_next_turn_extends_the_session_and_reports_it_cached(model: LlamaModel) 
     assert held(engine, "s") == render_prompt(
         TOK, instructions="x", tools=(), items=items, generation_prompt=False
     )
-    from serving.conversation import FunctionCallOutput
+    from pagedkv.serving.conversation import FunctionCallOutput
 
     items.append(FunctionCallOutput("call_1", "a.txt b.txt"))
     prompt2 = render_prompt(TOK, instructions="x", tools=(), items=items)

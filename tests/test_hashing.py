@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pagedkv.hashing import HASH_BYTES, BlockHasher, as_token_array
+from pagedkv.cache.hashing import HASH_BYTES, BlockHasher, as_token_array
 
 BS = 4
 tokens_st = st.lists(st.integers(-(2**31), 2**31 - 1), min_size=BS, max_size=6 * BS)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from kernels_helpers import bits, needs_interpreter, randn
 
-from kernels import copy_blocks, copy_blocks_reference
+from pagedkv.kernels import copy_blocks, copy_blocks_reference
 
 
 def pool(num_blocks: int, seed: int = 0) -> torch.Tensor:

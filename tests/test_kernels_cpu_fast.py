@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from kernels import paged_prefill, paged_prefill_reference
+from pagedkv.kernels import paged_prefill, paged_prefill_reference
 
 
 @pytest.mark.parametrize("group", [1, 4])

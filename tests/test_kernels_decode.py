@@ -19,8 +19,8 @@ from kernels_helpers import (
     uneven_lens,
 )
 
-import kernels.decode
-from kernels import decode_workspace, paged_decode, paged_decode_reference, plan_decode
+import pagedkv.kernels.decode
+from pagedkv.kernels import decode_workspace, paged_decode, paged_decode_reference, plan_decode
 
 
 @pytest.fixture(autouse=True)
@@ -160,7 +160,7 @@ def test_kernels_int64_addressing_beyond_int32() -> None:
 
 
 def test_plan_fills_the_gpu_for_one_long_sequence(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(kernels.decode, "num_sms", lambda device: 132)
+    monkeypatch.setattr(pagedkv.kernels.decode, "num_sms", lambda device: 132)
     common = {"num_kv_heads": 8, "head_dim": 128, "block_size": 16, "device": torch.device("cpu")}
     long = plan_decode(num_seqs=1, max_blocks=2048, **common)  # batch 1 x 32k
     assert long.num_splits * 8 >= 4 * 132 // 2, long

@@ -24,7 +24,7 @@ from kernels_helpers import (
     uneven_lens,
 )
 
-from kernels import (
+from pagedkv.kernels import (
     copy_blocks,
     decode_workspace,
     paged_decode,

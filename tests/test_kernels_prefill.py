@@ -21,7 +21,7 @@ from kernels_helpers import (
     torch_threads,
 )
 
-from kernels import paged_prefill, paged_prefill_reference
+from pagedkv.kernels import paged_prefill, paged_prefill_reference
 
 pytestmark = needs_interpreter
 

@@ -26,13 +26,13 @@ from kernels_helpers import (
     uneven_lens,
 )
 
-from kernels import (
+from pagedkv.kernels import (
     copy_blocks_reference,
     paged_decode_reference,
     paged_prefill_reference,
     store_kv_reference,
 )
-from kernels.copy import plan_runs
+from pagedkv.kernels.copy import plan_runs
 
 HEAD_DIMS = (64, 128, 256)
 BLOCK_SIZES = (16, 32, 64, 256)

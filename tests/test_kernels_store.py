@@ -9,7 +9,7 @@ import pytest
 import torch
 from kernels_helpers import DTYPES, bits, dtype_id, needs_interpreter, randn, torch_threads
 
-from kernels import store_kv, store_kv_reference
+from pagedkv.kernels import store_kv, store_kv_reference
 
 
 @pytest.fixture(autouse=True)

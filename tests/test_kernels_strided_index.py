@@ -15,7 +15,7 @@ from kernels_helpers import (
     randn,
 )
 
-from kernels import copy_blocks, paged_decode, paged_prefill, store_kv
+from pagedkv.kernels import copy_blocks, paged_decode, paged_prefill, store_kv
 
 BACKENDS = ["torch", pytest.param("triton", marks=needs_interpreter)]
 CUDA = [pytest.param("triton", marks=pytest.mark.gpu)]

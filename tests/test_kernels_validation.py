@@ -15,14 +15,14 @@ import pytest
 import torch
 from kernels_helpers import make_case, needs_interpreter, query_start_loc, randn
 
-from kernels import (
+from pagedkv.kernels import (
     paged_decode,
     paged_decode_reference,
     paged_prefill,
     paged_prefill_reference,
     store_kv,
 )
-from kernels._triton import check_kernel_runnable
+from pagedkv.kernels._triton import check_kernel_runnable
 
 CASE = make_case([5, 20], block_size=16, num_kv_heads=2, head_dim=64, dtype=torch.float16)
 K, V, TABLES, LENS = CASE.k_cache, CASE.v_cache, CASE.block_tables, CASE.seq_lens
@@ -171,7 +171,7 @@ def test_package_works_without_triton() -> None:
         import sys
         sys.modules["triton"] = None  # `import triton` now raises ImportError
         import torch
-        import kernels
+        from pagedkv import kernels
         assert not kernels.HAS_TRITON
         kv = torch.randn(4, 2, 2, 16, 1, 64)
         q = torch.randn(1, 2, 64)

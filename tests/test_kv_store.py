@@ -7,9 +7,9 @@ import gc
 import pytest
 import torch
 
-from pagedkv.kv_store import KVStore, can_pin_memory, pinned_empty
-from pagedkv.spec import KVSpec
-from pagedkv.transfer import CopyTransferEngine
+from pagedkv.cache.spec import KVSpec
+from pagedkv.tiers.kv_store import KVStore, can_pin_memory, pinned_empty
+from pagedkv.tiers.transfer import CopyTransferEngine
 
 SPEC = KVSpec(num_layers=2, num_kv_heads=2, head_dim=8, dtype="bfloat16", block_size=4)
 

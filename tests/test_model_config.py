@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from serving.model_config import Llama3RopeScaling, LlamaConfig
+from pagedkv.model.config import Llama3RopeScaling, LlamaConfig
 
 # config.json of meta-llama/Llama-3.2-1B as published on the Hub (transformers 4.x layout).
 LLAMA_3_2_1B_CONFIG = {

@@ -7,10 +7,10 @@ import dataclasses
 import pytest
 import torch
 
-from pagedkv.kv_store import KVStore
-from serving.forward_batch import ForwardBatch, SeqChunk, build_forward_batch
-from serving.model import LlamaModel, init_random
-from serving.model_config import LlamaConfig
+from pagedkv.model.config import LlamaConfig
+from pagedkv.model.forward_batch import ForwardBatch, SeqChunk, build_forward_batch
+from pagedkv.model.llama import LlamaModel, init_random
+from pagedkv.tiers.kv_store import KVStore
 
 CFG = LlamaConfig.tiny(max_position=16)
 

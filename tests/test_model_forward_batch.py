@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from serving.forward_batch import ForwardBatch, SeqChunk, build_forward_batch
+from pagedkv.model.forward_batch import ForwardBatch, SeqChunk, build_forward_batch
 
 
 def example() -> ForwardBatch:

@@ -10,10 +10,10 @@ import dataclasses
 import pytest
 import torch
 
-from pagedkv.kv_store import KVStore
-from serving.forward_batch import ForwardBatch, SeqChunk, build_forward_batch
-from serving.model import LlamaModel, init_random
-from serving.model_config import Llama3RopeScaling, LlamaConfig
+from pagedkv.model.config import Llama3RopeScaling, LlamaConfig
+from pagedkv.model.forward_batch import ForwardBatch, SeqChunk, build_forward_batch
+from pagedkv.model.llama import LlamaModel, init_random
+from pagedkv.tiers.kv_store import KVStore
 
 pytestmark = pytest.mark.gpu
 
@@ -117,9 +117,9 @@ def test_decode_replays_in_a_cuda_graph() -> None:
 
 def test_engine_accepts_a_bare_cuda_device_and_answers_on_the_gpu() -> None:
     """`--device cuda` (no index) must match the model's `cuda:0`; a short turn runs."""
-    from serving.engine import Engine
-    from serving.engine_types import EngineConfig, EngineRequest, TurnDone
-    from serving.generation import OutputSpec
+    from pagedkv.serving.engine import Engine
+    from pagedkv.serving.engine_types import EngineConfig, EngineRequest, TurnDone
+    from pagedkv.serving.generation import OutputSpec
 
     model = init_random(LlamaConfig.tiny(), seed=0, device="cuda")
     engine = Engine(model, EngineConfig(num_gpu_blocks=64, num_host_blocks=16, device="cuda"))

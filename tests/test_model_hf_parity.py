@@ -18,12 +18,12 @@ from collections.abc import Iterator, Sequence
 import pytest
 import torch
 
-from kernels import copy_blocks
-from pagedkv.kv_store import KVStore
-from serving.forward_batch import SeqChunk, build_forward_batch
-from serving.model import LlamaModel, init_random
-from serving.model_config import Llama3RopeScaling, LlamaConfig
-from serving.tokenizer import ByteTokenizer
+from pagedkv.kernels import copy_blocks
+from pagedkv.model.config import Llama3RopeScaling, LlamaConfig
+from pagedkv.model.forward_batch import SeqChunk, build_forward_batch
+from pagedkv.model.llama import LlamaModel, init_random
+from pagedkv.model.tokenizer import ByteTokenizer
+from pagedkv.tiers.kv_store import KVStore
 
 transformers = pytest.importorskip("transformers")
 

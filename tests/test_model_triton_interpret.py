@@ -18,12 +18,12 @@ import torch
 if not torch.cuda.is_available():  # as tests/kernels_helpers.py (effective if set first)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import kernels
-import serving.model
-from pagedkv.kv_store import KVStore
-from serving.forward_batch import SeqChunk, build_forward_batch
-from serving.model import LlamaModel, init_random
-from serving.model_config import Llama3RopeScaling, LlamaConfig
+import pagedkv.model.llama
+from pagedkv import kernels
+from pagedkv.model.config import Llama3RopeScaling, LlamaConfig
+from pagedkv.model.forward_batch import SeqChunk, build_forward_batch
+from pagedkv.model.llama import LlamaModel, init_random
+from pagedkv.tiers.kv_store import KVStore
 
 BLOCK_SIZE = 4
 NUM_BLOCKS = 32
@@ -89,7 +89,7 @@ def test_triton_kernels_through_the_model_match_the_references(
     want = run_script(init_random(cfg, seed=1))
     for name in ("store_kv", "paged_prefill", "paged_decode"):
         op = functools.partial(getattr(kernels, name), backend="triton")
-        monkeypatch.setattr(serving.model, name, op)
+        monkeypatch.setattr(pagedkv.model.llama, name, op)
     got = run_script(init_random(cfg, seed=1))
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)  # fp32 both; order differs

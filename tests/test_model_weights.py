@@ -8,11 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from pagedkv.kv_store import KVStore
-from serving.forward_batch import SeqChunk, build_forward_batch
-from serving.model import LlamaModel, init_random
-from serving.model_config import LlamaConfig
-from serving.weights import (
+from pagedkv.model.config import LlamaConfig
+from pagedkv.model.forward_batch import SeqChunk, build_forward_batch
+from pagedkv.model.llama import LlamaModel, init_random
+from pagedkv.model.weights import (
     hf_state_dict,
     load_pretrained,
     load_safetensors,
@@ -20,6 +19,7 @@ from serving.weights import (
     save_pretrained,
     save_safetensors,
 )
+from pagedkv.tiers.kv_store import KVStore
 
 st = pytest.importorskip("safetensors.torch")
 

@@ -17,7 +17,7 @@ import torch
 openai = pytest.importorskip("openai")
 pytest.importorskip("websockets")
 
-from serving.testing import engine_check, read_response, tiny_server  # noqa: E402
+from pagedkv.serving.testing import engine_check, read_response, tiny_server  # noqa: E402
 
 SYSTEM = "You are a coding agent. Read files and run tests until they pass. " * 4
 TOOLS: list[dict[str, Any]] = [

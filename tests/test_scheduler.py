@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from sched_helpers import make_scheduler, run_turn
 
-from scheduler.errors import OverCapacityError, SessionError
-from scheduler.scheduler import TurnReady, TurnRefused
-from scheduler.session import SessionState as S
+from pagedkv.scheduler.errors import OverCapacityError, SessionError
+from pagedkv.scheduler.scheduler import TurnReady, TurnRefused
+from pagedkv.scheduler.session import SessionState as S
 
 
 def toks(start: int, n: int) -> list[int]:

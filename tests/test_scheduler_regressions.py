@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from sched_helpers import make_scheduler, run_turn
 
-from scheduler.session import SessionState as S
+from pagedkv.scheduler.session import SessionState as S
 
 
 def test_make_room_does_not_evict_every_idle_session_while_offloads_are_in_flight() -> None:

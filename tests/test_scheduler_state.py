@@ -23,16 +23,16 @@ from tier_helpers import (
     write_kv,
 )
 
-from pagedkv.block_manager import BlockManager
-from pagedkv.block_pool import BlockPool
-from pagedkv.hashing import BlockHasher
-from pagedkv.kv_store import KVStore
-from pagedkv.tiered import TieredKVCache
-from scheduler.config import SchedulerConfig
-from scheduler.errors import OverCapacityError
-from scheduler.eviction import IdleGapModel
-from scheduler.scheduler import SessionScheduler, TurnPlan, TurnReady
-from scheduler.session import SessionState as S
+from pagedkv.cache.block_manager import BlockManager
+from pagedkv.cache.block_pool import BlockPool
+from pagedkv.cache.hashing import BlockHasher
+from pagedkv.scheduler.config import SchedulerConfig
+from pagedkv.scheduler.errors import OverCapacityError
+from pagedkv.scheduler.eviction import IdleGapModel
+from pagedkv.scheduler.scheduler import SessionScheduler, TurnPlan, TurnReady
+from pagedkv.scheduler.session import SessionState as S
+from pagedkv.tiers.kv_store import KVStore
+from pagedkv.tiers.tiered import TieredKVCache
 
 BS = SPEC.block_size
 TENANTS = ("t0", "t1")

@@ -8,8 +8,8 @@ import pytest
 
 httpx = pytest.importorskip("httpx")
 
-from serving.response_run import ServerConfig  # noqa: E402
-from serving.testing import engine_check, tiny_server  # noqa: E402
+from pagedkv.serving.response_run import ServerConfig  # noqa: E402
+from pagedkv.serving.testing import engine_check, tiny_server  # noqa: E402
 
 
 def test_hostile_bodies_get_json_errors() -> None:

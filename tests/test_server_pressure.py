@@ -19,8 +19,8 @@ import torch
 openai = pytest.importorskip("openai")
 pytest.importorskip("websockets")
 
-from scheduler.config import SchedulerConfig  # noqa: E402
-from serving.testing import engine_check, read_response, tiny_server  # noqa: E402
+from pagedkv.scheduler.config import SchedulerConfig  # noqa: E402
+from pagedkv.serving.testing import engine_check, read_response, tiny_server  # noqa: E402
 
 NUM_CLIENTS = 6
 NUM_TURNS = 3

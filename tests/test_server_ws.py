@@ -20,8 +20,8 @@ websockets = pytest.importorskip("websockets")
 from websockets.exceptions import ConnectionClosed  # noqa: E402
 from websockets.sync.client import ClientConnection, connect  # noqa: E402
 
-from serving.response_run import ServerConfig  # noqa: E402
-from serving.testing import engine_check, read_response, tiny_server  # noqa: E402
+from pagedkv.serving.response_run import ServerConfig  # noqa: E402
+from pagedkv.serving.testing import engine_check, read_response, tiny_server  # noqa: E402
 
 # a response ends completed, or incomplete when max_output_tokens cut its item off
 DONE = ("response.completed", "response.incomplete")
@@ -165,7 +165,7 @@ def test_pings_are_answered_while_a_conversation_renders(monkeypatch: pytest.Mon
     held, the server still answers pings, then completes once it is released."""
     import threading
 
-    import serving.response_run as response_run
+    import pagedkv.serving.response_run as response_run
 
     entered, release = threading.Event(), threading.Event()
     real_render = response_run.render_prompt

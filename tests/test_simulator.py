@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from scheduler.agent_workload import AgentWorkloadConfig, LogNormalRange, generate_agent_workload
-from scheduler.sim_compare import (
+from pagedkv.sim.agent_workload import AgentWorkloadConfig, LogNormalRange, generate_agent_workload
+from pagedkv.sim.compare import (
     WorkloadFacts,
     gpu_sweep_sizes,
     main_jobs,
@@ -18,7 +18,7 @@ from scheduler.sim_compare import (
     sweep_jobs,
     workload_facts,
 )
-from scheduler.sim_policies import (
+from pagedkv.sim.policies import (
     POLICIES,
     HardwareProfile,
     SimSettings,
@@ -26,11 +26,11 @@ from scheduler.sim_policies import (
     ideal_gpu_blocks,
     parse_policies,
 )
-from scheduler.sim_report import build_report, format_tables, summarize
-from scheduler.sim_tokens import PromptTokens
-from scheduler.simulator import DONE, REFUSED, PolicyRun, replay
-from scheduler.traces import load_mooncake
-from scheduler.workload import Request, Workload
+from pagedkv.sim.report import build_report, format_tables, summarize
+from pagedkv.sim.simulator import DONE, REFUSED, PolicyRun, replay
+from pagedkv.sim.tokens import PromptTokens
+from pagedkv.sim.traces import load_mooncake
+from pagedkv.sim.workload import Request, Workload
 
 PROFILE = HardwareProfile()
 ALL = ("stateless", "prefix", "prefix+host", "ours", "pinned", "ideal")
@@ -335,8 +335,8 @@ def test_progress_reports_every_request_once() -> None:
 
 
 def test_a_failing_worker_reports_its_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
-    import scheduler.sim_compare as sim_compare
-    from pagedkv.errors import OutOfBlocksError
+    import pagedkv.sim.compare as sim_compare
+    from pagedkv.cache.errors import OutOfBlocksError
 
     def broken(*args: object, **kwargs: object) -> PolicyRun:
         raise OutOfBlocksError("gpu pool: need 9 blocks", needed=9, available=1)

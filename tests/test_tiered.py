@@ -6,8 +6,8 @@ import pytest
 import torch
 from tier_helpers import compute, make_cache, read_tokens
 
-from pagedkv.errors import OutOfBlocksError
-from pagedkv.transfer import CopyTransferEngine, FaultInjectingEngine, SimulatedTransferEngine
+from pagedkv.cache.errors import OutOfBlocksError
+from pagedkv.tiers.transfer import CopyTransferEngine, FaultInjectingEngine, SimulatedTransferEngine
 
 
 def test_round_trip_bit_exact_with_sharing_and_partial_blocks() -> None:
@@ -231,11 +231,11 @@ def test_engine_that_raises_leaves_both_tiers_as_they_were() -> None:
 def test_pool_larger_than_its_store_is_refused() -> None:
     from tier_helpers import SPEC
 
-    from pagedkv.block_manager import BlockManager
-    from pagedkv.block_pool import BlockPool
-    from pagedkv.hashing import BlockHasher
-    from pagedkv.kv_store import KVStore
-    from pagedkv.tiered import TieredKVCache
+    from pagedkv.cache.block_manager import BlockManager
+    from pagedkv.cache.block_pool import BlockPool
+    from pagedkv.cache.hashing import BlockHasher
+    from pagedkv.tiers.kv_store import KVStore
+    from pagedkv.tiers.tiered import TieredKVCache
 
     hasher = BlockHasher(block_size=SPEC.block_size)
     engine = CopyTransferEngine(KVStore(SPEC, 4), KVStore(SPEC, 4))
@@ -248,7 +248,7 @@ def test_pool_larger_than_its_store_is_refused() -> None:
 
 
 def test_backup_keeps_the_sequence_on_gpu_and_makes_offload_copy_only_the_tail() -> None:
-    from pagedkv.tiered import Backup
+    from pagedkv.tiers.tiered import Backup
 
     cache, gpu, _host = make_cache(num_gpu=12, num_host=12)
     gen = torch.Generator().manual_seed(7)
@@ -283,7 +283,7 @@ def test_backup_keeps_the_sequence_on_gpu_and_makes_offload_copy_only_the_tail()
 def test_backup_source_blocks_survive_a_free_and_a_failed_copy_keeps_the_good_prefix() -> None:
     from tier_helpers import DeferredCopyEngine
 
-    from pagedkv.tiered import Backup
+    from pagedkv.tiers.tiered import Backup
 
     now = [0.0]
     cache, gpu, host = make_cache(num_gpu=6, num_host=8)

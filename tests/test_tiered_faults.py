@@ -10,13 +10,13 @@ import pytest
 import torch
 from tier_helpers import SPEC, compute, make_cache, read_tokens
 
-from pagedkv.block_manager import BlockManager
-from pagedkv.block_pool import BlockPool
-from pagedkv.errors import OutOfBlocksError
-from pagedkv.hashing import BlockHasher
-from pagedkv.kv_store import KVStore
-from pagedkv.tiered import Backup, TieredKVCache
-from pagedkv.transfer import (
+from pagedkv.cache.block_manager import BlockManager
+from pagedkv.cache.block_pool import BlockPool
+from pagedkv.cache.errors import OutOfBlocksError
+from pagedkv.cache.hashing import BlockHasher
+from pagedkv.tiers.kv_store import KVStore
+from pagedkv.tiers.tiered import Backup, TieredKVCache
+from pagedkv.tiers.transfer import (
     CopyTransferEngine,
     Direction,
     FaultInjectingEngine,

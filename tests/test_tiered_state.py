@@ -25,8 +25,8 @@ from tier_helpers import (
     write_kv,
 )
 
-from pagedkv.errors import OutOfBlocksError
-from pagedkv.tiered import Backup, TransferResult
+from pagedkv.cache.errors import OutOfBlocksError
+from pagedkv.tiers.tiered import Backup, TransferResult
 
 BS = SPEC.block_size
 TENANTS = ("t0", "t1")

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from serving.model_config import LlamaConfig
-from serving.tokenizer import SPECIAL_TOKENS, VOCAB_SIZE, ByteTokenizer
+from pagedkv.model.config import LlamaConfig
+from pagedkv.model.tokenizer import SPECIAL_TOKENS, VOCAB_SIZE, ByteTokenizer
 
 tok = ByteTokenizer()
 ids_strategy = st.lists(st.integers(0, VOCAB_SIZE - 1), max_size=64)

@@ -12,15 +12,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from scheduler.agent_workload import AgentWorkloadConfig, generate_agent_workload
-from scheduler.traces import (
+from pagedkv.sim.agent_workload import AgentWorkloadConfig, generate_agent_workload
+from pagedkv.sim.traces import (
     TraceFormatError,
     load_mooncake,
     load_trace,
     load_workload,
     write_trace,
 )
-from scheduler.workload import Request, Workload
+from pagedkv.sim.workload import Request, Workload
 
 HEADER = {"format": "pagedkv-trace", "version": 1, "tokens_per_block": 4}
 

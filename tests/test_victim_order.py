@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from sched_helpers import make_scheduler, run_turn
 
-from scheduler.errors import OverCapacityError
-from scheduler.eviction import IdleGapModel, IdleSessions
-from scheduler.session import Session, SessionState
+from pagedkv.scheduler.errors import OverCapacityError
+from pagedkv.scheduler.eviction import IdleGapModel, IdleSessions
+from pagedkv.scheduler.session import Session, SessionState
 
 S = SessionState
 
@@ -175,7 +175,7 @@ def test_decode_growth_finishes_a_backup_rather_than_failing() -> None:
     by its backup copy, waits for that copy (a real engine can) and then drops it."""
     from tier_helpers import SPEC, DeferredCopyEngine
 
-    from pagedkv.kv_store import KVStore
+    from pagedkv.tiers.kv_store import KVStore
 
     bs = SPEC.block_size
     gpu, host = KVStore(SPEC, 8), KVStore(SPEC, 16)

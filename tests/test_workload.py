@@ -14,13 +14,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from scheduler.agent_workload import (
+from pagedkv.sim.agent_workload import (
     DEFAULT_NUM_SESSIONS,
     AgentWorkloadConfig,
     LogNormalRange,
     generate_agent_workload,
 )
-from scheduler.workload import Request, Workload
+from pagedkv.sim.workload import Request, Workload
 
 # -- helpers ---------------------------------------------------------------------------
 

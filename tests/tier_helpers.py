@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from pagedkv.block_manager import BlockManager
-from pagedkv.block_pool import BlockPool
-from pagedkv.hashing import BlockHasher
-from pagedkv.kv_store import KVStore
-from pagedkv.spec import KVSpec
-from pagedkv.tiered import TieredKVCache
-from pagedkv.transfer import CopyTransferEngine, TransferEngine
+from pagedkv.cache.block_manager import BlockManager
+from pagedkv.cache.block_pool import BlockPool
+from pagedkv.cache.hashing import BlockHasher
+from pagedkv.cache.spec import KVSpec
+from pagedkv.tiers.kv_store import KVStore
+from pagedkv.tiers.tiered import TieredKVCache
+from pagedkv.tiers.transfer import CopyTransferEngine, TransferEngine
 
 SPEC = KVSpec(num_layers=2, num_kv_heads=2, head_dim=4, dtype="float32", block_size=4)
 
@@ -93,8 +93,8 @@ class DeferredCopyEngine(TransferEngine):
         self.num_in_flight = 0
 
     def submit(self, direction, src_ids, dst_ids):  # type: ignore[no-untyped-def]
-        from kernels import copy_blocks
-        from pagedkv.transfer import TransferHandle
+        from pagedkv.kernels import copy_blocks
+        from pagedkv.tiers.transfer import TransferHandle
 
         src, dst = (self.gpu, self.host) if direction == "offload" else (self.host, self.gpu)
         bad = {

@@ -1,0 +1,375 @@
+"""Where each session's blocks live, and moving them: the residency half of the scheduler.
+
+`Residency` holds the pin counts, the idle LRU, the offloaded LRU and the copies in
+flight, and implements making room (victim choice under the pinned cap, the tenant caps
+and the GPU watermark), eviction (release when backed up, offload when a restore is
+cheaper than a recompute, else drop), host-tier room, idle write-back (`backup_idle`)
+and the completion of every copy. `SessionScheduler` adds sessions, turns and the
+admission queue on top. Single-threaded, like the scheduler.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter, OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+
+from pagedkv.cache.errors import OutOfBlocksError
+from pagedkv.scheduler.config import SchedulerConfig
+from pagedkv.scheduler.cost import CostModel
+from pagedkv.scheduler.events import Event, TurnPlan, TurnReady
+from pagedkv.scheduler.eviction import IdleGapModel, IdleSessions, choose_action
+from pagedkv.scheduler.metrics import SchedulerMetrics
+from pagedkv.scheduler.session import Session, SessionState
+from pagedkv.tiers.results import Backup, TransferResult
+from pagedkv.tiers.tiered import TieredKVCache
+
+S = SessionState
+
+
+@dataclass(slots=True)
+class Hits:
+    pinned: int = 0
+    gpu: int = 0
+    host: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Need:
+    """What starting a turn takes: new GPU blocks, the GPU prefix hits it will take (the
+    in-use count grows by the new blocks plus whichever hits are cached at that moment:
+    evicting a victim can turn a shared hit into a cached one), and a pin slot or not."""
+
+    blocks: int
+    hits: tuple[int, ...]
+    slot: bool
+
+
+class Residency:
+    """Pinning, eviction, offload, backup and copy completion for a `SessionScheduler`.
+
+    Invariants are checked by `SessionScheduler.check_invariants`: `_pinned` counts the
+    ACTIVE and IDLE sessions; every IDLE session is in `_idle`; `_releasing` holds exactly
+    the offloads in flight, `_offloaded` exactly the sessions resting on the host.
+    """
+
+    def __init__(
+        self,
+        cache: TieredKVCache,
+        config: SchedulerConfig,
+        *,
+        clock: Callable[[], float],
+        cost: CostModel | None = None,
+    ) -> None:
+        self.cache = cache
+        self.config = config
+        self.clock = clock
+        self.cost = cost or CostModel(block_size=cache.block_size)
+        if self.cost.block_size != cache.block_size:
+            raise ValueError(
+                f"CostModel.block_size={self.cost.block_size} differs from the cache's "
+                f"block_size={cache.block_size}"
+            )
+        self.metrics = SchedulerMetrics()
+        self._sessions: dict[object, Session] = {}
+        self._queues: dict[int, OrderedDict[object, Session]] = {}
+        self._idle = IdleSessions()
+        self.idle_gaps = IdleGapModel()  # learned from every turn that follows an idle gap
+        self._offloaded: OrderedDict[object, Session] = OrderedDict()  # host-pinned, LRU
+        self._waiting: dict[object, Hits] = {}  # ACTIVE, restore copy in flight
+        self._releasing: dict[object, int] = {}  # offloading: GPU blocks freed on completion
+        self._backups: dict[object, Session] = {}  # backups in flight: id -> who started it
+        # released with their own backup in flight: its GPU sources free when it completes
+        self._backup_releasing: set[object] = set()
+        self._pinned = 0
+        self._pinned_by_tenant: Counter[str] = Counter()
+        self._events: deque[Event] = deque()
+        self._blocked_by_tenant = False  # set by _make_room: short only of a tenant slot
+        self._block_limit = int(config.high_watermark * cache.gpu.pool.num_blocks)
+
+    def _ready(self, s: Session, hits: Hits) -> TurnPlan:
+        """The plan of a turn whose blocks are now all on the GPU (`SessionScheduler`)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ making room
+    def _make_room(self, s: Session, need: Need, *, immediate: bool = False) -> bool:
+        """Evict idle sessions until `s` has a pin slot (if needed) and its blocks fit
+        (available blocks and the watermark). True when room exists now.
+
+        Blocks that in-flight offloads will release count as coming (no further victims
+        are taken for them) unless `immediate`, where victims are dropped rather than
+        offloaded so their blocks are free at once.
+        """
+        pool = self.cache.gpu.pool
+        tenant_cap = self.config.tenant_max_pinned.get(s.tenant)
+        self._blocked_by_tenant = False
+
+        def short() -> tuple[int, bool, bool]:
+            num_cached_hits = pool.count_cached(need.hits)
+            # cached hits are counted as available but will be taken, not reused
+            blocks = need.blocks - (pool.num_available - num_cached_hits)
+            if not immediate:
+                growth = need.blocks + num_cached_hits
+                blocks = max(blocks, pool.num_in_use + growth - self._block_limit)
+            slot = need.slot and self._pinned >= self.config.max_pinned_sessions
+            tenant_slot = (
+                need.slot
+                and tenant_cap is not None
+                and self._pinned_by_tenant[s.tenant] >= tenant_cap
+            )
+            return blocks, slot, tenant_slot
+
+        def backup_coming() -> int:
+            """GPU blocks that only in-flight backups of released sessions hold (and no
+            hit of this turn will take back)."""
+            if not self._backup_releasing:
+                return 0
+            held = Counter(
+                b for sid in self._backup_releasing for b in self.cache.backup_sources(sid)
+            )
+            hits = set(need.hits)
+            return sum(1 for b, n in held.items() if pool.refcount(b) == n and b not in hits)
+
+        caps = self.config.tenant_max_pinned
+        while True:
+            blocks, slot, tenant_slot = short()
+            if blocks <= 0 and not slot and not tenant_slot:
+                return True
+            coming = 0 if immediate else sum(self._releasing.values()) + backup_coming()
+            if blocks <= coming and not slot and not tenant_slot:
+                return False  # in-flight offloads will free enough: wait for them
+            over_cap = {t: n > caps[t] for t, n in self._pinned_by_tenant.items() if t in caps}
+
+            pick = partial(
+                self._idle.pick_victim,
+                max_priority=s.priority,
+                exclude=s.session_id,
+                # at its tenant's cap, a session makes room from its own tenant only
+                tenant=s.tenant if tenant_slot else None,
+                over_cap=over_cap,
+                score=self._victim_score(),
+            )
+            # blocks a backup in flight holds are not free at once: when they are needed
+            # now, prefer other victims, else finish that backup first
+            victim = pick(skip=self._backup_in_flight if immediate else None)
+            if victim is None and immediate:
+                victim = pick()
+                if victim is not None and not self._finish_backup(victim):
+                    victim = None
+            if victim is None:
+                self._blocked_by_tenant = tenant_slot
+                return False
+            self._evict(victim, allow_offload=not immediate, protect=s.session_id)
+
+    def _enforce_cap(self) -> None:
+        """Evict idle sessions while more are pinned than the cap allows (after the cap
+        was lowered while turns ran)."""
+        cap = self.config.max_pinned_sessions
+        while self._pinned > cap:
+            victim = self._idle.pick_victim(
+                max_priority=math.inf, exclude=None, tenant=None, over_cap={},
+                score=self._victim_score(),
+            )  # fmt: skip
+            if victim is None:
+                return
+            self._evict(victim)
+
+    def _victim_score(self) -> Callable[[Session], float | None] | None:
+        """How `pick_victim` ranks idle sessions: the chance each stays idle a while."""
+        if self.config.victim_order == "lru":
+            return None
+        now, stays_idle = self.clock(), self.idle_gaps.stays_idle
+        return lambda v: stays_idle(now - v.last_active)
+
+    def _backup_in_flight(self, s: Session) -> bool:
+        """Whether a backup that `s` itself started is still copying (a closed session
+        with the same id may have left one of its own)."""
+        return self._backups.get(s.session_id) is s and self.cache.is_pending(Backup(s.session_id))
+
+    def _finish_backup(self, s: Session) -> bool:
+        """Block until `s`'s backup copy completes and commit it (False when the engine
+        cannot wait, as a simulated one)."""
+        try:
+            r = self.cache.wait(Backup(s.session_id))
+        except RuntimeError:
+            return False
+        if r is not None:
+            self._on_transfer(r, follow_up=False)  # its blocks are wanted free now
+        return True
+
+    def _backed_up(self, s: Session) -> bool:
+        """Whether the host holds (or a backup in flight is copying) every full block of
+        an IDLE session, so that releasing its GPU copy loses at most its partial block."""
+        if self.cache.host is None or not self.config.backup_idle:
+            return False
+        n = self.cache.gpu.table(s.session_id).num_cacheable_blocks
+        if n == 0:
+            return False
+        if self._backup_in_flight(s):  # covers what was full when it started
+            return s.backup_tokens >= n * self.cache.block_size
+        table = self.cache.gpu.table(s.session_id)
+        contents = self.cache.gpu.hasher.chain_contents(table.root, table.tokens, table.hashes)
+        return len(self.cache.host.pool.match_chain(table.hashes[:n], contents, n)) == n
+
+    def _evict(self, s: Session, *, allow_offload: bool = True, protect: object = None) -> None:
+        """Take an IDLE session off the GPU: release it when its full blocks are already on
+        the host (written back), else offload it (when the cost model prefers a restore
+        over a recompute and the host has or can make room) or drop it. Host room is never
+        made by dropping `protect` (the offloaded session asking for room)."""
+        table = self.cache.gpu.table(s.session_id)
+        num_blocks = len(table.block_ids)
+        if self._backed_up(s):
+            # no copy to wait for: its next turn finds the blocks on the host by hash;
+            # only the partial last block is recomputed
+            if self._backup_in_flight(s):  # its blocks free once the backup completes
+                self._backup_releasing.add(s.session_id)
+            self._idle.remove(s)
+            self._unpin(s)
+            self._drop(s, reason="backed_up")
+            return
+        offload = (
+            allow_offload
+            and self.cache.host is not None
+            and choose_action(
+                num_blocks=num_blocks,
+                offload_enabled=self.config.offload_idle,
+                cost=self.cost,
+            )
+            == "offload"
+        )
+        self._idle.remove(s)
+        self._unpin(s)
+        if offload:
+            self._make_host_room(num_blocks, protect=protect)
+            assert self.cache.host is not None
+            offload = self.cache.host.pool.num_available >= num_blocks
+        if offload:
+            self._offload(s, reason="offload")
+        else:
+            self._drop(s, reason="drop")
+
+    def _make_host_room(self, num_blocks: int, *, protect: object = None) -> None:
+        """Drop offloaded sessions (lowest priority, oldest first; never `protect`) until
+        the host has `num_blocks` available."""
+        host = self.cache.host
+        assert host is not None
+        while host.pool.num_available < num_blocks:
+            candidates = [v for v in self._offloaded.values() if v.session_id != protect]
+            if not candidates:
+                return
+            victim = min(candidates, key=lambda v: v.priority)
+            del self._offloaded[victim.session_id]
+            victim.history = host.table(victim.session_id).tokens.copy()
+            self.cache.drop_offloaded(victim.session_id)
+            victim.state = S.DROPPED
+            self.metrics.sessions_dropped += 1
+
+    def _offload(self, s: Session, *, reason: str) -> None:
+        """Start offloading a session that was just unpinned; fall back to a drop when the
+        host refuses (no room, or an engine error: the cache rolled itself back)."""
+        table = self.cache.gpu.table(s.session_id)
+        pool = self.cache.gpu.pool
+        exclusive = sum(1 for b in table.block_ids if pool.refcount(b) == 1)
+        try:
+            self.cache.offload(s.session_id)
+        except (OutOfBlocksError, RuntimeError, ValueError):
+            self._drop(s, reason=reason)
+            return
+        s.state = S.OFFLOADED
+        s.evicted_by = reason
+        if self.cache.location(s.session_id) == "host":  # nothing to copy: done already
+            self._offload_done(s)
+        else:
+            self._releasing[s.session_id] = exclusive
+
+    def _backup(self, s: Session) -> None:
+        """Write an IDLE session's new full blocks back to the host (`backup_idle`). Best
+        effort: with no host room it is skipped; while an earlier backup of the id is in
+        flight, a follow-up starts when that one completes (see `_on_transfer`)."""
+        if (
+            not self.config.backup_idle
+            or self.cache.host is None
+            or self.cache.is_pending(Backup(s.session_id))
+        ):
+            return
+        covers = self.cache.gpu.table(s.session_id).num_cacheable_blocks * self.cache.block_size
+        try:
+            handle = self.cache.backup(s.session_id)
+        except (OutOfBlocksError, RuntimeError, ValueError):
+            return
+        if handle is not None:
+            self._backups[s.session_id] = s
+            s.backup_tokens = covers
+
+    def _offload_done(self, s: Session) -> None:
+        self.metrics.sessions_offloaded += 1
+        if s.evicted_by == "release":  # write-through: keep only the host cache
+            assert self.cache.host is not None
+            s.history = self.cache.host.table(s.session_id).tokens.copy()
+            self.cache.drop_offloaded(s.session_id)
+            s.state = S.DROPPED
+        elif s.state == S.OFFLOADED:
+            self._offloaded[s.session_id] = s
+
+    def _drop(self, s: Session, *, reason: str) -> None:
+        table = self.cache.gpu.table(s.session_id)
+        s.history = table.tokens.copy()
+        if reason != "backed_up":  # those blocks live on in the host tier
+            self.metrics.blocks_dropped += len(table.block_ids)
+        self.cache.free(s.session_id)
+        s.state = S.DROPPED
+        s.evicted_by = reason
+        if reason == "backed_up":
+            self.metrics.sessions_released_backed_up += 1
+        elif reason != "release":
+            self.metrics.sessions_dropped += 1
+
+    def _pin(self, s: Session) -> None:
+        self._pinned += 1
+        self._pinned_by_tenant[s.tenant] += 1
+
+    def _unpin(self, s: Session) -> None:
+        self._pinned -= 1
+        self._pinned_by_tenant[s.tenant] -= 1
+
+    # ------------------------------------------------------------------ transfers
+    def _on_transfer(self, r: TransferResult, *, follow_up: bool = True) -> None:
+        s = self._sessions.get(r.seq_id)
+        if not r.ok:
+            self.metrics.transfer_failures += 1
+        moved_bytes = r.num_blocks_copied * self.cost.bytes_per_block
+        if r.direction == "offload":
+            self.metrics.blocks_offloaded += r.num_blocks_copied
+            self.metrics.bytes_offloaded += moved_bytes
+            if r.backup:
+                self.metrics.blocks_backed_up += r.num_blocks_copied
+                assert isinstance(r.seq_id, Backup)
+                sid = r.seq_id.seq_id
+                self._backup_releasing.discard(sid)
+                owner = self._backups.pop(sid, None)
+                if owner is not None and not r.ok:
+                    owner.backup_tokens = min(owner.backup_tokens, r.valid_tokens)
+                if (
+                    follow_up
+                    and owner is not None
+                    and owner is self._sessions.get(sid)
+                    and owner.state == S.IDLE
+                ):
+                    self._backup(owner)  # blocks its later turns filled meanwhile, if any
+                return
+            if s is None:
+                return  # closed meanwhile: the cache released everything
+            self._releasing.pop(s.session_id, None)
+            if r.ok:
+                self._offload_done(s)
+            elif self.cache.location(s.session_id) == "gpu":
+                self._drop(s, reason="drop")  # the GPU copy is intact: release it instead
+            return
+        self.metrics.blocks_restored += r.num_blocks_copied
+        self.metrics.bytes_restored += moved_bytes
+        hits = self._waiting.pop(r.seq_id, None)
+        if s is None or hits is None:
+            return
+        self._events.append(TurnReady(s.session_id, self._ready(s, hits)))

@@ -1,0 +1,519 @@
+"""SessionScheduler: connection-scoped sessions on a two-tier paged KV cache.
+
+Event driven: no threads, no sleeps. A server (or the simulator) calls `begin_turn`,
+`append_tokens`, `mark_computed`, `end_turn`, `close_session`, and `poll()` whenever time
+passes or a copy may have finished; the injected clock is the only source of time. All
+calls must come from one thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import Counter, OrderedDict
+from dataclasses import replace
+
+import numpy as np
+
+from pagedkv.cache.errors import OutOfBlocksError
+from pagedkv.cache.hashing import TokenInput, as_token_array
+from pagedkv.scheduler.errors import OverCapacityError, SessionError
+from pagedkv.scheduler.events import Event, TurnPlan, TurnReady, TurnRefused
+from pagedkv.scheduler.residency import Hits, Need, Residency
+from pagedkv.scheduler.session import Session, SessionState
+from pagedkv.tiers.results import Backup
+
+S = SessionState
+
+
+class SessionScheduler(Residency):
+    """Admission, pinning, idle offload/eviction and reconnect for many sessions.
+
+    Invariants (see `check_invariants`): pinned sessions (ACTIVE + IDLE) never exceed
+    `max_pinned_sessions` (except ACTIVE ones after the cap was lowered mid-turn); every
+    pinned session has its blocks on the GPU; an IDLE session is in the idle LRU; a queued
+    session is in exactly one queue; an ACTIVE session is never chosen as a victim.
+
+    Built as `SessionScheduler(cache, config, *, clock, cost=None)`; the residency half
+    (pins, eviction, offload, backups, copy completion) is `Residency`.
+    """
+
+    # ------------------------------------------------------------------ queries
+    def session(self, session_id: object) -> Session:
+        """The record of an open session.
+
+        Raises:
+            SessionError: unknown (or closed) session id.
+        """
+        s = self._sessions.get(session_id)
+        if s is None:
+            raise SessionError(f"unknown session id {session_id!r}")
+        return s
+
+    def block_ids(self, session_id: object) -> list[int]:
+        """The GPU block table of a running session (changes as tokens are appended).
+
+        Raises:
+            SessionError: the session has no running turn.
+        """
+        self._active(session_id, "block_ids")
+        return list(self.cache.gpu.table(session_id).block_ids)
+
+    def num_tokens(self, session_id: object) -> int:
+        """Tokens in a session's sequence (0 for a new session)."""
+        return self._seq_len(self.session(session_id))
+
+    @property
+    def num_pinned(self) -> int:
+        return self._pinned
+
+    @property
+    def num_queued(self) -> int:
+        return sum(len(q) for q in self._queues.values())
+
+    def sessions_by_state(self) -> dict[str, int]:
+        counts = Counter(
+            S.QUEUED.value if s.is_queued else s.state.value for s in self._sessions.values()
+        )
+        return {state.value: counts.get(state.value, 0) for state in SessionState}
+
+    # ------------------------------------------------------------------ lifecycle
+    def open_session(
+        self,
+        session_id: object,
+        *,
+        tenant: str = "default",
+        priority: int = 0,
+        extra_keys: bytes = b"",
+    ) -> Session:
+        """Register a new connection's session (no blocks until its first turn).
+
+        `extra_keys` separate caches within a tenant (a LoRA adapter, a model revision).
+
+        Raises:
+            SessionError: the id is open, or still has a copy in flight from a session
+                closed a moment ago. TypeError: tenant, priority or extra_keys mistyped.
+        """
+        if session_id in self._sessions:
+            raise SessionError(f"session id {session_id!r} is already open")
+        if self.cache.location(session_id) is not None:
+            raise SessionError(
+                f"session id {session_id!r} was closed but its copy is still in flight; "
+                "use a fresh id (or poll() until the copy completes)"
+            )
+        if not isinstance(tenant, str):
+            raise TypeError(f"tenant must be a str, got {type(tenant).__name__}")
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise TypeError(f"priority must be an int, got {priority!r}")
+        if not isinstance(extra_keys, bytes):
+            raise TypeError(f"extra_keys must be bytes, got {type(extra_keys).__name__}")
+        now = self.clock()
+        s = Session(session_id, tenant, priority, now, extra_keys=extra_keys, last_active=now)
+        self._sessions[session_id] = s
+        return s
+
+    def resume(
+        self,
+        session_id: object,
+        tokens: TokenInput,
+        *,
+        tenant: str = "default",
+        priority: int = 0,
+        extra_keys: bytes = b"",
+    ) -> TurnPlan | None:
+        """Open a session for a client that reconnects with its full token history.
+
+        The longest cached prefix (GPU, then host) is reused; only the rest is computed.
+        Returns the plan, or None when the turn waits (a `TurnReady` comes from `poll`).
+
+        Raises:
+            As `open_session` and `begin_turn`; on any error the session is not opened.
+        """
+        self.open_session(session_id, tenant=tenant, priority=priority, extra_keys=extra_keys)
+        try:
+            return self.begin_turn(session_id, tokens)
+        except BaseException:
+            del self._sessions[session_id]
+            raise
+
+    def begin_turn(self, session_id: object, new_tokens: TokenInput) -> TurnPlan | None:
+        """Start a turn with the client's new input tokens (at least one).
+
+        Returns the plan when the turn can run now, None when it waits for room or for a
+        host-to-GPU copy (its `TurnReady` or `TurnRefused` then comes from `poll`).
+
+        Raises:
+            SessionError: unknown session, or a turn is already running or queued.
+            TypeError / ValueError: bad or empty tokens.
+            OverCapacityError: the queue is full, or the turn can never fit; the session
+                is left as it was.
+        """
+        s = self.session(session_id)
+        if s.state not in (S.NEW, S.IDLE, S.OFFLOADED, S.DROPPED) or s.is_queued:
+            state = "queued" if s.is_queued else s.state.value
+            raise SessionError(
+                f"begin_turn {session_id!r}: session is {state}; "
+                "expected new, idle, offloaded or dropped (one turn at a time)"
+            )
+        # a private copy: the caller may reuse its buffer while the turn waits
+        tokens = np.array(as_token_array(new_tokens, what="new_tokens"), copy=True)
+        if len(tokens) == 0:
+            raise ValueError(f"begin_turn {session_id!r}: new_tokens is empty")
+        total = self._seq_len(s) + len(tokens)
+        if -(-total // self.cache.block_size) > self._block_limit:
+            raise self._refuse(
+                s, "too_large", f"{total} tokens need more blocks than the GPU watermark "
+                f"allows ({self._block_limit})",
+            )  # fmt: skip
+        if self.num_queued >= self.config.max_queue and self._queues_ahead(s):
+            raise self._refuse(s, "queue_full", f"{self.num_queued} turns already waiting")
+        if s.idle_since is not None:  # once per idle period (not again for a retry)
+            self.idle_gaps.observe(max(0.0, self.clock() - s.idle_since))
+            s.idle_since = None
+        s.pending_tokens = tokens
+        if not self._queues_ahead(s):
+            started = self._try_start(s)
+            if started is not None:
+                return started if isinstance(started, TurnPlan) else None
+            if self.num_queued >= self.config.max_queue:
+                s.pending_tokens = None
+                raise self._refuse(s, "queue_full", f"{self.num_queued} turns already waiting")
+        s.queued_at = self.clock()
+        self._queues.setdefault(s.priority, OrderedDict())[session_id] = s
+        self.metrics.admission_waits += 1
+        self._admit_queued()  # heads blocked only by their tenant's cap do not block it
+        return None
+
+    def append_tokens(self, session_id: object, token_ids: TokenInput) -> np.ndarray:
+        """Append generated tokens to a running session; returns their int64 slots.
+
+        When the pool is short, idle sessions are dropped (freeing blocks at once; their
+        full blocks stay in the hash cache) to make room.
+
+        Raises:
+            SessionError: the session has no running turn.
+            OutOfBlocksError: no room even after dropping idle sessions; the session is
+                unchanged (other idle sessions may have been dropped).
+        """
+        s = self._active(session_id, "append_tokens")
+        gpu = self.cache.gpu
+        if isinstance(token_ids, (list, tuple)) and len(token_ids) == 1:  # a decode step
+            token = token_ids[0]
+            if gpu.table(session_id).num_tokens % self.cache.block_size or gpu.pool.num_available:
+                return np.array([gpu.append_token(session_id, token)], dtype=np.int64)
+        tokens = as_token_array(token_ids)
+        table = self.cache.gpu.table(session_id)
+        need = -(-(table.num_tokens + len(tokens)) // self.cache.block_size) - len(table.block_ids)
+        if need > 0:
+            self._make_room(s, Need(need, (), False), immediate=True)
+        r = self.cache.gpu.append_tokens(session_id, tokens)
+        return r.slot_mapping
+
+    def mark_computed(self, session_id: object) -> None:
+        """Record that the model wrote K/V for every token of a running session."""
+        self._active(session_id, "mark_computed")
+        self.cache.gpu.mark_computed(session_id)
+
+    def end_turn(self, session_id: object) -> None:
+        """Finish a running turn: the session becomes IDLE and stays pinned (or, with
+        `pin_sessions=False`, is released to the hash cache). Waiting turns are admitted
+        at the next `poll()` (so a client that closes right after its last turn does not
+        cause a wasted offload first).
+
+        Raises:
+            SessionError: no running turn, or tokens were appended but never computed.
+        """
+        s = self._active(session_id, "end_turn")
+        table = self.cache.gpu.table(session_id)
+        if table.num_computed_tokens != table.num_tokens:
+            raise SessionError(
+                f"end_turn {session_id!r}: {table.num_tokens - table.num_computed_tokens} "
+                "tokens were never computed (call mark_computed after the forward pass)"
+            )
+        self.metrics.turns_completed += 1
+        s.last_active = s.idle_since = self.clock()
+        s.num_turns += 1
+        if self.config.pin_sessions:
+            s.state = S.IDLE
+            self._idle.add(s)
+            self._backup(s)
+            self._enforce_cap()
+        else:
+            self._unpin(s)
+            if self.config.offload_on_release and self.cache.host is not None:
+                self._offload(s, reason="release")
+            else:
+                self._drop(s, reason="release")
+
+    def close_session(self, session_id: object, *, offload: bool | None = None) -> None:
+        """Close a session in any state; everything it held is released (its full blocks
+        stay in the hash caches). Safe while a turn runs or a copy is in flight.
+
+        With a host tier, an IDLE session's full blocks are first written through to the
+        host (a `backup`) when `offload` (default: `config.offload_on_close`) and the
+        host has room: a dropped connection that comes back after the GPU reclaimed them
+        is then served from the host instead of recomputing. Pass `offload=False` when
+        the client is known to be gone for good.
+
+        Raises:
+            SessionError: unknown session id.
+        """
+        s = self.session(session_id)
+        write_through = self.config.offload_on_close if offload is None else offload
+        self._queues.get(s.priority, OrderedDict()).pop(session_id, None)
+        self._idle.remove(s)
+        self._offloaded.pop(session_id, None)
+        self._waiting.pop(session_id, None)
+        self._releasing.pop(session_id, None)
+        if s.is_pinned:
+            self._unpin(s)
+        if (
+            write_through
+            and s.state == S.IDLE
+            and self.cache.host is not None
+            and not self.cache.is_pending(Backup(session_id))  # one is on its way already
+        ):
+            # only full blocks are findable by hash, so a backup of them is all a later
+            # reconnect can use; the copy holds its sources and completes on its own. With
+            # no host room, or an engine that refuses, the session is just released
+            with contextlib.suppress(OutOfBlocksError, RuntimeError, ValueError):
+                self.cache.backup(session_id)
+        if self.cache.location(session_id) is not None:
+            self.cache.free(session_id)
+        s.state = S.CLOSED
+        s.history = s.pending_tokens = None
+        s.queued_at = None
+        del self._sessions[session_id]
+        self._admit_queued()
+
+    def set_max_pinned_sessions(self, cap: int) -> None:
+        """Change the pinned-session cap at run time. Lowering it evicts idle sessions
+        (lowest priority, least recently active first) down to the cap; ACTIVE sessions
+        are never evicted, so the count can stay above a lowered cap until their turns end.
+
+        Raises:
+            ValueError / TypeError: cap is not an int >= 1.
+        """
+        self.config = replace(self.config, max_pinned_sessions=cap)
+        self._enforce_cap()
+        self._admit_queued()
+
+    # ------------------------------------------------------------------ time
+    def poll(self) -> list[Event]:
+        """Advance: commit finished copies, refuse timed-out turns, offload sessions idle
+        past the TTL, admit waiting turns. Returns the events since the last poll."""
+        for result in self.cache.poll():
+            self._on_transfer(result)
+        now = self.clock()
+        for queue in self._queues.values():  # FIFO: the oldest waiters are at the front
+            for s in list(queue.values()):
+                assert s.queued_at is not None
+                if now - s.queued_at <= self.config.queue_timeout_s:
+                    break
+                del queue[s.session_id]
+                err = self._refuse(s, "timeout", f"waited {now - s.queued_at:.3f}s")
+                s.queued_at = None
+                s.pending_tokens = None
+                self._events.append(TurnRefused(s.session_id, err))
+        ttl = self.config.idle_ttl_s
+        if ttl is not None and self.cache.host is not None:
+            while (idle := self._idle.oldest()) is not None and now - idle.last_active >= ttl:
+                self._evict(idle)
+        self._admit_queued()
+        events = list(self._events)
+        self._events.clear()
+        return events
+
+    def next_deadline(self) -> float | None:
+        """The next time `poll` has timed work to do (a queue timeout or an idle TTL)."""
+        times = []
+        for queue in self._queues.values():
+            head = next(iter(queue.values()), None)
+            if head is not None and head.queued_at is not None:
+                times.append(head.queued_at + self.config.queue_timeout_s)
+        oldest = self._idle.oldest()
+        if self.config.idle_ttl_s is not None and self.cache.host is not None and oldest:
+            times.append(oldest.last_active + self.config.idle_ttl_s)
+        return min(times, default=None)
+
+    # ------------------------------------------------------------------ starting turns
+    def _seq_len(self, s: Session) -> int:
+        loc = self.cache.location(s.session_id)
+        if loc in ("gpu", "restoring", "offloading"):
+            return self.cache.gpu.table(s.session_id).num_tokens
+        if loc == "host":
+            assert self.cache.host is not None
+            return self.cache.host.table(s.session_id).num_tokens
+        return 0 if s.history is None else len(s.history)
+
+    def _queues_ahead(self, s: Session) -> bool:
+        """Whether turns of equal or higher priority already wait (FIFO fairness)."""
+        return any(len(q) for p, q in self._queues.items() if p >= s.priority)
+
+    def _try_start(self, s: Session) -> TurnPlan | bool | None:
+        """Start `s`'s pending turn if room allows: a plan (ready), True (waiting on a
+        copy), or None (no room yet: it stays or goes in the queue)."""
+        assert s.pending_tokens is not None
+        tokens = s.pending_tokens
+        bs = self.cache.block_size
+        loc = self.cache.location(s.session_id)
+        if loc in ("offloading", "restoring"):
+            return None  # wait for the copy to finish first
+        if s.state == S.IDLE:
+            table = self.cache.gpu.table(s.session_id)
+            need = -(-(table.num_tokens + len(tokens)) // bs) - len(table.block_ids)
+            if not self._make_room(s, Need(need, (), False)):
+                return None
+            self._idle.remove(s)
+            s.state = S.ACTIVE
+            return self._ready(s, Hits(pinned=table.num_tokens))
+        if s.state == S.OFFLOADED:
+            assert self.cache.host is not None
+            h = self.cache.host.table(s.session_id)
+            restore_hits = self._gpu_hits(h.root, h.tokens, h.hashes)
+            need = -(-(h.num_tokens + len(tokens)) // bs) - len(restore_hits)
+            if not self._make_room(s, Need(need, tuple(restore_hits), True)):
+                return None
+            try:
+                plan = self.cache.restore(s.session_id, extra_tokens=tokens)
+            except OutOfBlocksError:
+                return None
+            s.pending_tokens = None  # appended (and their blocks reserved) by restore
+            self._offloaded.pop(s.session_id, None)
+            hits = Hits(gpu=plan.num_gpu_cached_tokens)
+        else:  # NEW or DROPPED
+            history = tokens if s.history is None else np.concatenate((s.history, tokens))
+            max_cached = len(history) - 1 if self.config.reuse_prefix else 0
+            probe = self.cache.probe_prefix(history, tenant=s.tenant, extra_keys=s.extra_keys)
+            gpu_hits = probe.gpu_hits[: max_cached // bs]
+            need = -(-len(history) // bs) - len(gpu_hits)
+            if not self._make_room(s, Need(need, tuple(gpu_hits), True)):
+                return None
+            try:
+                plan = self.cache.begin_sequence(
+                    s.session_id,
+                    history,
+                    tenant=s.tenant,
+                    extra_keys=s.extra_keys,
+                    max_cached_tokens=max_cached,
+                    probe=probe,
+                )
+            except OutOfBlocksError:
+                return None
+            s.history = None
+            s.pending_tokens = None  # the new tokens are in the sequence already
+            hits = Hits(gpu=plan.num_gpu_cached_tokens)
+        self._pin(s)
+        s.state = S.ACTIVE
+        if plan.pending:
+            self._waiting[s.session_id] = hits
+            return True
+        return self._ready(s, hits)
+
+    def _gpu_hits(self, root: bytes, tokens: np.ndarray, hashes: list[bytes]) -> list[int]:
+        """The GPU blocks holding the longest cached prefix of this chain."""
+        contents = self.cache.gpu.hasher.chain_contents(root, tokens, hashes)
+        return self.cache.gpu.pool.match_chain(hashes, contents, len(hashes))
+
+    def _ready(self, s: Session, hits: Hits) -> TurnPlan:
+        """Build the plan of a turn whose blocks are all on the GPU (after any restore)."""
+        table = self.cache.gpu.table(s.session_id)
+        if hits.pinned == 0:  # whatever is computed beyond the GPU hits came from the host
+            hits.host = table.num_computed_tokens - hits.gpu
+        if s.pending_tokens is not None:  # an IDLE session: append the new input now
+            pending, s.pending_tokens = s.pending_tokens, None
+            r = self.cache.gpu.append_tokens(
+                s.session_id, pending, max_cached_tokens=len(pending) - 1
+            )
+            hits.gpu += r.num_cached_tokens
+        start = table.num_computed_tokens
+        plan = TurnPlan(
+            session_id=s.session_id,
+            num_tokens=table.num_tokens,
+            compute_start=start,
+            slot_mapping=self.cache.gpu.slot_mapping(s.session_id, start, table.num_tokens),
+            block_ids=list(table.block_ids),
+            hit_pinned=hits.pinned,
+            hit_gpu=hits.gpu,
+            hit_host=hits.host,
+        )
+        m = self.metrics
+        m.turns_started += 1
+        m.tokens_prompt += plan.num_tokens
+        m.tokens_hit_pinned += hits.pinned
+        m.tokens_hit_gpu += hits.gpu
+        m.tokens_hit_host += hits.host
+        m.tokens_computed += plan.num_computed
+        return plan
+
+    # ------------------------------------------------------------------ queue
+    def _admit_queued(self) -> None:
+        """Admit waiting turns: priority order, FIFO within a priority. The first turn
+        that does not fit stops admission (no overtaking, so nobody starves), except a
+        turn held back only by its own tenant's pinned cap: it keeps its place among its
+        tenant's turns while other tenants' turns behind it go ahead."""
+        for priority in sorted(self._queues, reverse=True):
+            queue = self._queues[priority]
+            blocked_tenants: set[str] = set()
+            for s in list(queue.values()):
+                if s.tenant in blocked_tenants:
+                    continue
+                started = self._try_start(s)
+                if started is None:
+                    if self._blocked_by_tenant:
+                        blocked_tenants.add(s.tenant)
+                        continue
+                    return
+                del queue[s.session_id]
+                s.queued_at = None
+                if isinstance(started, TurnPlan):
+                    self._events.append(TurnReady(s.session_id, started))
+
+    def _refuse(self, s: Session, reason: str, detail: str) -> OverCapacityError:
+        self.metrics.admission_refusals += 1
+        return OverCapacityError(
+            f"session {s.session_id!r}: over capacity ({reason}): {detail}",
+            session_id=s.session_id,
+            reason=reason,
+            detail=f"over capacity ({reason}): {detail}",
+        )
+
+    # ------------------------------------------------------------------ helpers
+    def _active(self, session_id: object, what: str) -> Session:
+        s = self.session(session_id)
+        if s.state != S.ACTIVE or session_id in self._waiting:
+            raise SessionError(
+                f"{what} {session_id!r}: session is {s.state.value}"
+                f"{' (restoring)' if session_id in self._waiting else ''}; expected a running turn"
+            )
+        return s
+
+    def check_invariants(self) -> None:
+        """Scheduler and cache invariants; raises AssertionError with the numbers."""
+        self.cache.check_invariants(deep=False)
+        pinned = [s for s in self._sessions.values() if s.is_pinned]
+        assert len(pinned) == self._pinned, f"pinned {len(pinned)} != counter {self._pinned}"
+        num_active = sum(s.state == S.ACTIVE for s in self._sessions.values())
+        assert self._pinned <= max(self.config.max_pinned_sessions, num_active), (
+            f"pinned {self._pinned} > cap {self.config.max_pinned_sessions}"
+        )
+        for s in self._sessions.values():
+            loc = self.cache.location(s.session_id)
+            if s.state == S.IDLE:
+                assert loc == "gpu" and s.session_id in self._idle, (s.session_id, loc)
+            if s.state == S.ACTIVE:
+                assert loc in ("gpu", "restoring"), (s.session_id, loc)
+                assert (loc == "restoring") == (s.session_id in self._waiting), s.session_id
+            if s.state == S.DROPPED:
+                assert loc is None and s.history is not None, (s.session_id, loc)
+            if s.state == S.OFFLOADED:
+                assert loc in ("host", "offloading"), (s.session_id, loc)
+                assert (loc == "offloading") == (s.session_id in self._releasing), s.session_id
+                assert (loc == "host") == (s.session_id in self._offloaded), s.session_id
+            in_queues = sum(s.session_id in q for q in self._queues.values())
+            assert in_queues == int(s.is_queued), (s.session_id, in_queues)
+        assert len(self._idle) == sum(s.state == S.IDLE for s in self._sessions.values())
+        for session_id in (*self._backup_releasing, *self._backups):
+            assert self.cache.is_pending(Backup(session_id)), session_id
+
+
+__all__ = ["Event", "SessionScheduler", "TurnPlan", "TurnReady", "TurnRefused"]

@@ -1,0 +1,135 @@
+"""The engine's configuration, its requests, and the events it reports per request."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+from pagedkv.scheduler.config import SchedulerConfig
+from pagedkv.serving.conversation import Item
+from pagedkv.serving.generation import OutputSpec
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EngineConfig:
+    """Sizes and policies of one engine.
+
+    Attributes:
+        block_size: token positions per KV block.
+        num_gpu_blocks: blocks of the device pool (the "GPU" tier, CPU memory on a CPU).
+        num_host_blocks: blocks of the host tier (0: no host tier; evicted sessions are
+            dropped to the hash cache instead of offloaded).
+        max_batch_tokens: new tokens per forward step. Decode tokens always run; prefill
+            chunks fill what is left, oldest request first.
+        prefill_chunk_tokens: new tokens of one sequence per step (chunked prefill).
+        scheduler: admission, pinning and eviction (`reuse_prefix=False` switches the
+            content-hash cache off: a pure stateless server for HTTP).
+        device: where the model and the device pool live.
+        seed: seeds sampling.
+        hash_secret: the block hasher's tenant-root secret (None: random per process).
+        tenant: the tenant of every session (hash chains are salted per tenant).
+        step_delay_s: a test hook: sleep this long in the engine thread before every
+            forward step (simulates a slow model; the server must stay responsive).
+    """
+
+    block_size: int = 16
+    num_gpu_blocks: int = 1024
+    num_host_blocks: int = 2048
+    max_batch_tokens: int = 512
+    prefill_chunk_tokens: int = 512
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    device: str = "cpu"
+    seed: int = 0
+    hash_secret: bytes | None = None
+    tenant: str = "default"
+    step_delay_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("block_size", "num_gpu_blocks", "max_batch_tokens", "prefill_chunk_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"EngineConfig.{name} must be an int >= 1, got {value!r}")
+        if not isinstance(self.num_host_blocks, int) or self.num_host_blocks < 0:
+            raise ValueError(
+                f"EngineConfig.num_host_blocks must be an int >= 0, got {self.num_host_blocks!r}"
+            )
+        if self.step_delay_s < 0:
+            raise ValueError(f"EngineConfig.step_delay_s must be >= 0, got {self.step_delay_s}")
+        if not isinstance(self.scheduler, SchedulerConfig):
+            raise TypeError(
+                f"EngineConfig.scheduler must be a SchedulerConfig, got "
+                f"{type(self.scheduler).__name__}"
+            )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EngineRequest:
+    """One turn for the engine.
+
+    Attributes:
+        request_id: names the turn in events and logs.
+        session_id: the client session (a WebSocket connection), opened with
+            `Engine.open_session`; or, with `ephemeral`, a fresh id for this turn only.
+        prompt_tokens: the full rendered conversation (ending with the assistant header
+            when generating). The engine works out what the session already holds.
+        output: what to generate; None for a `generate: false` warm-up (prefill only).
+        ephemeral: a stateless request: its session is opened for this turn and closed
+            after it (its blocks stay in the hash cache if that is on).
+        arrival: `time.monotonic()` when the request arrived (TTFT is measured from it).
+    """
+
+    request_id: str
+    session_id: str
+    prompt_tokens: tuple[int, ...]
+    output: OutputSpec | None
+    ephemeral: bool = False
+    arrival: float = 0.0
+
+
+class TurnStarted(NamedTuple):
+    """The turn was admitted; `cached_tokens` of `prompt_tokens` need no prefill."""
+
+    request_id: str
+    prompt_tokens: int
+    cached_tokens: int
+
+
+class OutputStarted(NamedTuple):
+    """The first output token is decided (`ttft_s` after arrival)."""
+
+    request_id: str
+    ttft_s: float
+
+
+class OutputDelta(NamedTuple):
+    """Visible text of the output item (message text or function-call arguments)."""
+
+    request_id: str
+    text: str
+
+
+class TurnDone(NamedTuple):
+    """The turn finished: its output item (None for a warm-up), usage and timings."""
+
+    request_id: str
+    item: Item | None
+    input_tokens: int
+    cached_tokens: int
+    output_tokens: int
+    metrics: dict[str, Any]
+    incomplete_reason: str | None = None  # "max_output_tokens" when the limit cut it off
+
+
+class TurnFailed(NamedTuple):
+    """The turn failed; `code` "over_capacity" when admission refused it."""
+
+    request_id: str
+    code: str
+    message: str
+    status: int
+    error_type: str
+
+
+EngineEvent = TurnStarted | OutputStarted | OutputDelta | TurnDone | TurnFailed
+EventSink = Callable[[EngineEvent], None]

@@ -1,0 +1,365 @@
+"""The Responses API request subset: parse and check a `response.create` body.
+
+Accepted fields (unknown ones are ignored, as the API does): `model`, `input` (a string
+or a list of items: `message` with a string or text parts, replayed `function_call`,
+`function_call_output`), `instructions`, function `tools`, `tool_choice`,
+`previous_response_id` (nullable), `store`, `generate` (WebSocket: False warms the cache
+without output), `max_output_tokens`, `temperature`, `top_p`, `metadata`, `stream` (HTTP
+only), `stream_id` (WebSocket only: echoed on every event of that response; requests on
+one connection run first in, first out whatever their lane). `background: true` is
+refused. Anything malformed raises `ProtocolError`, which the server sends as the `error`
+envelope.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from pagedkv.serving.conversation import (
+    ROLES,
+    FunctionCall,
+    FunctionCallOutput,
+    FunctionTool,
+    Item,
+    Message,
+)
+
+TEXT_PART_TYPES = ("input_text", "output_text", "text")
+
+
+class ProtocolError(Exception):
+    """A request the server refuses; becomes an `error` event or an HTTP error body.
+
+    Attributes:
+        status: the HTTP status it maps to (400 bad request, 503 over capacity ...).
+        type: the error type ("invalid_request_error", "server_error").
+        code: a machine-readable code ("previous_response_not_found", "invalid_type" ...).
+        param: the offending field, if any.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str,
+        param: str | None = None,
+        status: int = 400,
+        type: str = "invalid_request_error",
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+        self.param = param
+        self.status = status
+        self.type = type
+        self.stream_id: str | None = None  # WebSocket: the lane of the refused request
+
+    def to_json(self) -> dict[str, Any]:
+        """The `error` object: type, code, message, param."""
+        return {"type": self.type, "code": self.code, "message": self.message, "param": self.param}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ToolChoice:
+    """ "auto" (text), "none" (text), "required" (call the first tool) or a named function."""
+
+    mode: str = "auto"
+    name: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CreateRequest:
+    """A checked `response.create` body (see the module docstring)."""
+
+    model: str | None = None
+    items: tuple[Item, ...] = ()
+    instructions: str | None = None
+    tools: tuple[FunctionTool, ...] = ()
+    tool_choice: ToolChoice = field(default_factory=ToolChoice)
+    previous_response_id: str | None = None
+    store: bool = True
+    generate: bool = True
+    max_output_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    stream: bool = False
+    stream_id: str | None = None
+
+    def forced_tool(self) -> FunctionTool | None:
+        """The tool a function call must be made to, or None for a text answer.
+
+        `tool_choice: "required"` picks the first tool, a named choice picks that one.
+        This is the documented hook that makes the engine emit a function call (the
+        random-weight model never chooses one by itself).
+
+        Raises:
+            ProtocolError: the choice names a tool the request does not define, or
+                requires a call with no tools.
+        """
+        choice = self.tool_choice
+        if choice.mode in ("auto", "none"):
+            return None
+        if not self.tools:
+            raise ProtocolError(
+                f"tool_choice {choice.mode!r} needs at least one function tool, got none",
+                code="invalid_value",
+                param="tool_choice",
+            )
+        if choice.mode == "required":
+            return self.tools[0]
+        for tool in self.tools:
+            if tool.name == choice.name:
+                return tool
+        raise ProtocolError(
+            f"tool_choice names function {choice.name!r}, which is not in tools "
+            f"{[t.name for t in self.tools]}",
+            code="invalid_value",
+            param="tool_choice",
+        )
+
+
+def _type_error(param: str, expected: str, value: object) -> ProtocolError:
+    return ProtocolError(
+        f"invalid type for {param!r}: expected {expected}, got {type(value).__name__}",
+        code="invalid_type",
+        param=param,
+    )
+
+
+def _opt(body: Mapping[str, Any], key: str, types: tuple[type, ...], expected: str) -> Any:
+    value = body.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) and bool not in types:
+        raise _type_error(key, expected, value)
+    if not isinstance(value, types):
+        raise _type_error(key, expected, value)
+    return value
+
+
+def _str_field(obj: Mapping[str, Any], key: str, param: str) -> str:
+    value = obj.get(key)
+    if not isinstance(value, str):
+        raise _type_error(param, "a string", value)
+    return value
+
+
+def _single_line(value: str, param: str) -> str:
+    if not value or "\n" in value:
+        raise ProtocolError(
+            f"{param!r} must be a non-empty string without newlines, got {value!r}",
+            code="invalid_value",
+            param=param,
+        )
+    return value
+
+
+def _text_of(content: object, param: str) -> str:
+    """A message content: a string, or a list of text parts joined."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise _type_error(param, "a string or a list of content parts", content)
+    texts = []
+    for j, part in enumerate(content):
+        where = f"{param}[{j}]"
+        if not isinstance(part, Mapping):
+            raise _type_error(where, "an object", part)
+        kind = part.get("type")
+        if kind not in TEXT_PART_TYPES:
+            raise ProtocolError(
+                f"unsupported content part type {kind!r} at {where}; this server accepts "
+                f"{list(TEXT_PART_TYPES)}",
+                code="unsupported_value",
+                param=f"{where}.type",
+            )
+        texts.append(_str_field(part, "text", f"{where}.text"))
+    return "".join(texts)
+
+
+def parse_item(obj: object, index: int) -> Item:
+    """One input item (message, function_call, function_call_output)."""
+    param = f"input[{index}]"
+    if not isinstance(obj, Mapping):
+        raise _type_error(param, "an object", obj)
+    kind = obj.get("type", "message" if "role" in obj else None)
+    if kind == "message":
+        role = obj.get("role")
+        if role not in ROLES:
+            raise ProtocolError(
+                f"invalid role {role!r} at {param}; expected one of {list(ROLES)}",
+                code="invalid_value",
+                param=f"{param}.role",
+            )
+        return Message(role, _text_of(obj.get("content"), f"{param}.content"))
+    if kind == "function_call":
+        return FunctionCall(
+            _single_line(_str_field(obj, "call_id", f"{param}.call_id"), f"{param}.call_id"),
+            _single_line(_str_field(obj, "name", f"{param}.name"), f"{param}.name"),
+            _str_field(obj, "arguments", f"{param}.arguments"),
+        )
+    if kind == "function_call_output":
+        call_id = _single_line(_str_field(obj, "call_id", f"{param}.call_id"), f"{param}.call_id")
+        return FunctionCallOutput(call_id, _text_of(obj.get("output"), f"{param}.output"))
+    raise ProtocolError(
+        f"unsupported item type {kind!r} at {param}; this server accepts message, "
+        "function_call and function_call_output",
+        code="unsupported_value",
+        param=f"{param}.type",
+    )
+
+
+def _parse_tools(value: object) -> tuple[FunctionTool, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise _type_error("tools", "a list", value)
+    tools = []
+    for i, t in enumerate(value):
+        if not isinstance(t, Mapping):
+            raise _type_error(f"tools[{i}]", "an object", t)
+        if t.get("type") != "function":
+            raise ProtocolError(
+                f"unsupported tool type {t.get('type')!r} at tools[{i}]; only function tools",
+                code="unsupported_value",
+                param=f"tools[{i}].type",
+            )
+        name = _single_line(_str_field(t, "name", f"tools[{i}].name"), f"tools[{i}].name")
+        desc = t.get("description")
+        if desc is not None and not isinstance(desc, str):
+            raise _type_error(f"tools[{i}].description", "a string", desc)
+        params = t.get("parameters")
+        if params is not None and not isinstance(params, Mapping):
+            raise _type_error(f"tools[{i}].parameters", "an object", params)
+        tools.append(FunctionTool(name, desc, params))
+    return tuple(tools)
+
+
+def _parse_tool_choice(value: object) -> ToolChoice:
+    if value is None:
+        return ToolChoice()
+    if isinstance(value, str):
+        if value not in ("auto", "none", "required"):
+            raise ProtocolError(
+                f"invalid tool_choice {value!r}; expected 'auto', 'none', 'required' or a function",
+                code="invalid_value",
+                param="tool_choice",
+            )
+        return ToolChoice(mode=value)
+    if isinstance(value, Mapping) and value.get("type") == "function":
+        return ToolChoice(mode="function", name=_str_field(value, "name", "tool_choice.name"))
+    raise _type_error("tool_choice", "'auto', 'none', 'required' or a function object", value)
+
+
+def decode_json(data: str | bytes, what: str) -> Any:
+    """`json.loads` with every failure mapped to a ProtocolError ("invalid_json"): a
+    syntax error, bytes that are not UTF-8, or nesting too deep to parse."""
+    try:
+        return json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ProtocolError(f"{what} is not valid JSON: {exc}", code="invalid_json") from None
+    except RecursionError:
+        raise ProtocolError(f"{what} is nested too deeply", code="invalid_json") from None
+
+
+def check_encodable(obj: object) -> None:
+    """Refuse strings that cannot be sent back as UTF-8 (lone surrogates such as
+    "\\ud800" are valid JSON escapes but not text). Iterative: any depth.
+
+    Raises:
+        ProtocolError: code "invalid_value", naming the field.
+    """
+    stack: list[tuple[object, str]] = [(obj, "body")]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ProtocolError(
+                    f"{path} contains a lone surrogate; strings must be valid Unicode text",
+                    code="invalid_value",
+                    param=path,
+                ) from None
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                stack.append((key, path))
+                stack.append((item, f"{path}.{key}" if path != "body" else str(key)))
+        elif isinstance(value, list):
+            stack.extend((item, f"{path}[{i}]") for i, item in enumerate(value))
+
+
+def parse_create(body: object, *, websocket: bool) -> CreateRequest:
+    """Check a `response.create` body (the event itself on a WebSocket, the POST body
+    over HTTP) and return it normalised.
+
+    Raises:
+        ProtocolError: a field of the wrong type or value (code "invalid_type",
+            "invalid_value", "unsupported_value").
+    """
+    if not isinstance(body, Mapping):
+        raise _type_error("body", "a JSON object", body)
+    check_encodable(body)
+    raw_input = body.get("input")
+    if raw_input is None:
+        items: tuple[Item, ...] = ()
+    elif isinstance(raw_input, str):
+        items = (Message("user", raw_input),)
+    elif isinstance(raw_input, list):
+        items = tuple(parse_item(obj, i) for i, obj in enumerate(raw_input))
+    else:
+        raise _type_error("input", "a string or a list of items", raw_input)
+    max_out = _opt(body, "max_output_tokens", (int,), "an integer")
+    if max_out is not None and max_out < 1:
+        raise ProtocolError(
+            f"max_output_tokens must be >= 1, got {max_out}",
+            code="invalid_value",
+            param="max_output_tokens",
+        )
+    temperature = _opt(body, "temperature", (int, float), "a number")
+    if temperature is not None and not 0.0 <= temperature <= 2.0:
+        raise ProtocolError(
+            f"temperature must be in [0, 2], got {temperature}",
+            code="invalid_value",
+            param="temperature",
+        )
+    top_p = _opt(body, "top_p", (int, float), "a number")
+    if top_p is not None and not (math.isfinite(top_p) and 0.0 < top_p <= 1.0):
+        raise ProtocolError(
+            f"top_p must be a finite number in (0, 1], got {top_p}",
+            code="invalid_value",
+            param="top_p",
+        )
+    metadata = _opt(body, "metadata", (dict,), "an object") or {}
+    generate = _opt(body, "generate", (bool,), "a boolean")
+    store = _opt(body, "store", (bool,), "a boolean")
+    stream = _opt(body, "stream", (bool,), "a boolean")
+    if _opt(body, "background", (bool,), "a boolean"):
+        raise ProtocolError(
+            "background responses are not supported by this server; omit background",
+            code="unsupported_value",
+            param="background",
+        )
+    # WebSocket only: the lane whose events echo it (requests run FIFO on a connection)
+    stream_id = _opt(body, "stream_id", (str,), "a string") if websocket else None
+    return CreateRequest(
+        model=_opt(body, "model", (str,), "a string"),
+        items=items,
+        instructions=_opt(body, "instructions", (str,), "a string"),
+        tools=_parse_tools(body.get("tools")),
+        tool_choice=_parse_tool_choice(body.get("tool_choice")),
+        previous_response_id=_opt(body, "previous_response_id", (str,), "a string"),
+        store=True if store is None else store,
+        generate=True if (generate is None or not websocket) else generate,
+        max_output_tokens=max_out,
+        temperature=None if temperature is None else float(temperature),
+        top_p=None if top_p is None else float(top_p),
+        metadata=dict(metadata),
+        stream=bool(stream) and not websocket,
+        stream_id=stream_id,
+    )

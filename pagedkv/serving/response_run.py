@@ -1,0 +1,231 @@
+"""ResponseRun: one response from a checked request to its stream of events.
+
+Shared by the WebSocket and the HTTP endpoints: render the conversation to tokens,
+check it fits, submit it to the engine, and turn the engine's events into Responses API
+events (an async iterator, on the server's event loop).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from pagedkv.serving.conversation import Item, render_prompt
+from pagedkv.serving.engine import Engine
+from pagedkv.serving.engine_types import (
+    EngineEvent,
+    EngineRequest,
+    OutputDelta,
+    OutputStarted,
+    TurnDone,
+    TurnFailed,
+    TurnStarted,
+)
+from pagedkv.serving.generation import OutputProgram, OutputSpec
+from pagedkv.serving.protocol import CreateRequest, ProtocolError
+from pagedkv.serving.response_events import ResponseBuilder, new_id
+
+# Messages at least this large are decoded and rendered on a worker thread, so the
+# event loop keeps serving other connections (and WebSocket pings) meanwhile; smaller
+# ones are cheaper to handle inline than to hand off.
+OFF_LOOP_BYTES = 256 * 1024
+
+_T = TypeVar("_T")
+
+
+async def off_loop(size: int, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+    """`fn(*args, **kwargs)`, on a worker thread when the message is `OFF_LOOP_BYTES` or
+    larger (exceptions propagate either way)."""
+    if size < OFF_LOOP_BYTES:
+        return fn(*args, **kwargs)
+    return await asyncio.to_thread(fn, *args, **kwargs)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServerConfig:
+    """Protocol limits and defaults of the server.
+
+    Attributes:
+        model_name: the `model` reported in responses (requests may name any model).
+        default_max_output_tokens: the output length of a request that sets none
+            (small: a CPU default). Reaching it completes the response (the server's
+            stop length); a request's own `max_output_tokens` that cuts the output
+            off makes it "incomplete", as in the API.
+        max_output_tokens_cap: requests asking for more are capped to this.
+        max_message_bytes: a larger WebSocket message or HTTP body is refused.
+        max_connection_age_s: a WebSocket connection older than this is ended with
+            `websocket_connection_limit_reached` once its in-flight response is done.
+        max_queued_responses: `response.create` requests a WebSocket connection may
+            have waiting behind its running response; more are refused
+            (`too_many_queued_responses`), so a client cannot grow server memory by
+            pipelining requests.
+        max_stored_responses: responses a connection remembers for
+            `previous_response_id` (least recent forgotten first).
+    """
+
+    model_name: str = "pagedkv-demo"
+    default_max_output_tokens: int = 16
+    max_output_tokens_cap: int = 1024
+    max_message_bytes: int = 8 * 1024 * 1024
+    max_connection_age_s: float = 3600.0
+    max_queued_responses: int = 32
+    max_stored_responses: int = 64
+
+    def __post_init__(self) -> None:
+        for name in (
+            "default_max_output_tokens",
+            "max_output_tokens_cap",
+            "max_message_bytes",
+            "max_queued_responses",
+            "max_stored_responses",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"ServerConfig.{name} must be an int >= 1, got {value!r}")
+        if not self.max_connection_age_s > 0:
+            raise ValueError(
+                f"ServerConfig.max_connection_age_s must be > 0, got {self.max_connection_age_s}"
+            )
+
+
+class ResponseRun:
+    """One response. The constructor checks and renders (raising `ProtocolError` before
+    any event is sent); `events()` runs it.
+
+    After `events()` ends: `item` is the output item (None for a warm-up or a failure),
+    `ok` whether it completed, `conversation` the items including the output.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        config: ServerConfig,
+        req: CreateRequest,
+        items: Sequence[Item],
+        *,
+        session_id: str,
+        ephemeral: bool,
+    ) -> None:
+        self.engine = engine
+        self.session_id = session_id
+        self.ephemeral = ephemeral
+        self.arrival = time.monotonic()
+        tool = req.forced_tool()
+        max_out = min(
+            req.max_output_tokens or config.default_max_output_tokens, config.max_output_tokens_cap
+        )
+        # Only a limit the client asked for makes a cut-off response "incomplete"; the
+        # server's default length is its stop length (like a stop sequence): reaching it
+        # completes the response.
+        self.client_limit = req.max_output_tokens is not None
+        temperature = 1.0 if req.temperature is None else req.temperature
+        self.spec: OutputSpec | None = None
+        if req.generate:
+            if tool is None:
+                self.spec = OutputSpec(max_output_tokens=max_out, temperature=temperature)
+            else:
+                self.spec = OutputSpec(
+                    max_output_tokens=max_out,
+                    temperature=temperature,
+                    call_id=new_id("call", 12),  # rendered into the prompt: keep it short
+                    name=tool.name,
+                    arg_key=tool.first_string_property() or "input",
+                )
+        self.items = tuple(items)
+        self.tokens = render_prompt(
+            engine.tokenizer,
+            instructions=req.instructions,
+            tools=req.tools,
+            items=self.items,
+            generation_prompt=req.generate,
+        )
+        reserve = 0  # the output item's tokens: framing, call id, name, key, sampled text
+        if self.spec is not None:
+            reserve = OutputProgram(self.spec, engine.tokenizer).max_tokens()
+        if len(self.tokens) + reserve > engine.max_position:
+            raise ProtocolError(
+                f"the conversation renders to {len(self.tokens)} tokens; with "
+                f"{reserve} reserved for the output it exceeds the model's context of "
+                f"{engine.max_position} tokens",
+                code="context_length_exceeded",
+                param="input",
+            )
+        self.builder = ResponseBuilder(
+            req,
+            model=req.model or config.model_name,
+            max_output_tokens=max_out,
+            temperature=temperature,
+            function_call=self.spec is not None and self.spec.is_function_call,
+        )
+        self.item: Item | None = None
+        self.ok = False
+
+    @property
+    def response_id(self) -> str:
+        return self.builder.response_id
+
+    @property
+    def conversation(self) -> tuple[Item, ...]:
+        """The items of the conversation after this response (with its output)."""
+        return self.items if self.item is None else (*self.items, self.item)
+
+    async def events(self) -> AsyncIterator[dict[str, Any]]:
+        """The response's events, from `response.created` to `response.completed` (or
+        `error` + `response.failed`)."""
+        loop = asyncio.get_running_loop()
+        inbox: asyncio.Queue[EngineEvent] = asyncio.Queue()
+
+        def emit(event: EngineEvent) -> None:  # on the engine thread
+            # a closed loop (server shut down) means nobody is listening any more
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(inbox.put_nowait, event)
+
+        b = self.builder
+        for ev in b.created():
+            yield ev
+        self.engine.submit(
+            EngineRequest(
+                request_id=b.response_id,
+                session_id=self.session_id,
+                prompt_tokens=tuple(self.tokens),
+                output=self.spec,
+                ephemeral=self.ephemeral,
+                arrival=self.arrival,
+            ),
+            emit,
+        )
+        while True:
+            event = await inbox.get()
+            if isinstance(event, TurnStarted):
+                continue
+            if isinstance(event, OutputStarted):
+                spec = self.spec
+                assert spec is not None
+                for ev in b.output_started(call_id=spec.call_id, name=spec.name):
+                    yield ev
+            elif isinstance(event, OutputDelta):
+                for ev in b.delta(event.text):
+                    yield ev
+            elif isinstance(event, TurnDone):
+                self.item, self.ok = event.item, True
+                for ev in b.completed(
+                    event.item,
+                    input_tokens=event.input_tokens,
+                    cached_tokens=event.cached_tokens,
+                    output_tokens=event.output_tokens,
+                    metrics=event.metrics,
+                    incomplete_reason=(event.incomplete_reason if self.client_limit else None),
+                ):
+                    yield ev
+                return
+            elif isinstance(event, TurnFailed):
+                err = ProtocolError(
+                    event.message, code=event.code, status=event.status, type=event.error_type
+                )
+                for ev in b.failed(err):
+                    yield ev
+                return

@@ -1,0 +1,435 @@
+"""Replay a workload against the real scheduler on a virtual clock and a metadata-only pool.
+
+One `replay` runs one policy: a `SessionScheduler` over a `TieredKVCache` of plain
+`BlockPool`s (no tensors) and a `SimulatedTransferEngine`, driven by the workload's
+arrivals. The time model (docs/simulator.md):
+
+- A turn is *submitted* at its arrival, or when its session's previous turn ends if that
+  is later (a client sends the next call only after the previous answer).
+- It may wait for admission (the scheduler's queue) and for a host-to-GPU copy; it is
+  *ready* when the scheduler hands out its `TurnPlan`.
+- Its prefill (`CostModel.prefill_s(num_computed, compute_start)`) runs on one GPU
+  timeline, first come first served, so recomputation delays everybody behind it.
+- Time to first token = end of prefill - submission.
+- Decode (`output_len / decode_tokens_per_s`) overlaps other work; the turn ends (and
+  the session's connection closes, when the workload says it does) when decode ends.
+- Generated tokens are not appended: the next turn's prompt contains them, so its new
+  tokens are `next prompt - current sequence` (exactly what `Workload.ideal_hit_ratio`
+  assumes), and the output's K/V is computed with the next prompt.
+- A turn's K/V is marked computed when its plan is handed out: a later request that
+  shares those blocks also prefills later on the FIFO timeline, so sharing early is
+  never faster than the GPU could have been.
+
+Events are processed in time order: decode ends, then finished copies and deadlines
+(`poll`), then arrivals. The clock jumps from event to event.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from pagedkv.cache.block_manager import BlockManager
+from pagedkv.cache.block_pool import BlockPool
+from pagedkv.cache.hashing import BlockHasher
+from pagedkv.scheduler.errors import OverCapacityError
+from pagedkv.scheduler.scheduler import Event, SessionScheduler, TurnPlan, TurnReady
+from pagedkv.sim.policies import HardwareProfile, Policy, SimSettings, scheduler_config
+from pagedkv.sim.tokens import PromptTokens
+from pagedkv.sim.workload import Workload
+from pagedkv.tiers.tiered import TieredKVCache
+from pagedkv.tiers.transfer import Direction, SimulatedTransferEngine, TransferHandle
+
+__all__ = ["PolicyRun", "TurnRecords", "replay"]
+
+_SECRET = b"pagedkv-simulator"  # fixed: hashes (and so any collision) are reproducible
+_EPS_S = 1e-6  # a queue timeout fires strictly after its deadline
+NOT_RUN, DONE, REFUSED = 0, 1, 2
+
+
+class _Clock:
+    __slots__ = ("now",)
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class _RecordingEngine(SimulatedTransferEngine):
+    """A simulated engine that reports each batch's completion time to the event loop."""
+
+    def __init__(self, *, on_submit: Callable[[float], None], **kwargs: object) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        self._on_submit = on_submit
+
+    def submit(
+        self, direction: Direction, src_ids: list[int], dst_ids: list[int]
+    ) -> TransferHandle:
+        handle = super().submit(direction, src_ids, dst_ids)
+        if handle.ready_at is not None and src_ids:
+            self._on_submit(handle.ready_at)
+        return handle
+
+
+@dataclass(eq=False)
+class TurnRecords:
+    """Per-request outcome of one replay (arrays indexed like `workload.requests`).
+
+    `status`: 0 never ran (a bug, reported as unfinished), 1 done, 2 refused. Times are
+    virtual seconds; NaN where the turn did not get that far.
+    """
+
+    turn_index: np.ndarray  # int32 [n]
+    input_len: np.ndarray  # int64 [n]: the request's prompt length
+    status: np.ndarray  # int8 [n]
+    submit_s: np.ndarray  # float64 [n]
+    admit_s: np.ndarray  # left the admission queue (= submit_s when it never waited)
+    ready_s: np.ndarray  # plan handed out (after any restore copy)
+    prefill_start_s: np.ndarray  # its prefill started on the GPU timeline
+    first_token_s: np.ndarray  # its prefill ended
+    prompt_tokens: np.ndarray  # int64 [n]
+    computed: np.ndarray
+    hit_pinned: np.ndarray
+    hit_gpu: np.ndarray
+    hit_host: np.ndarray
+
+    @classmethod
+    def empty(cls, workload: Workload) -> TurnRecords:
+        n = workload.num_requests
+
+        def nan() -> np.ndarray:
+            return np.full(n, np.nan)
+
+        def zeros() -> np.ndarray:
+            return np.zeros(n, dtype=np.int64)
+
+        return cls(
+            turn_index=np.fromiter((r.turn_index for r in workload.requests), np.int32, n),
+            input_len=np.fromiter((r.input_len for r in workload.requests), np.int64, n),
+            status=np.zeros(n, dtype=np.int8),
+            submit_s=nan(),
+            admit_s=nan(),
+            ready_s=nan(),
+            prefill_start_s=nan(),
+            first_token_s=nan(),
+            prompt_tokens=zeros(),
+            computed=zeros(),
+            hit_pinned=zeros(),
+            hit_gpu=zeros(),
+            hit_host=zeros(),
+        )
+
+    @property
+    def ttft_s(self) -> np.ndarray:
+        """Modelled time to first token per request (NaN unless done)."""
+        out: np.ndarray = self.first_token_s - self.submit_s
+        return out
+
+
+@dataclass(eq=False)
+class PolicyRun:
+    """Everything one policy's replay measured."""
+
+    policy: Policy
+    gpu_blocks: int
+    host_blocks: int
+    block_size: int
+    bytes_per_block: int
+    max_pinned_sessions: int
+    idle_ttl_s: float | None
+    metrics: dict[str, int]
+    turns: TurnRecords
+    refusals: dict[str, int]
+    peak_gpu_in_use: int = 0
+    peak_host_in_use: int = 0
+    peak_pinned: int = 0
+    end_gpu_in_use: int = 0
+    end_host_in_use: int = 0
+    end_sessions_open: int = 0
+    sim_end_s: float = 0.0
+    wall_s: float = 0.0
+    invariant_checks: int = 0
+
+
+@dataclass(eq=False, slots=True)
+class _Conn:
+    """One workload session's current connection (a scheduler session while open)."""
+
+    key: str
+    sched_id: str | None = None
+    num_opened: int = 0
+    seq_len: int = 0  # tokens the server holds for it (the last completed prompt)
+    busy: bool = False  # a turn is submitted and has not ended
+    backlog: deque[int] = field(default_factory=deque)
+
+
+class _Replay:
+    def __init__(
+        self,
+        workload: Workload,
+        tokens: PromptTokens,
+        policy: Policy,
+        settings: SimSettings,
+        profile: HardwareProfile,
+        *,
+        gpu_blocks: int,
+        check_every: int,
+        on_progress: Callable[[int], None] | None,
+    ) -> None:
+        tpb = workload.tokens_per_block
+        self.workload = workload
+        self.requests = workload.requests
+        self.tokens = tokens
+        self.clock = _Clock()
+        self.cost = profile.cost_model(tpb)
+        self.decode_tps = profile.decode_tokens_per_s
+        self.xfer_times: list[float] = []  # heap of copy completion times
+        hasher = BlockHasher(block_size=tpb, secret=_SECRET)
+        use_host = policy.host_tier and settings.host_blocks > 0
+        host = BlockManager(BlockPool(settings.host_blocks, name="host"), hasher)
+        engine = _RecordingEngine(
+            bytes_per_block=self.cost.bytes_per_block,
+            bandwidth_bytes_per_s=self.cost.host_link_bytes_per_s,
+            latency_s=10e-6,
+            clock=self.clock,
+            on_submit=lambda t: heapq.heappush(self.xfer_times, t),
+        )
+        gpu = BlockManager(BlockPool(gpu_blocks, name="gpu"), hasher)
+        cache = TieredKVCache(gpu, host if use_host else None, engine if use_host else None)
+        config = scheduler_config(policy, settings)
+        self.sched = SessionScheduler(cache, config, clock=self.clock, cost=self.cost)
+        self.run = PolicyRun(
+            policy=policy,
+            gpu_blocks=gpu_blocks,
+            host_blocks=settings.host_blocks if use_host else 0,
+            block_size=tpb,
+            bytes_per_block=self.cost.bytes_per_block,
+            max_pinned_sessions=config.max_pinned_sessions,
+            idle_ttl_s=config.idle_ttl_s if use_host else None,
+            metrics={},
+            turns=TurnRecords.empty(workload),
+            refusals={},
+        )
+        self.rec = self.run.turns
+        self.disconnect = workload.disconnects_after()
+        self.conns: dict[str, _Conn] = {}
+        self.running: dict[str, tuple[int, _Conn]] = {}  # scheduler id -> (request, conn)
+        self.queued: dict[str, int] = {}  # scheduler id -> request, while in the queue
+        self.decode_heap: list[tuple[float, int, int]] = []  # (end, request, request)
+        self.gpu_free_s = 0.0  # when the prefill timeline is next free
+        self.refusals: Counter[str] = Counter()
+        self.check_every = check_every
+        self.on_progress = on_progress
+        self.num_finished = 0
+
+    # ------------------------------------------------------------------ main loop
+    def replay(self) -> PolicyRun:
+        t0 = time.perf_counter()
+        sched, clock, reqs = self.sched, self.clock, self.requests
+        gpu_pool = sched.cache.gpu.pool
+        host_pool = sched.cache.host.pool if sched.cache.host is not None else None
+        arrivals = [r.arrival_s for r in reqs]
+        n, nxt, steps = len(reqs), 0, 0
+        decode_heap, xfer_times = self.decode_heap, self.xfer_times
+        run = self.run
+        while True:
+            now = clock.now
+            t = arrivals[nxt] if nxt < n else math.inf
+            if decode_heap and decode_heap[0][0] < t:
+                t = decode_heap[0][0]
+            if xfer_times and xfer_times[0] < t:
+                t = xfer_times[0]
+            deadline = sched.next_deadline()
+            if deadline is not None:
+                t = min(t, deadline if deadline > now else now + _EPS_S)
+            if t == math.inf:
+                break
+            if t > now:
+                clock.now = now = t
+            while xfer_times and xfer_times[0] <= now:
+                heapq.heappop(xfer_times)
+            while decode_heap and decode_heap[0][0] <= now:
+                self._end_turn(heapq.heappop(decode_heap)[2])
+            self._handle(sched.poll())
+            if nxt < n and arrivals[nxt] <= now:
+                while nxt < n and arrivals[nxt] <= now:
+                    self._arrive(nxt)
+                    nxt += 1
+                self._handle(sched.poll())
+            if self.queued:
+                self._note_admissions()
+            run.peak_gpu_in_use = max(run.peak_gpu_in_use, gpu_pool.num_in_use)
+            if host_pool is not None:
+                run.peak_host_in_use = max(run.peak_host_in_use, host_pool.num_in_use)
+            run.peak_pinned = max(run.peak_pinned, sched.num_pinned)
+            steps += 1
+            if self.check_every and steps % self.check_every == 0:
+                sched.check_invariants()
+                run.invariant_checks += 1
+        if self.check_every:
+            sched.check_invariants()
+            run.invariant_checks += 1
+        run.metrics = sched.metrics.as_dict()
+        run.refusals = dict(sorted(self.refusals.items()))
+        run.end_gpu_in_use = gpu_pool.num_in_use
+        run.end_host_in_use = host_pool.num_in_use if host_pool is not None else 0
+        run.end_sessions_open = sum(sched.sessions_by_state().values())
+        run.sim_end_s = clock.now
+        run.wall_s = time.perf_counter() - t0
+        if self.on_progress is not None and self.num_finished % 256:
+            self.on_progress(self.num_finished % 256)  # the rest since the last report
+        return run
+
+    # ------------------------------------------------------------------ turns
+    def _arrive(self, i: int) -> None:
+        r = self.requests[i]
+        key = r.session_id if r.session_id is not None else f"#{i}"
+        conn = self.conns.get(key)
+        if conn is None:
+            conn = self.conns[key] = _Conn(key)
+        if conn.busy:
+            conn.backlog.append(i)  # the previous turn has not ended yet
+        else:
+            self._start(i, conn)
+
+    def _start(self, i: int, conn: _Conn) -> None:
+        r = self.requests[i]
+        sched = self.sched
+        self.rec.submit_s[i] = self.clock.now
+        if conn.sched_id is not None and (r.reconnect or r.input_len <= conn.seq_len):
+            self._close(conn)  # a new connection re-sends the full history
+        sid = conn.sched_id
+        try:
+            if sid is None:
+                conn.num_opened += 1
+                sid = f"{conn.key}~{conn.num_opened}"
+                prompt = self.tokens.tokens(i, 0, r.input_len)
+                plan = sched.resume(sid, prompt, tenant=r.tenant)
+                conn.sched_id, conn.seq_len = sid, 0
+            else:
+                plan = sched.begin_turn(sid, self.tokens.tokens(i, conn.seq_len, r.input_len))
+        except OverCapacityError as err:
+            self._refused(i, conn, err.reason)
+            return
+        conn.busy = True
+        self.running[sid] = (i, conn)
+        if plan is not None:
+            self._ready(i, conn, plan)
+            return
+        if sched.session(sid).is_queued:
+            self.queued[sid] = i
+        else:
+            self.rec.admit_s[i] = self.clock.now  # admitted; waiting for a restore copy
+
+    def _ready(self, i: int, conn: _Conn, plan: TurnPlan) -> None:
+        now = self.clock.now
+        rec = self.rec
+        self.sched.mark_computed(plan.session_id)
+        if math.isnan(rec.admit_s[i]):
+            rec.admit_s[i] = now
+        start = max(now, self.gpu_free_s)
+        end = start + self.cost.prefill_s(plan.num_computed, plan.compute_start)
+        self.gpu_free_s = end
+        rec.ready_s[i] = now
+        rec.prefill_start_s[i] = start
+        rec.first_token_s[i] = end
+        rec.prompt_tokens[i] = plan.num_tokens
+        rec.computed[i] = plan.num_computed
+        rec.hit_pinned[i] = plan.hit_pinned
+        rec.hit_gpu[i] = plan.hit_gpu
+        rec.hit_host[i] = plan.hit_host
+        conn.seq_len = plan.num_tokens
+        decode_end = end + self.requests[i].output_len / self.decode_tps
+        heapq.heappush(self.decode_heap, (decode_end, i, i))
+
+    def _end_turn(self, i: int) -> None:
+        sid = self.requests[i].session_id
+        conn = self.conns[sid if sid is not None else f"#{i}"]
+        assert conn.sched_id is not None
+        self.sched.end_turn(conn.sched_id)
+        del self.running[conn.sched_id]
+        self.rec.status[i] = DONE
+        self._after_turn(i, conn)
+
+    def _refused(self, i: int, conn: _Conn, reason: str) -> None:
+        self.rec.status[i] = REFUSED
+        self.refusals[reason] += 1
+        self._after_turn(i, conn)
+
+    def _after_turn(self, i: int, conn: _Conn) -> None:
+        conn.busy = False
+        self.num_finished += 1
+        if self.on_progress is not None and self.num_finished % 256 == 0:
+            self.on_progress(256)
+        if self.disconnect[i] and conn.sched_id is not None:
+            self._close(conn)
+        if self.requests[i].last_turn:
+            assert not conn.backlog, f"requests follow the last turn of {conn.key!r}"
+            del self.conns[conn.key]
+        elif conn.backlog:
+            self._start(conn.backlog.popleft(), conn)
+
+    def _close(self, conn: _Conn) -> None:
+        assert conn.sched_id is not None
+        self.sched.close_session(conn.sched_id)
+        conn.sched_id, conn.seq_len = None, 0
+
+    def _handle(self, events: list[Event]) -> None:
+        for ev in events:
+            i, conn = self.running[ev.session_id]  # type: ignore[index]
+            self.queued.pop(ev.session_id, None)  # type: ignore[call-overload]
+            if isinstance(ev, TurnReady):
+                self._ready(i, conn, ev.plan)
+            else:
+                del self.running[ev.session_id]  # type: ignore[arg-type]
+                self._refused(i, conn, ev.error.reason)
+
+    def _note_admissions(self) -> None:
+        """Stamp the admission time of turns that left the queue to wait for a copy."""
+        now = self.clock.now
+        for sid, i in list(self.queued.items()):
+            if not self.sched.session(sid).is_queued:
+                del self.queued[sid]
+                self.rec.admit_s[i] = now
+
+
+def replay(
+    workload: Workload,
+    policy: Policy,
+    settings: SimSettings,
+    profile: HardwareProfile,
+    *,
+    tokens: PromptTokens | None = None,
+    gpu_blocks: int | None = None,
+    check_every: int = 0,
+    on_progress: Callable[[int], None] | None = None,
+) -> PolicyRun:
+    """Replay `workload` under one policy and return what it measured.
+
+    Args:
+        tokens: the workload's synthesised tokens (built when None; pass one to share
+            it between policies).
+        gpu_blocks: GPU pool size; default `settings.gpu_blocks` (the ideal policy
+            needs a bigger pool, see `sim_policies.ideal_gpu_blocks`).
+        check_every: run `check_invariants()` every this many event steps (0: never;
+            tests only, it is O(pool size)).
+        on_progress: called with the number of requests finished since the last call.
+    """
+    return _Replay(
+        workload,
+        tokens if tokens is not None else PromptTokens(workload),
+        policy,
+        settings,
+        profile,
+        gpu_blocks=settings.gpu_blocks if gpu_blocks is None else gpu_blocks,
+        check_every=check_every,
+        on_progress=on_progress,
+    ).replay()
