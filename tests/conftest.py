@@ -1,4 +1,5 @@
-"""Shared pytest setup: Hypothesis profiles and the `gpu` marker."""
+"""Shared pytest setup: Hypothesis profiles, the `gpu` marker, and the CI skip policy
+(`skip_policy`: under CI only GPU tests may skip)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ if not torch.cuda.is_available():
 
 import pytest
 from hypothesis import HealthCheck, settings
+
+pytest_plugins = ["skip_policy"]  # under CI only GPU tests may skip
 
 settings.register_profile(
     "ci",
@@ -43,7 +46,9 @@ def _has_cuda() -> bool:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if _has_cuda():
         return
-    skip_gpu = pytest.mark.skip(reason="needs a CUDA device; none is available")
+    from skip_policy import GPU_SKIP_REASON
+
+    skip_gpu = pytest.mark.skip(reason=GPU_SKIP_REASON)
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
@@ -51,7 +56,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture
 def traces_dir() -> Path:
-    """The shared trace folder (`../shared/traces`); skips the test when it is absent."""
+    """The shared trace folder (`../shared/traces`); skips the test when it is absent,
+    and fails it under CI, which always has the folder."""
+    from skip_policy import enforced
+
     if not TRACES_DIR.is_dir():
+        if enforced():
+            pytest.fail(
+                f"shared traces not found at {TRACES_DIR} (CI runs with ../shared beside the clone)"
+            )
         pytest.skip(f"shared traces not found at {TRACES_DIR}; they live beside the repository")
     return TRACES_DIR

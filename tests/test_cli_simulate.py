@@ -61,7 +61,6 @@ def test_console_script_runs() -> None:
 
 
 def test_small_run_writes_json_and_png(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    pytest.importorskip("matplotlib")
     out_json, out_png = tmp_path / "r.json", tmp_path / "r.png"
     code, out, _ = run_cli(
         [

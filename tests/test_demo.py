@@ -12,9 +12,6 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("openai")
-pytest.importorskip("uvicorn")
-
 from pagedkv.cli import demo as cli_demo
 from pagedkv.cli import serve as cli_serve
 from pagedkv.serving.testing import read_response

@@ -163,3 +163,19 @@ def test_tensor_free_layers_import_without_torch(layer: str) -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
     )
     assert out.stdout.strip() == "", f"import pagedkv.{layer} loaded {out.stdout.strip()}"
+
+
+def test_command_line_help_loads_no_heavy_stack() -> None:
+    """`pagedkv --help` builds every subcommand's parser without loading torch or the
+    serving stack (fast, and it works on an install without the extras)."""
+    code = (
+        "import sys\n"
+        "from pagedkv.cli.main import build_parser\n"
+        "build_parser()\n"
+        "heavy = ('torch', 'triton', 'starlette', 'uvicorn', 'openai', 'matplotlib')\n"
+        "print(','.join(sorted(m for m in heavy if m in sys.modules)))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert out.stdout.strip() == "", f"building the parser loaded {out.stdout.strip()}"

@@ -17,6 +17,7 @@ from collections.abc import Iterator, Sequence
 
 import pytest
 import torch
+import transformers
 
 from pagedkv.kernels import copy_blocks
 from pagedkv.model.config import Llama3RopeScaling, LlamaConfig
@@ -24,8 +25,6 @@ from pagedkv.model.forward_batch import SeqChunk, build_forward_batch
 from pagedkv.model.llama import LlamaModel, init_random
 from pagedkv.model.tokenizer import ByteTokenizer
 from pagedkv.tiers.kv_store import KVStore
-
-transformers = pytest.importorskip("transformers")
 
 ATOL = RTOL = 1e-4
 BLOCK_SIZE = 4

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import safetensors.torch as st
 import torch
 
 from pagedkv.model.config import LlamaConfig
@@ -20,8 +21,6 @@ from pagedkv.model.weights import (
     save_safetensors,
 )
 from pagedkv.tiers.kv_store import KVStore
-
-st = pytest.importorskip("safetensors.torch")
 
 
 def logits_of(model: LlamaModel, ids: list[int]) -> torch.Tensor:

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import time
 
-import pytest
+import httpx
 
-httpx = pytest.importorskip("httpx")
-
-from pagedkv.serving.response_run import ServerConfig  # noqa: E402
-from pagedkv.serving.testing import engine_check, tiny_server  # noqa: E402
+from pagedkv.serving.response_run import ServerConfig
+from pagedkv.serving.testing import engine_check, tiny_server
 
 
 def test_hostile_bodies_get_json_errors() -> None:

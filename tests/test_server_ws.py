@@ -247,10 +247,15 @@ def test_output_cut_by_max_output_tokens_is_incomplete() -> None:
 def test_requests_queued_past_the_limit_are_refused_and_the_rest_run() -> None:
     cfg = ServerConfig(model_name="tiny", max_queued_responses=2)
     with tiny_server(server=cfg) as (srv, engine), connect(srv.ws_url) as ws:
-        for i in range(6):  # one runs, two wait, the rest arrive while those are busy
-            create(ws, input=f"request {i} " * 50, max_output_tokens=48, temperature=0)
-        ends, refused = 0, 0
         stream = events(ws)
+        create(ws, input="request 0 " * 50, max_output_tokens=48, temperature=0)
+        # wait until the first one runs (else all six can arrive before it leaves the
+        # queue, and only two get in)
+        ends, refused = 0, 0
+        while next(stream)["type"] != "response.created":
+            pass
+        for i in range(1, 6):  # two wait, the rest arrive while those are busy
+            create(ws, input=f"request {i} " * 50, max_output_tokens=48, temperature=0)
         while ends + refused < 6:
             event = next(stream)
             if event["type"] == "error":

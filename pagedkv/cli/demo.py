@@ -20,19 +20,13 @@ import argparse
 import dataclasses
 import gc
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pagedkv.cli.main import UsageError
 from pagedkv.cli.serve import PRESETS, build_model_from_args, engine_config_from_args
-from pagedkv.serving.agent_loop import (
-    AgentLoopError,
-    AgentLoopSpec,
-    TurnTiming,
-    flop_growth,
-    format_table,
-    growth,
-    median_by_turn,
-)
+
+if TYPE_CHECKING:  # the serving stack (torch, starlette) loads in `run`, not for --help
+    from pagedkv.serving.agent_loop import AgentLoopSpec, TurnTiming
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -85,6 +79,8 @@ def add_demo_args(
 
 
 def spec_from_args(args: argparse.Namespace) -> AgentLoopSpec:
+    from pagedkv.serving.agent_loop import AgentLoopSpec
+
     lo, hi = args.tool_tokens
     return AgentLoopSpec(
         turns=args.turns,
@@ -148,6 +144,8 @@ def run_repeated(
 ) -> list[TurnTiming]:
     """`serve_and_run` `repeats` times (a fresh server each); per-turn medians over every
     session of every repeat."""
+    from pagedkv.serving.agent_loop import median_by_turn
+
     runs: list[list[TurnTiming]] = []
     for _ in range(repeats):
         runs += serve_and_run(model, config, run, spec, sessions=sessions)
@@ -156,7 +154,14 @@ def run_repeated(
 
 def run(args: argparse.Namespace) -> int:
     """Run the comparison and print the table. Returns the exit code."""
-    from pagedkv.serving.agent_loop import run_http, run_websocket
+    from pagedkv.serving.agent_loop import (
+        AgentLoopError,
+        flop_growth,
+        format_table,
+        growth,
+        run_http,
+        run_websocket,
+    )
 
     spec, model, base = configure(args)
     cfg = model.config

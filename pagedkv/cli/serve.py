@@ -14,9 +14,6 @@ import argparse
 import logging
 from typing import Any
 
-from pagedkv.scheduler.config import SchedulerConfig
-from pagedkv.serving.response_run import ServerConfig
-
 PRESETS = ("tiny", "demo", "llama_1b")
 
 
@@ -111,6 +108,7 @@ def engine_config_from_args(args: argparse.Namespace, model: Any, **changes: Any
     """The `EngineConfig` the engine options describe, for `model`."""
     import torch
 
+    from pagedkv.scheduler.config import SchedulerConfig
     from pagedkv.serving.engine_types import EngineConfig
 
     cuda = torch.device(args.device).type == "cuda"
@@ -152,6 +150,7 @@ def run(args: argparse.Namespace) -> int:
 
     from pagedkv.serving.engine import Engine
     from pagedkv.serving.local_server import ws_protocol
+    from pagedkv.serving.response_run import ServerConfig
     from pagedkv.serving.server import create_app
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")

@@ -418,7 +418,7 @@ def replay(
         tokens: the workload's synthesised tokens (built when None; pass one to share
             it between policies).
         gpu_blocks: GPU pool size; default `settings.gpu_blocks` (the ideal policy
-            needs a bigger pool, see `sim_policies.ideal_gpu_blocks`).
+            needs a bigger pool, see `policies.ideal_gpu_blocks`).
         check_every: run `check_invariants()` every this many event steps (0: never;
             tests only, it is O(pool size)).
         on_progress: called with the number of requests finished since the last call.
