@@ -26,7 +26,7 @@ from pagedkv.sim.policies import (
     default_pinned_cap,
     ideal_gpu_blocks,
 )
-from pagedkv.sim.simulator import PolicyRun, replay
+from pagedkv.sim.simulator import DONE, PolicyRun, replay
 from pagedkv.sim.tokens import PromptTokens
 from pagedkv.sim.workload import Workload
 
@@ -85,6 +85,30 @@ class WorkloadFacts:
     peak_open_tokens: int
     peak_open_sessions: int
     ideal_prefill_s: float | None = None
+    hit_bound: tuple[int, ...] = ()
+
+    def check_hits(self, run: PolicyRun) -> None:
+        """Fail loudly when a replay served more of a prompt than any cache could:
+        more than `hit_bound` (the larger of the request's servable ideal and the
+        prefix its own pinned session can hold). A violation means stale KV was served
+        for tokens that changed: a simulator or scheduler bug, never a good result.
+
+        Raises:
+            AssertionError: naming the policy, the first offending requests and the
+                numbers.
+        """
+        if not self.hit_bound:
+            return
+        t = run.turns
+        bound = np.asarray(self.hit_bound, dtype=np.int64)
+        hits = t.hit_pinned + t.hit_gpu + t.hit_host
+        bad = np.flatnonzero((t.status == DONE) & (hits > bound))
+        if len(bad):
+            shown = ", ".join(f"#{i}: {int(hits[i])} > {int(bound[i])}" for i in bad[:5])
+            raise AssertionError(
+                f"policy {run.policy.name!r} served more cached tokens than the prompt "
+                f"shares with anything earlier on {len(bad)} requests ({shown})"
+            )
 
     @property
     def ideal_hit_ratio(self) -> float:
@@ -108,6 +132,8 @@ def workload_facts(workload: Workload, *, cost: CostModel | None = None) -> Work
         ideal_prefill_s = sum(
             cost.prefill_s(r.input_len - h, h) for h, r in zip(hits, workload.requests, strict=True)
         )
+    own = workload.session_prefix_tokens_per_request()
+    bound = tuple(max(h, o) for h, o in zip(raw, own, strict=True))
     peak, peak_sessions = _peak_open(workload)
     n = workload.num_requests
     return WorkloadFacts(
@@ -124,6 +150,7 @@ def workload_facts(workload: Workload, *, cost: CostModel | None = None) -> Work
         peak_open_tokens=peak,
         peak_open_sessions=peak_sessions,
         ideal_prefill_s=ideal_prefill_s,
+        hit_bound=bound,
     )
 
 

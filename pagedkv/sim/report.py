@@ -164,6 +164,8 @@ def build_report(
 ) -> dict[str, Any]:
     """The whole report: workload facts, profile, settings, per-policy summaries and the
     GPU-memory sweep (one row per policy and size)."""
+    for r in (*runs, *sweep):
+        facts.check_hits(r)
     ideal = next((r for r in runs if r.policy.infinite_gpu), None)
     workload = {
         "name": facts.name,

@@ -167,6 +167,7 @@ class _Conn:
     sched_id: str | None = None
     num_opened: int = 0
     seq_len: int = 0  # tokens the server holds for it (the last completed prompt)
+    held: int = -1  # the request whose prompt those tokens are (-1: none)
     busy: bool = False  # a turn is submitted and has not ended
     backlog: deque[int] = field(default_factory=deque)
 
@@ -304,7 +305,15 @@ class _Replay:
         r = self.requests[i]
         sched = self.sched
         self.rec.submit_s[i] = self.clock.now
-        if conn.sched_id is not None and (r.reconnect or r.input_len <= conn.seq_len):
+        if conn.sched_id is not None and (
+            r.reconnect
+            or r.input_len <= conn.seq_len
+            # a rewritten history (compaction, an edit, a rewind): the session holds KV of
+            # tokens this prompt no longer has. Like the engine, close it (its full blocks
+            # stay in the hash cache) and resume: only the common prefix of full blocks
+            # is reused, everything from the divergence is computed again
+            or not self.tokens.shares_prefix(conn.held, i, conn.seq_len)
+        ):
             self._close(conn)  # a new connection re-sends the full history
         sid = conn.sched_id
         try:
@@ -346,7 +355,7 @@ class _Replay:
         rec.hit_pinned[i] = plan.hit_pinned
         rec.hit_gpu[i] = plan.hit_gpu
         rec.hit_host[i] = plan.hit_host
-        conn.seq_len = plan.num_tokens
+        conn.seq_len, conn.held = plan.num_tokens, i
         decode_end = end + self.requests[i].output_len / self.decode_tps
         heapq.heappush(self.decode_heap, (decode_end, i, i))
 
@@ -380,7 +389,7 @@ class _Replay:
     def _close(self, conn: _Conn) -> None:
         assert conn.sched_id is not None
         self.sched.close_session(conn.sched_id)
-        conn.sched_id, conn.seq_len = None, 0
+        conn.sched_id, conn.seq_len, conn.held = None, 0, -1
 
     def _handle(self, events: list[Event]) -> None:
         for ev in events:

@@ -65,6 +65,21 @@ class PromptTokens:
         self._offsets = offsets
         self._reps = -(-tpb // 2)
 
+    def shares_prefix(self, a: int, b: int, num_tokens: int) -> bool:
+        """Whether requests `a` and `b` have the same first `num_tokens` prompt tokens
+        (the same content keys for every block that span touches). False when either
+        prompt is shorter."""
+        tpb = self.tokens_per_block
+        n = -(-num_tokens // tpb)
+        if n == 0:
+            return True
+        if a < 0 or b < 0:
+            return False
+        lo_a, lo_b = int(self._offsets[a]), int(self._offsets[b])
+        if lo_a + n > self._offsets[a + 1] or lo_b + n > self._offsets[b + 1]:
+            return False
+        return bool(np.array_equal(self._keys[lo_a : lo_a + n], self._keys[lo_b : lo_b + n]))
+
     def tokens(self, index: int, start: int, end: int) -> np.ndarray:
         """Tokens of positions `[start, end)` of request `index`'s prompt: int32 `[end - start]`.
 

@@ -219,6 +219,28 @@ class Workload:
             hits.append(matched * tpb)
         return hits
 
+    def session_prefix_tokens_per_request(self) -> list[int]:
+        """Per request, the prompt length of its session's previous request when that
+        prompt is a prefix of this one (same full-block keys, shorter), else 0: what a
+        session that stayed pinned since then holds and may reuse, its partial last
+        block included. A rewritten history (compaction, an edit, a rewind) gives 0.
+        """
+        tpb = self.tokens_per_block
+        last: dict[str, Request] = {}
+        out: list[int] = []
+        for r in self.requests:
+            sid = r.session_id
+            prev = None if sid is None else last.get(sid)
+            n = 0
+            if prev is not None and prev.input_len < r.input_len:
+                full = prev.input_len // tpb
+                if r.block_keys[:full] == prev.block_keys[:full]:
+                    n = prev.input_len
+            out.append(n)
+            if sid is not None:
+                last[sid] = r
+        return out
+
     def ideal_hit_tokens(self) -> int:
         """Total of `ideal_hit_tokens_per_request()`."""
         return sum(self.ideal_hit_tokens_per_request())
