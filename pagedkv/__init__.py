@@ -12,11 +12,6 @@ One import package; each layer imports only those below it:
     pagedkv.cache      block pool, hashing, block tables, KVSpec (no torch)
     pagedkv.kernels    Triton kernels + torch references: tensors in, tensors out
 
-Importing `pagedkv` itself loads nothing; import the layer you use.
+Importing `pagedkv` itself loads nothing; import the layer you use. The version is the
+distribution's: `importlib.metadata.version("pagedkv")`.
 """
-
-from __future__ import annotations
-
-__version__ = "0.1.0"
-
-__all__ = ["__version__"]

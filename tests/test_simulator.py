@@ -346,3 +346,55 @@ def test_a_failing_worker_reports_its_traceback(monkeypatch: pytest.MonkeyPatch)
     jobs = main_jobs(parse_policies("prefix,ours"), settings, w, facts)
     with pytest.raises(sim_compare.ReplayError, match=r"(?s)policy 'prefix'.*OutOfBlocksError"):
         run_jobs(w, jobs, PROFILE, num_workers=2)
+
+
+# -- rewritten histories -----------------------------------------------------------------
+
+
+def diverge(*, reconnect: bool) -> Workload:
+    """The issue-20 trace: turn 2 shares only its first 2 blocks with turn 1."""
+    return Workload(
+        name="diverge",
+        tokens_per_block=16,
+        requests=(
+            Request(0.0, "s1", "default", tuple(range(1, 11)), input_len=160, output_len=10,
+                    last_turn=False),
+            Request(30.0, "s1", "default", (1, 2, *range(91, 100)), input_len=176,
+                    output_len=10, turn_index=2, reconnect=reconnect),
+        ),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("reconnect", [False, True])
+def test_a_rewritten_history_reuses_only_the_common_prefix(reconnect: bool) -> None:
+    w = diverge(reconnect=reconnect)
+    facts = workload_facts(w)
+    assert facts.ideal_hit_tokens == 32 and facts.hit_bound == (0, 32)
+    settings = SimSettings(gpu_blocks=64, host_blocks=64, max_pinned_sessions=4)
+    jobs = main_jobs(parse_policies("all"), settings, w, facts)
+    runs = {r.policy.name: r for r in run_jobs(w, jobs, PROFILE, num_workers=1)}
+    for name, run in runs.items():
+        t = run.turns
+        assert t.status.tolist() == [DONE, DONE], name
+        want_hit = [0, 0] if name == "stateless" else [0, 32]
+        assert hits(run).tolist() == want_hit, name
+        assert t.computed.tolist() == [160, 176 - want_hit[1]], name
+    report = build_report(facts=facts, profile={}, settings={}, runs=list(runs.values()))
+    by_name = {p["policy"]: p for p in report["policies"]}
+    assert by_name["ours"]["hit_ratio"]["total"] == pytest.approx(32 / 336, abs=1e-6)
+
+
+def test_a_hit_beyond_what_the_prompt_shares_fails_the_report() -> None:
+    w = diverge(reconnect=False)
+    facts = workload_facts(w)
+    settings = SimSettings(gpu_blocks=64, host_blocks=64, max_pinned_sessions=4)
+    run = replay(w, POLICIES["ours"], settings, PROFILE)
+    facts.check_hits(run)  # the honest run passes
+    # what the append-only simulator used to report: the whole first turn, pinned
+    run.turns.hit_pinned[1], run.turns.hit_gpu[1], run.turns.hit_host[1] = 160, 0, 0
+    with pytest.raises(
+        AssertionError, match=r"policy 'ours' served more cached tokens.*#1: 160 > 32"
+    ):
+        facts.check_hits(run)
+    with pytest.raises(AssertionError, match="policy 'ours'"):
+        build_report(facts=facts, profile={}, settings={}, runs=[run])

@@ -248,7 +248,7 @@ def test_pool_larger_than_its_store_is_refused() -> None:
 
 
 def test_backup_keeps_the_sequence_on_gpu_and_makes_offload_copy_only_the_tail() -> None:
-    from pagedkv.tiers.tiered import Backup
+    from pagedkv.tiers import Backup
 
     cache, gpu, _host = make_cache(num_gpu=12, num_host=12)
     gen = torch.Generator().manual_seed(7)
@@ -283,7 +283,7 @@ def test_backup_keeps_the_sequence_on_gpu_and_makes_offload_copy_only_the_tail()
 def test_backup_source_blocks_survive_a_free_and_a_failed_copy_keeps_the_good_prefix() -> None:
     from tier_helpers import DeferredCopyEngine
 
-    from pagedkv.tiers.tiered import Backup
+    from pagedkv.tiers import Backup
 
     now = [0.0]
     cache, gpu, host = make_cache(num_gpu=6, num_host=8)

@@ -14,8 +14,8 @@ from pagedkv.cache.block_manager import BlockManager
 from pagedkv.cache.block_pool import BlockPool
 from pagedkv.cache.errors import OutOfBlocksError
 from pagedkv.cache.hashing import BlockHasher
+from pagedkv.tiers import Backup, TieredKVCache
 from pagedkv.tiers.kv_store import KVStore
-from pagedkv.tiers.tiered import Backup, TieredKVCache
 from pagedkv.tiers.transfer import (
     CopyTransferEngine,
     Direction,

@@ -26,7 +26,7 @@ from tier_helpers import (
 )
 
 from pagedkv.cache.errors import OutOfBlocksError
-from pagedkv.tiers.tiered import Backup, TransferResult
+from pagedkv.tiers import Backup, TransferResult
 
 BS = SPEC.block_size
 TENANTS = ("t0", "t1")

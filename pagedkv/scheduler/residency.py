@@ -11,6 +11,7 @@ admission queue on top. Single-threaded, like the scheduler.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -47,7 +48,7 @@ class Need:
     slot: bool
 
 
-class Residency:
+class Residency(ABC):
     """Pinning, eviction, offload, backup and copy completion for a `SessionScheduler`.
 
     Invariants are checked by `SessionScheduler.check_invariants`: `_pinned` counts the
@@ -89,9 +90,9 @@ class Residency:
         self._blocked_by_tenant = False  # set by _make_room: short only of a tenant slot
         self._block_limit = int(config.high_watermark * cache.gpu.pool.num_blocks)
 
+    @abstractmethod
     def _ready(self, s: Session, hits: Hits) -> TurnPlan:
         """The plan of a turn whose blocks are now all on the GPU (`SessionScheduler`)."""
-        raise NotImplementedError
 
     # ------------------------------------------------------------------ making room
     def _make_room(self, s: Session, need: Need, *, immediate: bool = False) -> bool:

@@ -558,12 +558,4 @@ def _host_full(what: str, seq_id: SeqId, exc: OutOfBlocksError) -> OutOfBlocksEr
     )
 
 
-__all__ = [
-    "Backup",
-    "Location",
-    "OutOfBlocksError",
-    "PrefixPlan",
-    "PrefixProbe",
-    "TieredKVCache",
-    "TransferResult",
-]
+__all__ = ["TieredKVCache"]
