@@ -88,7 +88,7 @@ def test_small_run_writes_json_and_png(tmp_path: Path, capsys: pytest.CaptureFix
     ideal = report["policies"][-1]
     assert ideal["hit_ratio"]["vs_ideal"] == 1.0
     assert ideal["hit_ratio"]["total"] == pytest.approx(
-        report["workload"]["servable_ideal_hit_ratio"], abs=1e-6
+        report["workload"]["ideal_hit_ratio"], abs=1e-6
     )
     assert {r["policy"] for r in report["sweep"]} == {"prefix", "prefix+host", "ours", "pinned"}
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

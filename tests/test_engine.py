@@ -12,10 +12,9 @@ from typing import Any
 
 import pytest
 import torch
+from engine_helpers import TOK, greedy, reference
 
-from pagedkv.model.forward_batch import SeqChunk, build_forward_batch
 from pagedkv.model.llama import LlamaModel
-from pagedkv.model.tokenizer import ByteTokenizer
 from pagedkv.serving.conversation import FunctionCall, Item, Message, render_prompt
 from pagedkv.serving.engine import Engine
 from pagedkv.serving.engine_types import (
@@ -28,10 +27,7 @@ from pagedkv.serving.engine_types import (
     TurnStarted,
 )
 from pagedkv.serving.factory import build_engine, build_model
-from pagedkv.serving.generation import CharMasks, OutputProgram, OutputSpec, sample_rows
-from pagedkv.tiers.kv_store import KVStore
-
-TOK = ByteTokenizer()
+from pagedkv.serving.generation import OutputProgram, OutputSpec
 
 
 @pytest.fixture(autouse=True)
@@ -55,31 +51,8 @@ def make_engine(model: LlamaModel, **config: Any) -> Engine:
     return build_engine(model, **{**base, **config}, scheduler=SchedulerConfig(**sched))
 
 
-def reference(model: LlamaModel, prompt: list[int], spec: OutputSpec) -> tuple[list[int], Item]:
-    """Greedy decode by full recomputation: returns (tokens after the prompt, item)."""
-    program = OutputProgram(spec, TOK)
-    masks = CharMasks(TOK)
-    seq = list(prompt)
-    store = KVStore(model.config.kv_spec(16), (len(seq) + 256) // 16 + 1)
-    gen = torch.Generator().manual_seed(0)
-    while not program.done:
-        n = -(-len(seq) // 16)
-        batch = build_forward_batch([SeqChunk(list(range(n)), 0, seq)], block_size=16)
-        logits = model(batch, store)
-        mask = program.allowed()
-        token = None
-        if mask is not None:
-            token = sample_rows(logits, [0], masks.ids(mask, logits.device), [0.0], gen)[0]
-        seq += program.advance(token).tokens
-    return seq[len(prompt) :], program.item()
-
-
 def text_prompt(text: str, *, instructions: str = "Be brief.") -> list[int]:
     return render_prompt(TOK, instructions=instructions, tools=(), items=[Message("user", text)])
-
-
-def greedy(max_tokens: int = 8, **kw: Any) -> OutputSpec:
-    return OutputSpec(max_output_tokens=max_tokens, temperature=0.0, **kw)
 
 
 class Recorder:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from ideal_reference import reference_turn_ideal
 
 from pagedkv.sim.agent_workload import AgentWorkloadConfig, LogNormalRange, generate_agent_workload
 from pagedkv.sim.compare import (
@@ -127,7 +128,7 @@ def test_stateless_never_hits_and_baselines_never_pin() -> None:
     assert (
         runs["stateless"].metrics["tokens_computed"] == runs["stateless"].metrics["tokens_prompt"]
     )
-    for name in ("stateless", "prefix", "prefix+host", "ideal"):
+    for name in ("stateless", "prefix", "prefix+host"):
         assert runs[name].turns.hit_pinned.sum() == 0
     for name in ("stateless", "prefix", "pinned", "ideal"):
         assert runs[name].turns.hit_host.sum() == 0
@@ -138,16 +139,13 @@ def test_ideal_matches_the_workloads_own_ideal() -> None:
     w, facts, _settings = tiny()
     run = tiny_runs()["ideal"]
     assert (run.turns.status == DONE).all()
-    tpb = w.tokens_per_block
-    # independent: a trie over block-key chains, less the last-token rule
-    expect = [
-        min(h, (r.input_len - 1) // tpb * tpb)
-        for h, r in zip(w.ideal_hit_tokens_per_request(), w.requests, strict=True)
-    ]
-    np.testing.assert_array_equal(hits(run), expect)
-    # no prompt here is cached whole, so the servable ideal is the workload's ideal
-    assert facts.servable_ideal_hit_tokens == facts.ideal_hit_tokens
-    assert hits(run).sum() / w.total_input_tokens == pytest.approx(w.ideal_hit_ratio(), abs=0)
+    # independent: brute-force longest common prefixes, the per-turn rule
+    expect = reference_turn_ideal(w)
+    np.testing.assert_array_equal(hits(run), expect["hit"])
+    assert facts.ideal_hit_tokens == sum(expect["hit"])
+    assert facts.prefix_ideal_hit_tokens == sum(expect["raw"])
+    # pinned sessions reuse their partial last block: more than full blocks alone
+    assert facts.ideal_hit_tokens > sum(expect["servable"])
     summary = summarize(run, facts, ideal=run)
     assert summary["hit_ratio"]["vs_ideal"] == 1.0 and summary["computed_vs_ideal"] == 1.0
 
@@ -317,7 +315,7 @@ def test_mooncake_slice(traces_dir: Path, tmp_path: Path) -> None:
         np.testing.assert_array_equal(hits(run)[done] + t.computed[done], t.input_len[done])
         assert (run.end_gpu_in_use, run.end_host_in_use, run.end_sessions_open) == (0, 0, 0)
     assert runs["ideal"].refusals == {}
-    assert hits(runs["ideal"]).sum() == facts.servable_ideal_hit_tokens
+    assert hits(runs["ideal"]).sum() == facts.ideal_hit_tokens
     for name in ("prefix", "prefix+host", "ours"):
         assert 0 < hits(runs[name]).sum() <= hits(runs["ideal"]).sum()
         assert runs[name].turns.hit_pinned.sum() == 0  # every request is its own connection
@@ -369,7 +367,9 @@ def diverge(*, reconnect: bool) -> Workload:
 def test_a_rewritten_history_reuses_only_the_common_prefix(reconnect: bool) -> None:
     w = diverge(reconnect=reconnect)
     facts = workload_facts(w)
-    assert facts.ideal_hit_tokens == 32 and facts.hit_bound == (0, 32)
+    assert facts.ideal_hit_tokens == 32
+    assert facts.own_tokens is not None and facts.shared_tokens is not None
+    assert facts.own_tokens.tolist() == [0, 0] and facts.shared_tokens.tolist() == [32, 32]
     settings = SimSettings(gpu_blocks=64, host_blocks=64, max_pinned_sessions=4)
     jobs = main_jobs(parse_policies("all"), settings, w, facts)
     runs = {r.policy.name: r for r in run_jobs(w, jobs, PROFILE, num_workers=1)}

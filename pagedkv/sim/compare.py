@@ -13,7 +13,7 @@ import os
 import traceback
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -53,11 +53,15 @@ class WorkloadFacts:
     """What the report needs to know about a workload, computed once.
 
     Attributes:
-        ideal_hit_tokens: `Workload.ideal_hit_tokens()` (infinite cache, full blocks).
-        servable_ideal_hit_tokens: the same, less the last block of a prompt that is
-            cached whole (a server must compute at least the last token for its logits,
-            so an infinite-memory server can serve at most `input_len - 1` tokens,
-            rounded down to full blocks). The ideal policy reaches exactly this.
+        ideal_hit_tokens: the per-turn ideal (`Workload.turn_ideal().hit`, summed): each
+            turn reuses the longer of what its own open connection holds (partial last
+            block included) and its longest prefix of full blocks seen earlier, at most
+            `input_len - 1` tokens (the last token is computed for its logits). The
+            ideal policy (infinite GPU, every session pinned) reaches exactly this when
+            its turns run in arrival order.
+        prefix_ideal_hit_tokens: the classic infinite-cache figure
+            (`Workload.ideal_hit_tokens()`: full blocks seen earlier, uncapped), the one
+            published trace studies quote.
         peak_open_tokens: largest sum over open connections of their latest prompt
             length: the KV that pinning every open session would hold (shared system
             prompts counted per session). A connection opens at its first request and
@@ -68,8 +72,10 @@ class WorkloadFacts:
             one-request connections (Mooncake) count while they are in flight.
         peak_open_sessions: most sessions open at once.
         ideal_prefill_s: seconds of prefill the ideal policy needs in all (each request
-            computes its prompt less its servable ideal hit), when a cost model was
-            given: against `duration_s`, the GPU load no policy can go below.
+            computes its prompt less its ideal hit), when a cost model was given:
+            against `duration_s`, the GPU load no policy can go below.
+        own_tokens, shared_tokens: per request, `turn_ideal().own` and `.shared`: the
+            most any replay may serve it (see `check_hits`).
     """
 
     name: str
@@ -81,76 +87,105 @@ class WorkloadFacts:
     duration_s: float
     mean_input_len: float
     ideal_hit_tokens: int
-    servable_ideal_hit_tokens: int
+    prefix_ideal_hit_tokens: int
     peak_open_tokens: int
     peak_open_sessions: int
     ideal_prefill_s: float | None = None
-    hit_bound: tuple[int, ...] = ()
+    own_tokens: np.ndarray | None = field(default=None, repr=False, compare=False)
+    shared_tokens: np.ndarray | None = field(default=None, repr=False, compare=False)
+    workload: Workload | None = field(default=None, repr=False, compare=False)
 
     def check_hits(self, run: PolicyRun) -> None:
-        """Fail loudly when a replay served more of a prompt than any cache could:
-        more than `hit_bound` (the larger of the request's servable ideal and the
-        prefix its own pinned session can hold). A violation means stale KV was served
-        for tokens that changed: a simulator or scheduler bug, never a good result.
+        """Fail loudly when a replay served a request more than any cache could.
+
+        The bound per request is the larger of what it shares with any other request of
+        its tenant (full blocks, capped like the ideal; `turn_ideal().shared`, which
+        holds whatever order a policy's turns ran in) and what its session holds when
+        the prompt extends it (`own`; when the session's previous turns were refused,
+        the latest one that ran on the same connection). A violation means stale KV was
+        served for tokens that changed: a simulator or scheduler bug, never a good
+        result.
 
         Raises:
             AssertionError: naming the policy, the first offending requests and the
                 numbers.
         """
-        if not self.hit_bound:
+        if self.own_tokens is None or self.shared_tokens is None:
             return
         t = run.turns
-        bound = np.asarray(self.hit_bound, dtype=np.int64)
         hits = t.hit_pinned + t.hit_gpu + t.hit_host
-        bad = np.flatnonzero((t.status == DONE) & (hits > bound))
-        if len(bad):
+        bound = np.maximum(self.own_tokens, self.shared_tokens)
+        suspects = np.flatnonzero((t.status == DONE) & (hits > bound)).tolist()
+        bad = [i for i in suspects if hits[i] > self._held_after_refusals(run, i)]
+        if bad:
             shown = ", ".join(f"#{i}: {int(hits[i])} > {int(bound[i])}" for i in bad[:5])
             raise AssertionError(
                 f"policy {run.policy.name!r} served more cached tokens than the prompt "
-                f"shares with anything earlier on {len(bad)} requests ({shown})"
+                f"shares with anything else on {len(bad)} requests ({shown})"
             )
+
+    def _held_after_refusals(self, run: PolicyRun, i: int) -> int:
+        """What request `i`'s session may hold when turns before it were refused: the
+        prompt of the latest earlier turn that ran on the same connection, if `i`
+        extends it (else 0)."""
+        w = self.workload
+        if w is None:
+            return 0
+        reqs, tpb, status = w.requests, w.tokens_per_block, run.turns.status
+        r = reqs[i]
+        if r.session_id is None or r.reconnect:
+            return 0
+        closes = w.disconnects_after()
+        for j in range(i - 1, -1, -1):
+            q = reqs[j]
+            if q.session_id != r.session_id:
+                continue
+            if closes[j]:
+                return 0
+            if status[j] == DONE:
+                full = q.input_len // tpb
+                extends = q.input_len < r.input_len and r.block_keys[:full] == q.block_keys[:full]
+                return q.input_len if extends else 0
+        return 0
 
     @property
     def ideal_hit_ratio(self) -> float:
         return self.ideal_hit_tokens / self.total_input_tokens if self.total_input_tokens else 0.0
 
     @property
-    def servable_ideal_hit_ratio(self) -> float:
+    def prefix_ideal_hit_ratio(self) -> float:
         total = self.total_input_tokens
-        return self.servable_ideal_hit_tokens / total if total else 0.0
+        return self.prefix_ideal_hit_tokens / total if total else 0.0
 
 
 def workload_facts(workload: Workload, *, cost: CostModel | None = None) -> WorkloadFacts:
-    """Compute `WorkloadFacts` (one pass over the blocks for the ideal)."""
-    tpb = workload.tokens_per_block
-    raw = workload.ideal_hit_tokens_per_request()
-    hits = [
-        min(h, (r.input_len - 1) // tpb * tpb) for h, r in zip(raw, workload.requests, strict=True)
-    ]
+    """Compute `WorkloadFacts` (`Workload.turn_ideal`: linear in the blocks)."""
+    ideal = workload.turn_ideal()
     ideal_prefill_s = None
     if cost is not None:
         ideal_prefill_s = sum(
-            cost.prefill_s(r.input_len - h, h) for h, r in zip(hits, workload.requests, strict=True)
+            cost.prefill_s(r.input_len - h, h)
+            for h, r in zip(ideal.hit.tolist(), workload.requests, strict=True)
         )
-    own = workload.session_prefix_tokens_per_request()
-    bound = tuple(max(h, o) for h, o in zip(raw, own, strict=True))
     peak, peak_sessions = _peak_open(workload)
     n = workload.num_requests
     return WorkloadFacts(
         name=workload.name,
         num_requests=n,
         num_sessions=workload.num_sessions,
-        tokens_per_block=tpb,
+        tokens_per_block=workload.tokens_per_block,
         total_input_tokens=workload.total_input_tokens,
         total_output_tokens=workload.total_output_tokens,
         duration_s=workload.duration_s,
         mean_input_len=workload.total_input_tokens / n if n else 0.0,
-        ideal_hit_tokens=sum(raw),
-        servable_ideal_hit_tokens=sum(hits),
+        ideal_hit_tokens=int(ideal.hit.sum()),
+        prefix_ideal_hit_tokens=int(ideal.raw.sum()),
         peak_open_tokens=peak,
         peak_open_sessions=peak_sessions,
         ideal_prefill_s=ideal_prefill_s,
-        hit_bound=bound,
+        own_tokens=ideal.own,
+        shared_tokens=ideal.shared,
+        workload=workload,
     )
 
 
@@ -200,7 +235,7 @@ def main_jobs(
 ) -> list[Job]:
     """One job per policy at `settings.gpu_blocks` (the ideal gets its unbounded pool)."""
     ideal_blocks = ideal_gpu_blocks(
-        workload, facts.ideal_hit_tokens, high_watermark=settings.high_watermark
+        workload, facts.prefix_ideal_hit_tokens, high_watermark=settings.high_watermark
     )
     return [
         Job(p, settings, max(ideal_blocks, settings.gpu_blocks) if p.infinite_gpu else 0)

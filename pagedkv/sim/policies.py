@@ -110,7 +110,10 @@ class Policy:
         capped: apply `SimSettings.max_pinned_sessions` (else only memory limits).
         idle_ttl: apply `SimSettings.idle_ttl_s` (proactive idle offload).
         backup_idle: write idle pinned sessions' new blocks back to the host at turn end.
-        infinite_gpu: a GPU pool big enough never to evict (the ideal).
+        infinite_gpu: a GPU pool big enough never to evict (the ideal). With
+            `pin_sessions`, a turn whose prompt has a longer cached prefix than its
+            session holds closes and resumes the session, so every turn gets the
+            per-turn ideal (`Workload.turn_ideal`).
     """
 
     name: str
@@ -164,7 +167,9 @@ POLICIES: dict[str, Policy] = {
         ),
         Policy(
             name="ideal",
-            summary="infinite GPU memory: only never-seen blocks are computed",
+            summary="infinite GPU memory, every session pinned: a turn reuses the longer "
+            "of its session's KV and anything cached earlier",
+            pin_sessions=True,
             infinite_gpu=True,
         ),
     )

@@ -4,7 +4,7 @@ Definitions (docs/simulator.md):
 - hit ratio: cached prompt tokens / prompt tokens, over the turns that ran; by tier:
   the session's own pinned blocks, the GPU hash cache, the host tier.
 - vs ideal: hit ratio / the ideal policy's hit ratio in the same run (or, without an
-  ideal run, the workload's servable ideal, see `WorkloadFacts`).
+  ideal run, the workload's per-turn ideal, see `WorkloadFacts`).
 - computed: prefilled tokens; x ideal: computed / the ideal's computed.
 - TTFT: modelled time to first token (see `simulator`), in milliseconds.
 """
@@ -64,8 +64,8 @@ def summarize(
         ideal_computed = int(ideal.turns.computed[ideal_done].sum())
         ideal_ratio = 1.0 - ideal_computed / ideal_prompt if ideal_prompt else 0.0
     else:
-        ideal_computed = facts.total_input_tokens - facts.servable_ideal_hit_tokens
-        ideal_ratio = facts.servable_ideal_hit_ratio
+        ideal_computed = facts.total_input_tokens - facts.ideal_hit_tokens
+        ideal_ratio = facts.ideal_hit_ratio
     ttft = t.ttft_s
     by_turn: dict[str, Any] = {}
     curve: dict[str, list[Any]] = {"turn_index": [], "count": [], "p50": [], "p90": []}
@@ -177,7 +177,7 @@ def build_report(
         "duration_s": round(facts.duration_s, 3),
         "mean_input_len": round(facts.mean_input_len, 1),
         "ideal_hit_ratio": round(facts.ideal_hit_ratio, 6),
-        "servable_ideal_hit_ratio": round(facts.servable_ideal_hit_ratio, 6),
+        "prefix_ideal_hit_ratio": round(facts.prefix_ideal_hit_ratio, 6),
         "peak_open_sessions": facts.peak_open_sessions,
         "peak_open_tokens": facts.peak_open_tokens,
     }
@@ -240,7 +240,8 @@ def format_tables(report: dict[str, Any]) -> str:
     head = [
         f"workload {w['name']}: {w['requests']:,} requests, {w['sessions']:,} sessions, "
         f"{w['input_tokens'] / 1e6:,.1f}M prompt tokens, {w['tokens_per_block']} tokens/block, "
-        f"{w['duration_s'] / 60:,.1f} min; ideal hit ratio {_pct_text(w['ideal_hit_ratio'])}",
+        f"{w['duration_s'] / 60:,.1f} min; ideal hit ratio {_pct_text(w['ideal_hit_ratio'])} "
+        f"(full-block prefix ideal {_pct_text(w['prefix_ideal_hit_ratio'])})",
         f"peak open sessions {w['peak_open_sessions']:,} holding {w['peak_open_tokens']:,} tokens "
         f"({w['peak_open_tokens'] * st['kv_bytes_per_token'] / GB:,.1f} GB of KV)",
         f"profile: {report['profile']['name']}; GPU KV {st['gpu_kv_gb']:,.1f} GB "

@@ -220,6 +220,10 @@ class _Replay:
             refusals={},
         )
         self.rec = self.run.turns
+        self.best_of_both = policy.infinite_gpu and policy.pin_sessions
+        # the ideal's cheap filter: a turn whose prefix seen earlier (in arrival order)
+        # is no longer than what its session holds is not probed
+        self.servable = workload.turn_ideal().servable if self.best_of_both else None
         self.disconnect = workload.disconnects_after()
         self.conns: dict[str, _Conn] = {}
         self.running: dict[str, tuple[int, _Conn]] = {}  # scheduler id -> (request, conn)
@@ -313,6 +317,8 @@ class _Replay:
             # stay in the hash cache) and resume: only the common prefix of full blocks
             # is reused, everything from the divergence is computed again
             or not self.tokens.shares_prefix(conn.held, i, conn.seq_len)
+            # the ideal takes the longer of its own KV and what the cache has
+            or (self.best_of_both and self._cache_beats_session(i, conn.seq_len))
         ):
             self._close(conn)  # a new connection re-sends the full history
         sid = conn.sched_id
@@ -337,6 +343,19 @@ class _Replay:
             self.queued[sid] = i
         else:
             self.rec.admit_s[i] = self.clock.now  # admitted; waiting for a restore copy
+
+    def _cache_beats_session(self, i: int, held: int) -> bool:
+        """Whether request `i` finds a longer servable prefix in the GPU cache than the
+        `held` tokens its pinned session has."""
+        assert self.servable is not None
+        if self.servable[i] <= held:
+            return False
+        r = self.requests[i]
+        tpb = self.workload.tokens_per_block
+        probe = self.sched.cache.probe_prefix(
+            self.tokens.tokens(i, 0, r.input_len), tenant=r.tenant
+        )
+        return min(len(probe.gpu_hits), (r.input_len - 1) // tpb) * tpb > held
 
     def _ready(self, i: int, conn: _Conn, plan: TurnPlan) -> None:
         now = self.clock.now

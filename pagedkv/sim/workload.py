@@ -21,14 +21,18 @@ treat a drop as happening right after that preceding turn finished;
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import numpy as np
+
 __all__ = [
     "MAX_BLOCK_KEY",
     "Request",
+    "TurnIdeal",
     "Workload",
     "WorkloadStats",
     "find_sequence_problems",
@@ -193,53 +197,30 @@ class Workload:
         A request's hit is its longest prefix of *full* blocks whose identity chain
         appeared in any earlier request of the same tenant, in tokens
         (`num_blocks * tokens_per_block`). The partial last block never hits, and a
-        request never hits on itself. O(total full blocks) time and memory.
+        request never hits on itself. This is the classic definition (Mooncake's);
+        `turn_ideal` adds what a server can serve. Linear time, see `turn_ideal`.
         """
-        tpb = self.tokens_per_block
-        children: dict[tuple[int, int], int] = {}  # (parent node, key) -> node
-        roots: dict[str, int] = {}  # tenant -> root node (negative, disjoint from nodes)
-        hits: list[int] = []
-        for r in self.requests:
-            node = roots.get(r.tenant)
-            if node is None:
-                node = roots[r.tenant] = -1 - len(roots)
-            keys = r.block_keys
-            num_full = r.input_len // tpb
-            matched = 0
-            while matched < num_full:
-                child = children.get((node, keys[matched]))
-                if child is None:
-                    break
-                node = child
-                matched += 1
-            for j in range(matched, num_full):
-                child = len(children)
-                children[(node, keys[j])] = child
-                node = child
-            hits.append(matched * tpb)
-        return hits
+        raw: list[int] = self.turn_ideal().raw.tolist()
+        return raw
 
-    def session_prefix_tokens_per_request(self) -> list[int]:
-        """Per request, the prompt length of its session's previous request when that
-        prompt is a prefix of this one (same full-block keys, shorter), else 0: what a
-        session that stayed pinned since then holds and may reuse, its partial last
-        block included. A rewritten history (compaction, an edit, a rewind) gives 0.
+    def turn_ideal(self) -> TurnIdeal:
+        """Per-request ideal reuse under one rule, and the bound no server can pass.
+
+        The rule (what an infinite-memory server that pins every open session serves):
+        a turn reuses the longer of (a) what its own open connection holds, when the
+        prompt extends it: the previous prompt of the session, partial last block
+        included, unless the connection closed in between (`disconnects_after`) or the
+        history was rewritten (compaction, an edit, a rewind: then (a) is 0); and (b)
+        its longest prefix of full blocks that appeared in an earlier request of its
+        tenant, at most `input_len - 1` tokens rounded down to full blocks (the last
+        token is always computed, for its logits).
+
+        Cost: linear in requests plus the blocks a request does not share with its
+        session's previous request. Prefixes are identified by 128-bit fingerprints
+        (two position-mixed rolling sums of the block keys, salted by tenant), so an
+        honest workload never collides; a collision could only raise the ideal.
         """
-        tpb = self.tokens_per_block
-        last: dict[str, Request] = {}
-        out: list[int] = []
-        for r in self.requests:
-            sid = r.session_id
-            prev = None if sid is None else last.get(sid)
-            n = 0
-            if prev is not None and prev.input_len < r.input_len:
-                full = prev.input_len // tpb
-                if r.block_keys[:full] == prev.block_keys[:full]:
-                    n = prev.input_len
-            out.append(n)
-            if sid is not None:
-                last[sid] = r
-        return out
+        return _turn_ideal(self)
 
     def ideal_hit_tokens(self) -> int:
         """Total of `ideal_hit_tokens_per_request()`."""
@@ -337,3 +318,140 @@ def find_sequence_problems(
         last_turn_of[sid] = r.turn_index
         if r.last_turn:
             closed.add(sid)
+
+
+class TurnIdeal(NamedTuple):
+    """Per-request results of `Workload.turn_ideal` (int64 arrays indexed like requests).
+
+    Attributes:
+        hit: tokens the ideal server reuses for the request (the per-turn rule).
+        raw: its longest prefix of full blocks seen in an earlier request of its tenant,
+            in tokens, uncapped (`ideal_hit_tokens_per_request`).
+        own: tokens its own open connection holds that the prompt extends (0 when the
+            connection closed before it or its history was rewritten).
+        shared: its longest prefix of full blocks that any *other* request of its tenant
+            also has, earlier or later, capped like `hit` (`input_len - 1` rounded down
+            to full blocks): with `own`, the most any replay may serve, whatever order
+            its turns ran in.
+        servable: `raw` capped like `shared`.
+    """
+
+    hit: np.ndarray
+    raw: np.ndarray
+    own: np.ndarray
+    shared: np.ndarray
+    servable: np.ndarray
+
+
+_U64 = np.uint64
+_FP_SEEDS = (_U64(0x243F6A8885A308D3), _U64(0x13198A2E03707344))  # two independent sums
+_FP_POS = _U64(0x9E3779B97F4A7C15)
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64 finaliser on uint64 arrays (wrapping arithmetic)."""
+    x = (x ^ (x >> _U64(30))) * _U64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> _U64(27))) * _U64(0x94D049BB133111EB)
+    out: np.ndarray = x ^ (x >> _U64(31))
+    return out
+
+
+def _block_terms(keys: np.ndarray, start: int, seed: np.uint64) -> np.ndarray:
+    """Position-mixed terms of full blocks `start, start+1, ...` (keys uint64)."""
+    pos = np.arange(start, start + len(keys), dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        return _mix64(_mix64(keys ^ seed) + pos * _FP_POS)
+
+
+def _leading_run(flags: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """Per segment `[starts[k], ends[k])` of `flags`, the length of its leading run of
+    True values."""
+    falses = np.flatnonzero(~flags)
+    k = np.searchsorted(falses, starts)
+    first_false = np.append(falses, len(flags))[k]
+    out: np.ndarray = np.minimum(first_false, ends) - starts
+    return out
+
+
+def _turn_ideal(workload: Workload) -> TurnIdeal:
+    tpb = workload.tokens_per_block
+    reqs = workload.requests
+    n = len(reqs)
+    disconnect = workload.disconnects_after()
+    own = np.zeros(n, dtype=np.int64)
+    common = np.zeros(n, dtype=np.int64)  # full blocks shared with the session's previous
+    common_next = np.zeros(n, dtype=np.int64)  # ... and with the session's next request
+    num_full = np.zeros(n, dtype=np.int64)
+    # per session: (its latest request, that prompt's full keys, its two fingerprint arrays)
+    latest: dict[str, tuple[int, np.ndarray, np.ndarray, np.ndarray]] = {}
+    tenant_salt: dict[str, tuple[np.uint64, np.uint64]] = {}
+    new_lo: list[np.ndarray] = []  # fingerprints of the positions a request adds
+    new_hi: list[np.ndarray] = []
+    seg_len = np.zeros(n, dtype=np.int64)
+    for i, r in enumerate(reqs):
+        nf = r.input_len // tpb
+        num_full[i] = nf
+        keys = np.array(r.block_keys[:nf], dtype=np.uint64)
+        salt = tenant_salt.get(r.tenant)
+        if salt is None:
+            digest = hashlib.blake2b(r.tenant.encode("utf-8", "surrogatepass"), digest_size=16)
+            lo_salt, hi_salt = np.frombuffer(digest.digest(), dtype="<u8").astype(np.uint64)
+            salt = tenant_salt[r.tenant] = (lo_salt, hi_salt)
+        sid = r.session_id
+        prev = latest.get(sid) if sid is not None else None
+        d = 0
+        if prev is not None:
+            p, pkeys, plo, phi = prev
+            m = min(nf, len(pkeys))
+            diff = np.flatnonzero(keys[:m] != pkeys[:m])
+            d = int(diff[0]) if len(diff) else m
+            common[i] = d
+            common_next[p] = d
+            prompt_p = reqs[p].input_len
+            if not disconnect[p] and prompt_p < r.input_len and d == len(pkeys):
+                own[i] = prompt_p
+            base_lo, base_hi = (plo[d - 1], phi[d - 1]) if d else salt
+            head_lo, head_hi = plo[:d], phi[:d]
+        else:
+            base_lo, base_hi = salt
+            head_lo = head_hi = np.empty(0, dtype=np.uint64)
+        with np.errstate(over="ignore"):
+            lo = base_lo + np.cumsum(_block_terms(keys[d:], d, _FP_SEEDS[0]), dtype=np.uint64)
+            hi = base_hi + np.cumsum(_block_terms(keys[d:], d, _FP_SEEDS[1]), dtype=np.uint64)
+        new_lo.append(lo)
+        new_hi.append(hi)
+        seg_len[i] = nf - d
+        if sid is not None:
+            latest[sid] = (i, keys, np.concatenate((head_lo, lo)), np.concatenate((head_hi, hi)))
+    latest.clear()
+    lo_all = np.concatenate(new_lo) if new_lo else np.empty(0, dtype=np.uint64)
+    hi_all = np.concatenate(new_hi) if new_hi else np.empty(0, dtype=np.uint64)
+    del new_lo, new_hi
+    owner = np.repeat(np.arange(n, dtype=np.int64), seg_len)
+    starts = np.zeros(n, dtype=np.int64)
+    np.cumsum(seg_len[:-1], out=starts[1:])
+    ends = starts + seg_len
+    # group equal prefixes: the first request holding each, and how many list it
+    order = np.lexsort((owner, lo_all, hi_all))
+    s_lo, s_hi = lo_all[order], hi_all[order]
+    new_group = np.ones(len(order), dtype=bool)
+    new_group[1:] = (s_lo[1:] != s_lo[:-1]) | (s_hi[1:] != s_hi[:-1])
+    group = np.cumsum(new_group) - 1
+    group_start = np.flatnonzero(new_group)
+    group_size = np.diff(np.append(group_start, len(order)))
+    first_owner = owner[order][group_start]
+    g = np.empty(len(order), dtype=np.int64)
+    g[order] = group
+    earlier = first_owner[g] < owner  # seen in an earlier request
+    position = np.arange(len(owner), dtype=np.int64) - starts[owner] + common[owner]
+    shared_flag = (group_size[g] >= 2) | (position < common_next[owner])
+    raw_blocks = common + _leading_run(earlier, starts, ends)
+    shared_blocks = common + _leading_run(shared_flag, starts, ends)
+    input_len = np.fromiter((r.input_len for r in reqs), np.int64, n)
+    cap = (input_len - 1) // tpb
+    raw = raw_blocks * tpb
+    servable = np.minimum(raw_blocks, cap) * tpb
+    shared = np.minimum(np.maximum(shared_blocks, common_next), cap) * tpb
+    return TurnIdeal(
+        hit=np.maximum(own, servable), raw=raw, own=own, shared=shared, servable=servable
+    )
