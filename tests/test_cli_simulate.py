@@ -110,6 +110,15 @@ def test_runs_a_trace_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert code == 0 and "workload t: 2 requests, 1 sessions" in out
 
 
+def test_agent_workload_with_rewrites(capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["simulate", "--sessions", "4", "--compact-at", "5000", "--subagent-rate", "0.3",
+            "--tokens-per-block", "64", "--policies", "prefix,ours,ideal", "--no-progress"]  # fmt: skip
+    code, out, _err = run_cli(args, capsys)
+    assert code == 0 and "64 tokens/block" in out
+    sessions = int(out.split(" sessions,")[0].rsplit(" ", 1)[1])
+    assert sessions > 4  # the subagents are sessions of their own
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -122,6 +131,9 @@ def test_runs_a_trace_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
         (["--trace", "/nonexistent/x.jsonl"], "cannot read trace '/nonexistent/x.jsonl'"),
         (["--json", "/nonexistent/dir/r.json"], "does not exist"),
         (["--trace", "x.jsonl", "--sessions", "4"], "drop it with --trace"),
+        (["--trace", "x.jsonl", "--compact-at", "400"], "--compact-at shapes the built-in"),
+        (["--subagent-rate", "2"], "expected a probability in [0, 1], got '2'"),
+        (["--tokens-per-block", "0"], "expected an int >= 1, got '0'"),
     ],
 )
 def test_bad_options_give_one_line_and_status_2(

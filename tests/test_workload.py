@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from ideal_reference import reference_turn_ideal
 
 from pagedkv.sim.agent_workload import (
     DEFAULT_NUM_SESSIONS,
@@ -230,6 +231,10 @@ def test_ideal_hits_match_brute_force(w: Workload) -> None:
         ({"tool_output_len": (50, 4000)}, "tool_output_len must be a LogNormalRange"),
         ({"nominal_decode_tokens_per_s": math.inf}, "nominal_decode_tokens_per_s"),
         ({"name": ""}, "name must be a non-empty str"),
+        ({"compact_at_tokens": 0}, "compact_at_tokens must be an int >= 1"),
+        ({"summary_len": (0, 10)}, "summary_len must be a"),
+        ({"subagent_rate": 1.5}, "subagent_rate must be a probability"),
+        ({"subagent_turns": (3, 1)}, "subagent_turns must be a"),
     ],
 )
 def test_config_rejects_bad_options(options: dict[str, Any], match: str) -> None:
@@ -439,3 +444,71 @@ def test_generator_properties(
             assert b.reconnect == (drop_rate == 1.0) or drop_rate == 0.3
             assert b.arrival_s > a.arrival_s
     assert w.ideal_hit_tokens_per_request() == brute_force_hits(w)
+
+
+# -- rewrites: compaction and subagents ----------------------------------------------------
+
+
+def test_compaction_keeps_only_the_system_prompt() -> None:
+    cfg = small_config(
+        num_sessions=8, num_tenants=1, compact_at_tokens=6000, summary_len=(300, 600)
+    )
+    w = generate_agent_workload(cfg)
+    tpb = w.tokens_per_block
+    num_compactions = 0
+    for turns in by_session(w).values():
+        for a, b in itertools.pairwise(turns):
+            full = a.input_len // tpb
+            if b.block_keys[:full] == a.block_keys[:full]:
+                assert b.input_len > a.input_len  # an ordinary append
+                continue
+            num_compactions += 1
+            pairs = zip(a.block_keys, b.block_keys, strict=False)
+            common = next(j for j, (x, y) in enumerate(pairs) if x != y)
+            assert 2048 // tpb <= common <= 4096 // tpb  # the system prompt's full blocks
+            assert b.input_len <= 4096 + 600 + 4000 + 300  # system + summary + new input
+        assert all(r.input_len <= 6000 + 4000 + 300 for r in turns)
+    assert num_compactions >= 8
+    ideal = w.turn_ideal()
+    assert ideal.hit.sum() < w.total_input_tokens  # compaction recomputes the summary
+    assert w.ideal_hit_tokens_per_request() == brute_force_hits(w)
+
+
+def test_subagents_start_from_their_parents_prompt_and_run_beside_it() -> None:
+    cfg = small_config(num_sessions=6, num_tenants=1, subagent_rate=0.2, subagent_turns=(2, 4))
+    w = generate_agent_workload(cfg)
+    tpb = w.tokens_per_block
+    sessions = by_session(w)
+    subs = [sid for sid in sessions if "." in sid]
+    assert len(subs) >= 5
+    overlapping = 0
+    for sid in subs:
+        parent = sessions[sid.split(".")[0]]
+        first = sessions[sid][0]
+        assert 2 <= len(sessions[sid]) <= 4 and sessions[sid][-1].last_turn
+        # the parent turn it forked from: the latest before it whose full blocks it starts with
+        src = [p for p in parent if p.arrival_s < first.arrival_s
+               and first.block_keys[: p.input_len // tpb] == p.block_keys[: p.input_len // tpb]]  # fmt: skip
+        assert src, sid
+        fork = src[-1]
+        assert first.input_len > fork.input_len
+        assert first.block_keys[fork.input_len // tpb :][0] not in fork.block_keys
+        overlapping += any(
+            first.arrival_s < p.arrival_s < sessions[sid][-1].arrival_s for p in parent
+        )
+    assert overlapping >= 1  # subagents run while their parent goes on
+    assert w.turn_ideal().hit.tolist() == reference_turn_ideal(w)["hit"]
+
+
+def test_rewrites_off_leave_the_workload_as_it_was() -> None:
+    base = generate_agent_workload(small_config())
+    assert generate_agent_workload(small_config(summary_len=(1, 2), subagent_turns=(1, 1))) == base
+    with_rewrites = generate_agent_workload(small_config(subagent_rate=0.3, compact_at_tokens=5000))
+    # the main sessions draw exactly what they drew before, up to the first compaction
+    mains = {r.session_id for r in base.requests}
+    assert mains <= {r.session_id for r in with_rewrites.requests}
+    first_turns = lambda w: sorted(  # noqa: E731
+        (r.session_id, r.arrival_s, r.input_len) for r in w.requests
+        if r.turn_index == 1 and "." not in (r.session_id or "")
+    )  # fmt: skip
+    assert first_turns(with_rewrites) == first_turns(base)

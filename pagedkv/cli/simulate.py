@@ -39,7 +39,8 @@ examples:
   pagedkv simulate --gpu-fraction-of-peak 0.25 --json out.json --plot out.png
   pagedkv simulate --trace ../shared/traces/mooncake/conversation_trace.jsonl \\
       --gpu-kv-gb 393 --gpu-tflops 3200 --policies prefix,ideal
-  pagedkv simulate --sessions 20 --sweep 6 --plot sweep.png"""
+  pagedkv simulate --sessions 20 --sweep 6 --plot sweep.png
+  pagedkv simulate --compact-at 30000 --subagent-rate 0.05 --tokens-per-block 64"""
 
 
 def _positive_float(text: str) -> float:
@@ -49,6 +50,18 @@ def _positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
+
+
+def _probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a probability in [0, 1], got {text!r}"
+        ) from None
+    if not (math.isfinite(value) and 0 <= value <= 1):
+        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1], got {text!r}")
     return value
 
 
@@ -118,6 +131,26 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     w.add_argument(
         "--seed", type=_int_at_least(0), default=0, help="agent workload seed (default 0)"
+    )
+    w.add_argument(
+        "--tokens-per-block",
+        type=_int_at_least(1),
+        metavar="N",
+        help="agent workload: block size in tokens (default 16; 64 is 4x cheaper to replay)",
+    )
+    w.add_argument(
+        "--compact-at",
+        type=_int_at_least(1),
+        metavar="TOKENS",
+        help="agent workload: compact a session's history (system prompt + summary) when "
+        "a prompt would pass TOKENS (default: never)",
+    )
+    w.add_argument(
+        "--subagent-rate",
+        type=_probability,
+        metavar="P",
+        help="agent workload: probability that a turn starts a subagent session from its "
+        "prompt (default 0)",
     )
     m = p.add_argument_group("memory and hardware")
     size = m.add_mutually_exclusive_group()
@@ -227,8 +260,11 @@ def run(args: argparse.Namespace) -> int:
         policies = parse_policies(args.policies)
     except ValueError as err:
         raise UsageError(f"--policies: {err}") from None
-    if args.trace is not None and args.sessions is not None:
-        raise UsageError("--sessions sizes the built-in agent workload; drop it with --trace")
+    if args.trace is not None:
+        for flag in ("sessions", "tokens_per_block", "compact_at", "subagent_rate"):
+            if getattr(args, flag) is not None:
+                name = "--" + flag.replace("_", "-")
+                raise UsageError(f"{name} shapes the built-in agent workload; drop it with --trace")
     if args.plot is not None and importlib.util.find_spec("matplotlib") is None:
         raise UsageError(
             "--plot needs matplotlib, which is not installed: pip install 'pagedkv[sim]'"
@@ -246,8 +282,18 @@ def _load_workload(args: argparse.Namespace) -> Any:
     from pagedkv.sim.traces import TraceFormatError, load_workload
 
     if args.trace is None:
+        extra: dict[str, Any] = {}
+        if args.tokens_per_block is not None:
+            extra["tokens_per_block"] = args.tokens_per_block
+        if args.subagent_rate is not None:
+            extra["subagent_rate"] = args.subagent_rate
         return generate_agent_workload(
-            AgentWorkloadConfig(num_sessions=args.sessions, seed=args.seed)
+            AgentWorkloadConfig(
+                num_sessions=args.sessions,
+                seed=args.seed,
+                compact_at_tokens=args.compact_at,
+                **extra,
+            )
         )
     try:
         return load_workload(args.trace)

@@ -23,6 +23,17 @@ The model (every number is an `AgentWorkloadConfig` option):
   a task (`tool_time_s`, median 10 s) and the human between tasks (`human_gap_s`,
   median 2 min, about 18% beyond 5 min). Arrivals are open-loop: the simulator delays a
   turn whose previous turn has not finished.
+- **Compaction** (`compact_at_tokens`, off by default): a turn whose prompt would pass
+  that many tokens is compacted first, as agent frameworks do: its prompt becomes the
+  system prompt + a summary (uniform in `summary_len`) + the new input, in a new block
+  stream, so it shares only the system prompt with the history before it; later turns
+  append to the compacted stream.
+- **Subagents** (`subagent_rate`, off by default): after a turn, with that probability,
+  a subagent session (`s<n>.<k>`) starts right when the turn's answer is out: its first
+  prompt is that turn's prompt + a task message (it shares the parent's full blocks),
+  and it runs its own tool loop (`subagent_turns` turns, tool times as above) beside the
+  parent, which goes on without waiting. Both draw from a generator of their own, so
+  turning them on leaves every other draw as it was.
 - **Dropped connections**: after each turn but the session's last, with probability
   `drop_rate` the connection drops; the next turn arrives `reconnect_delay_s` later than
   it otherwise would, with `reconnect=True`, the same `session_id`, and the full history.
@@ -45,7 +56,7 @@ about 0.4 s; tests use smaller configs. Scale with `num_sessions`, or
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, NoReturn, TypeGuard
 
 import numpy as np
@@ -133,6 +144,10 @@ class AgentWorkloadConfig:
     reconnect_delay_s: tuple[float, float] = (1.0, 30.0)
     nominal_prefill_tokens_per_s: float = 20_000.0
     nominal_decode_tokens_per_s: float = 50.0
+    compact_at_tokens: int | None = None
+    summary_len: tuple[int, int] = (500, 2000)
+    subagent_rate: float = 0.0
+    subagent_turns: tuple[int, int] = (3, 10)
     tokens_per_block: int = 16
     seed: int = 0
 
@@ -176,6 +191,13 @@ class AgentWorkloadConfig:
         _check_number(
             "nominal_decode_tokens_per_s", self.nominal_decode_tokens_per_s, positive=True
         )
+        if self.compact_at_tokens is not None:
+            _check_int("compact_at_tokens", self.compact_at_tokens, 1)
+        _check_int_range("summary_len", self.summary_len, 1)
+        _check_number("subagent_rate", self.subagent_rate)
+        if self.subagent_rate > 1:
+            _bad("subagent_rate", self.subagent_rate, "a probability in [0, 1]")
+        _check_int_range("subagent_turns", self.subagent_turns, 1)
         _check_int("tokens_per_block", self.tokens_per_block, 1)
         _check_int("seed", self.seed, 0)
 
@@ -247,8 +269,8 @@ def _add_session(
     system_keys: list[int],
     out: list[tuple[float, int, int, Request]],
 ) -> None:
-    """Draw one session's turns and append `(arrival, session, turn, Request)` to out."""
-    tpb = cfg.tokens_per_block
+    """Draw one session's turns (and its subagents') and append `(arrival, session,
+    turn, Request)` to out."""
     num_tasks = int(rng.integers(cfg.tasks_per_session[0], cfg.tasks_per_session[1] + 1))
     turns = rng.integers(cfg.turns_per_task[0], cfg.turns_per_task[1] + 1, size=num_tasks)
     task_lens = rng.integers(cfg.task_prompt_len[0], cfg.task_prompt_len[1] + 1, size=num_tasks)
@@ -267,48 +289,137 @@ def _add_session(
     added = np.where(task_first, 0, tools)  # tools[k] is the output read before turn k
     added[task_first] = task_lens
     added[1:] += outputs[:-1]
-    input_lens = system_len + np.cumsum(added)
-
     # Gap after turn k: tool time within a task, the human before the next task.
     gaps = np.where(np.roll(task_first, -1), human_gaps, tool_times)
     drops[-1] = False  # nothing follows the last turn
-    service = input_lens / cfg.nominal_prefill_tokens_per_s + (
-        outputs / cfg.nominal_decode_tokens_per_s
-    )
-    steps = service + gaps + np.where(drops, delays, 0.0)
-    arrivals = start_s + np.concatenate(([0.0], np.cumsum(steps[:-1])))
+    system = (system_len, system_keys)
+    stream = _Stream(cfg, _owner(session, 0), system)
+    # the rewrites draw from their own generator, so turning them on leaves every other
+    # draw (and, with them off, the whole workload) as it was
+    extra = np.random.default_rng((cfg.seed, session))
+    _emit_turns(cfg, extra, session, f"s{session}", f"t{tenant}", start_s, system, stream,
+                added, outputs, gaps, drops, delays, out)  # fmt: skip
 
-    # Full-block keys of the whole stream: the tenant's inside the system prompt, then ours.
-    num_full = int(input_lens[-1]) // tpb
-    num_system = min(len(system_keys), num_full)
-    full_keys = system_keys[:num_system] + _block_keys(
-        _KIND_SESSION, session, np.arange(num_system, num_full), tpb
-    )
-    partial = input_lens % tpb
-    partial_keys = _block_keys(_KIND_SESSION, session, input_lens // tpb, partial)
 
-    session_id = f"s{session}"
-    tenant_name = f"t{tenant}"
-    input_list = input_lens.tolist()
-    reconnects = [False, *drops[:-1].tolist()]
-    for k, (arrival, in_len, out_len) in enumerate(
-        zip(arrivals.tolist(), input_list, outputs.tolist(), strict=True)
-    ):
-        keys = tuple(full_keys[: in_len // tpb])
-        if partial[k]:
-            keys += (partial_keys[k],)
+def _owner(session: int, stream: int) -> int:
+    """The identity owner of a session's `stream`-th block stream (0: its own; later:
+    after a compaction, or a subagent's)."""
+    return session | stream << 24
+
+
+class _Stream:
+    """A block stream: the tenant's system prompt, then blocks owned by one stream
+    (after a compaction: a summary first), keys drawn lazily as the stream grows."""
+
+    def __init__(
+        self,
+        cfg: AgentWorkloadConfig,
+        owner: int,
+        prefix: tuple[int, list[int]] | tuple[int, tuple[int, ...]],
+    ) -> None:
+        """`prefix`: (tokens, their block keys) the stream starts with: the tenant's
+        system prompt, or a subagent's parent prompt (its full blocks are shared)."""
+        self.tpb = cfg.tokens_per_block
+        self.owner = owner
+        self.length = prefix[0]
+        self.keys = list(prefix[1][: self.length // self.tpb])
+
+    def prompt(self, length: int) -> tuple[int, ...]:
+        """Block keys of the stream's first `length` tokens (the last possibly partial)."""
+        full = length // self.tpb
+        if full > len(self.keys):
+            fresh = np.arange(len(self.keys), full)
+            self.keys += _block_keys(_KIND_SESSION, self.owner, fresh, self.tpb)
+        keys = tuple(self.keys[:full])
+        if length % self.tpb:
+            keys += tuple(
+                _block_keys(_KIND_SESSION, self.owner, np.array([full]), length % self.tpb)
+            )
+        return keys
+
+
+def _emit_turns(
+    cfg: AgentWorkloadConfig,
+    extra: np.random.Generator,
+    session: int,
+    session_id: str,
+    tenant: str,
+    start_s: float,
+    system: tuple[int, list[int]],
+    stream: _Stream,
+    added: np.ndarray,
+    outputs: np.ndarray,
+    gaps: np.ndarray,
+    drops: np.ndarray,
+    delays: np.ndarray,
+    out: list[tuple[float, int, int, Request]],
+    *,
+    order: int = 0,
+) -> None:
+    """Turn k's prompt is the stream so far + `added[k]`; it arrives after turn k-1's
+    nominal service and `gaps[k-1]` (+ `delays[k-1]` after a drop). A prompt past
+    `compact_at_tokens` is compacted first (a new stream: system prompt + summary), and
+    after a turn a subagent may start from its prompt (`subagent_rate`)."""
+    n = len(added)
+    elapsed = 0.0  # summed like np.cumsum, then offset: arrivals as the vectorised model
+    num_streams = 1
+    length = stream.length
+    for k in range(n):
+        length += int(added[k])
+        if cfg.compact_at_tokens is not None and length > cfg.compact_at_tokens:
+            lo, hi = cfg.summary_len
+            summary = int(extra.integers(lo, hi + 1))
+            stream = _Stream(cfg, _owner(session, num_streams), system)
+            num_streams += 1
+            length = stream.length + summary + int(added[k])
+        keys = stream.prompt(length)
+        arrival = start_s + elapsed
         req = Request(
             arrival_s=arrival,
             session_id=session_id,
-            tenant=tenant_name,
+            tenant=tenant,
             block_keys=keys,
-            input_len=in_len,
-            output_len=out_len,
+            input_len=length,
+            output_len=int(outputs[k]),
             turn_index=k + 1,
-            reconnect=reconnects[k],
+            reconnect=k > 0 and bool(drops[k - 1]),
             last_turn=k == n - 1,
         )
-        out.append((arrival, session, k, req))
+        out.append((arrival, session, order + k, req))
+        service = length / cfg.nominal_prefill_tokens_per_s
+        service += int(outputs[k]) / cfg.nominal_decode_tokens_per_s
+        if k < n - 1 and cfg.subagent_rate > 0 and extra.random() < cfg.subagent_rate:
+            _add_subagent(cfg, extra, session, num_streams, tenant, arrival + service,
+                          system, (length, keys), out)  # fmt: skip
+            num_streams += 1
+        elapsed += service + float(gaps[k]) + (float(delays[k]) if drops[k] else 0.0)
+
+
+def _add_subagent(
+    cfg: AgentWorkloadConfig,
+    extra: np.random.Generator,
+    session: int,
+    stream_index: int,
+    tenant: str,
+    start_s: float,
+    system: tuple[int, list[int]],
+    parent: tuple[int, tuple[int, ...]],
+    out: list[tuple[float, int, int, Request]],
+) -> None:
+    """A subagent: a new session whose first prompt is the parent's prompt plus its task
+    message, running its own tool loop beside the parent (no drops, no compaction)."""
+    m = int(extra.integers(cfg.subagent_turns[0], cfg.subagent_turns[1] + 1))
+    outputs = np.rint(cfg.model_output_len.sample(extra, m)).astype(np.int64)
+    added = np.rint(cfg.tool_output_len.sample(extra, m)).astype(np.int64)
+    added[0] = int(extra.integers(cfg.task_prompt_len[0], cfg.task_prompt_len[1] + 1))
+    added[1:] += outputs[:-1]
+    gaps = cfg.tool_time_s.sample(extra, m)
+    stream = _Stream(cfg, _owner(session, stream_index), parent)
+    no_drops = np.zeros(m, dtype=bool)
+    sub_cfg = replace(cfg, compact_at_tokens=None, subagent_rate=0.0)
+    _emit_turns(sub_cfg, extra, session, f"s{session}.{stream_index}", tenant, start_s, system,
+                stream, added, outputs, gaps, no_drops, np.zeros(m), out,
+                order=stream_index << 20)  # fmt: skip
 
 
 def _block_keys(kind: int, owner: int, positions: np.ndarray, fill: Any) -> list[int]:
