@@ -169,7 +169,7 @@ class SessionScheduler(Residency):
         if s.idle_since is not None:  # once per idle period (not again for a retry)
             self.idle_gaps.observe(max(0.0, self.clock() - s.idle_since))
             s.idle_since = None
-        s.pending_tokens = tokens
+        s.pending_tokens, s.chain = tokens, None
         if not self._queues_ahead(s):
             started = self._try_start(s)
             if started is not None:
@@ -383,7 +383,12 @@ class SessionScheduler(Residency):
         else:  # NEW or DROPPED
             history = tokens if s.history is None else np.concatenate((s.history, tokens))
             max_cached = len(history) - 1 if self.config.reuse_prefix else 0
-            probe = self.cache.probe_prefix(history, tenant=s.tenant, extra_keys=s.extra_keys)
+            kept = s.chain
+            if kept is not None and kept[0] is s.pending_tokens and kept[1] is s.history:
+                probe = self.cache.reprobe(kept[2])  # a retry: the chain is the same
+            else:
+                probe = self.cache.probe_prefix(history, tenant=s.tenant, extra_keys=s.extra_keys)
+                s.chain = (s.pending_tokens, s.history, probe)
             gpu_hits = probe.gpu_hits[: max_cached // bs]
             need = -(-len(history) // bs) - len(gpu_hits)
             if not self._make_room(s, Need(need, tuple(gpu_hits), True)):
@@ -399,7 +404,7 @@ class SessionScheduler(Residency):
                 )
             except OutOfBlocksError:
                 return None
-            s.history = None
+            s.history = s.chain = None
             s.pending_tokens = None  # the new tokens are in the sequence already
             hits = Hits(gpu=plan.num_gpu_cached_tokens)
         self._pin(s)

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from pagedkv.tiers.results import PrefixProbe
 
 
 class SessionState(enum.Enum):
@@ -42,6 +46,9 @@ class Session:
     backup_tokens: int = 0  # tokens whose full blocks its latest backup covers
     # why the session is not on the GPU (for metrics): "offload", "drop", "release"
     evicted_by: str | None = field(default=None, repr=False)
+    # a waiting turn's hash chain, kept between admission attempts so a retry only
+    # re-matches it: (the pending_tokens and history arrays it was taken from, the probe)
+    chain: tuple[object, object, PrefixProbe] | None = field(default=None, repr=False)
 
     @property
     def is_pinned(self) -> bool:

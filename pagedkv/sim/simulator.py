@@ -422,6 +422,8 @@ class _Replay:
 
     def _note_admissions(self) -> None:
         """Stamp the admission time of turns that left the queue to wait for a copy."""
+        if self.sched.num_queued == len(self.queued):
+            return  # every turn we queued is still queued (leaving it is how they differ)
         now = self.clock.now
         for sid, i in list(self.queued.items()):
             if not self.sched.session(sid).is_queued:

@@ -128,6 +128,12 @@ class TieredKVCache:
         hits = self.gpu.pool.match_chain(hashes, contents, len(hashes))
         return PrefixProbe(hashes, contents, hits)
 
+    def reprobe(self, probe: PrefixProbe) -> PrefixProbe:
+        """`probe` with its GPU hits looked up again (the pool may have changed since);
+        the chain itself depends only on the tokens, so it is not hashed again."""
+        hits = self.gpu.pool.match_chain(probe.hashes, probe.contents, len(probe.hashes))
+        return PrefixProbe(probe.hashes, probe.contents, hits)
+
     # ------------------------------------------------------------------ GPU sequences
     def begin_sequence(
         self,
