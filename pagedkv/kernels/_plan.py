@@ -26,6 +26,20 @@ def _cuda_sm_count(index: int) -> int:
     return int(torch.cuda.get_device_properties(index).multi_processor_count)
 
 
+@functools.lru_cache(maxsize=16)
+def _cuda_capability(index: int) -> int:
+    major, minor = torch.cuda.get_device_capability(index)
+    return 10 * major + minor
+
+
+def cuda_capability(device: torch.device) -> int:
+    """Compute capability of a CUDA device as an int (80 for sm_80, 90 for sm_90), cached.
+    The tile planners choose per architecture: sm_80's mma instructions hold a tile in
+    more registers than sm_90's wgmma."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _cuda_capability(index)
+
+
 def num_sms(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device (cached); 4 for any other device, so
     the interpreter exercises the same multi-split paths on tiny shapes."""

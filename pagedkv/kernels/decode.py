@@ -83,13 +83,19 @@ def plan_decode(
     num_kv_heads` (sequence, KV head) pairs, so batch 1 with a 32k context still fills the
     GPU, while each split keeps at least `MIN_TILES_PER_SPLIT` tiles of work. The length is
     taken as `max_seq_len` if given, else the table's capacity `max_blocks * block_size`.
-    `dtype` only sets the pipeline depth (fp32 tiles take twice the shared memory); the
-    split count and workspace size do not depend on it. `op` names the caller in errors.
+    `dtype` changes the tiles for fp32 only: fp32 runs on FMA units with tiles twice the
+    size, and at 4 warps and 64-key tiles it spilled (224 B per thread at head_dim 128 on
+    sm_80, 5.4 KB at head_dim 256 on sm_90; still 4 B at 8 warps), so fp32 gets 32-key
+    tiles, 8 warps and no pipelining (no spill on sm_80 or sm_90 at any head_dim, GQA or
+    block size, `benchmarks/kernel_resources.py`). Through the tile size the split count
+    and the workspace depend on the dtype too; `decode_workspace` plans with q's dtype,
+    as `paged_decode` does. `op` names the caller in errors.
 
     Raises:
         TypeError, ValueError: a non-positive `max_seq_len` or `num_splits`.
     """
-    block_n = 32 if head_dim > 128 else 64
+    fp32 = dtype == torch.float32
+    block_n = 32 if head_dim > 128 or fp32 else 64
     max_tokens = max_blocks * block_size
     if max_seq_len is not None:
         max_tokens = min(max_tokens, check_positive_int(op, "max_seq_len", max_seq_len))
@@ -106,8 +112,8 @@ def plan_decode(
         num_splits=num_splits,
         tokens_per_split=tiles_per_split * block_n,
         block_n=block_n,
-        num_warps=4,
-        num_stages=2 if head_dim > 128 or dtype == torch.float32 else 3,
+        num_warps=8 if fp32 else 4,
+        num_stages=1 if fp32 else 2 if head_dim > 128 else 3,
     )
 
 

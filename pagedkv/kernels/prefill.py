@@ -7,7 +7,13 @@ from typing import NamedTuple
 
 import torch
 
-from pagedkv.kernels._plan import cdiv, check_positive_int, check_triton_head_dim, next_pow2
+from pagedkv.kernels._plan import (
+    cdiv,
+    check_positive_int,
+    check_triton_head_dim,
+    cuda_capability,
+    next_pow2,
+)
 from pagedkv.kernels._triton import (
     Backend,
     check_kernel_runnable,
@@ -35,23 +41,40 @@ class PrefillConfig(NamedTuple):
 
 
 def prefill_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> PrefillConfig:
-    """Fixed tile configs by head dim and dtype (multi-config autotuning needs a GPU).
+    """Fixed tile configs by architecture, head dim and dtype (autotuning needs a GPU).
 
-    Sized so the pipelined K/V tiles plus the Q tile stay well under an H100's 227 KB of
-    shared memory per block (fp32 tiles are twice as large, hence smaller tiles). Under
-    the interpreter the tiles are small so tiny test shapes still span several query and
-    key tiles (BLOCK_M != BLOCK_N, as on the GPU).
+    Chosen with `benchmarks/kernel_resources.py` (ptxas of the Triton wheel, no GPU
+    needed) so that no configuration spills registers on sm_80 or sm_90 and the
+    pipelined K/V tiles plus the Q tile fit the architecture's shared memory; the CI test
+    `tests/test_kernel_resources.py` keeps it so.
+
+    - bf16/fp16 on sm_90: 128 x 64 tiles (8 warps at head_dim 128), 64 x 32 at 256.
+    - bf16/fp16 on sm_80 (and other pre-Hopper GPUs): its mma.sync fragments take more
+      registers than sm_90's wgmma, so the sm_90 tiles spilled 24-72 B per thread there:
+      8 warps at head_dim 64 (173 registers), 64 x 32 tiles at head_dim 128 (236).
+    - fp32 (no tensor cores, FMA): 8 warps and narrow key tiles; 4 warps spilled up to
+      1.7 KB per thread (head_dim 128, sm_90).
+
+    Under the interpreter the tiles are small so tiny test shapes still span several
+    query and key tiles (BLOCK_M != BLOCK_N, as on the GPU).
     """
     if device.type != "cuda":
         return PrefillConfig(block_m=32, block_n=16, num_warps=4, num_stages=1)
     if dtype == torch.float32:
-        block_n = 32 if head_dim <= 128 else 16
-        return PrefillConfig(block_m=64, block_n=block_n, num_warps=4, num_stages=2)
+        if head_dim <= 64:
+            return PrefillConfig(block_m=64, block_n=32, num_warps=8, num_stages=2)
+        if head_dim <= 128:
+            return PrefillConfig(block_m=64, block_n=16, num_warps=8, num_stages=2)
+        return PrefillConfig(block_m=32, block_n=16, num_warps=8, num_stages=2)
+    if head_dim > 128:
+        return PrefillConfig(block_m=64, block_n=32, num_warps=8, num_stages=2)
+    if cuda_capability(device) < 90:
+        if head_dim <= 64:
+            return PrefillConfig(block_m=128, block_n=64, num_warps=8, num_stages=3)
+        return PrefillConfig(block_m=64, block_n=32, num_warps=4, num_stages=3)
     if head_dim <= 64:
         return PrefillConfig(block_m=128, block_n=64, num_warps=4, num_stages=3)
-    if head_dim <= 128:
-        return PrefillConfig(block_m=128, block_n=64, num_warps=8, num_stages=3)
-    return PrefillConfig(block_m=64, block_n=32, num_warps=8, num_stages=2)
+    return PrefillConfig(block_m=128, block_n=64, num_warps=8, num_stages=3)
 
 
 def paged_prefill(
