@@ -75,7 +75,15 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--max-queued-responses", type=int, default=32,
                    help="responses one WebSocket connection may queue behind its running "
                    "one; more are refused (default 32)")  # fmt: skip
-    p.add_argument("--log-level", default="info")
+    p.add_argument("--log-level", default="info", type=str.lower,
+                   choices=("critical", "error", "warning", "info", "debug", "trace"))  # fmt: skip
+    p.add_argument("--api-keys-file", default=None, metavar="PATH",
+                   help='JSON {"keys": [{"key": ..., "tenant": ..., "admin": false}]}: API '
+                   "keys and their tenants; other keys get 401 (also PAGEDKV_API_KEYS="
+                   "key=tenant,...). Without keys each bearer token is its own tenant")  # fmt: skip
+    p.add_argument("--admin-key", default=None, metavar="KEY",
+                   help="the key that opens /v1/engine/stats (prefer PAGEDKV_ADMIN_KEY: "
+                   "a command line is visible to other local users)")  # fmt: skip
     add_model_args(p)
     add_engine_args(p)
     p.set_defaults(func=run)
@@ -148,12 +156,20 @@ def run(args: argparse.Namespace) -> int:
     """Build the model and engine, then serve until interrupted. Returns the exit code."""
     import uvicorn
 
+    from pagedkv.cli.main import UsageError
+    from pagedkv.serving.auth import load_authenticator
     from pagedkv.serving.engine import Engine
     from pagedkv.serving.local_server import ws_protocol
     from pagedkv.serving.response_run import ServerConfig
     from pagedkv.serving.server import create_app
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    # uvicorn's "trace" is below Python logging's DEBUG
+    py_level = "DEBUG" if args.log_level == "trace" else args.log_level.upper()
+    logging.basicConfig(level=py_level, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        auth = load_authenticator(args.api_keys_file, admin_key=args.admin_key)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
     model = build_model_from_args(args)
     config = engine_config_from_args(args, model)
     engine = Engine(model, config)
@@ -171,8 +187,18 @@ def run(args: argparse.Namespace) -> int:
         f"host {config.num_host_blocks}, prefix cache {'off' if args.no_prefix_cache else 'on'}"
     )
     print(f"  WebSocket ws://{args.host}:{args.port}/v1/responses, HTTP POST same path")
+    if auth.requires_keys:
+        tenants = len({c.tenant for c in auth.keys.values()})
+        print(f"  {len(auth.keys)} API keys, {tenants} tenants; other keys get 401")
+    else:
+        print("  no API keys configured: each bearer token is its own tenant (caches never "
+              "shared between tokens), requests without one share the anonymous tenant")  # fmt: skip
+        if args.host not in ("127.0.0.1", "localhost", "::1"):
+            print(f"  warning: listening on {args.host} without API keys: anyone who can "
+                  "reach the port can use the server (--api-keys-file)")  # fmt: skip
+    print(f"  /v1/engine/stats: {'admin key' if auth.has_admin else 'closed (no admin key)'}")
     uvicorn.run(
-        create_app(engine, server),
+        create_app(engine, server, auth=auth),
         host=args.host,
         port=args.port,
         ws=ws_protocol(),

@@ -70,6 +70,7 @@ class _Session:
     session_id: str
     ephemeral: bool
     key: tuple[str, int]
+    tenant: str
     held: list[int] = field(default_factory=list)
     job: _Job | None = None
 
@@ -181,9 +182,11 @@ class Engine:
         self._thread.join(timeout)
         self._thread = None
 
-    def open_session(self, session_id: str) -> None:
-        """Open a client session (one per WebSocket connection)."""
-        self._commands.put(("open", session_id))
+    def open_session(self, session_id: str, *, tenant: str | None = None) -> None:
+        """Open a client session (one per WebSocket connection) of `tenant` (default:
+        `EngineConfig.tenant`). Its hash chains are salted by the tenant: it can reuse
+        only that tenant's cached blocks."""
+        self._commands.put(("open", (session_id, tenant)))
 
     def close_session(self, session_id: str) -> None:
         """Close a session; its running or waiting turn is dropped without events, its
@@ -296,7 +299,8 @@ class Engine:
 
     def _run_command(self, kind: str, arg: Any) -> None:
         if kind == "open":
-            self._open(arg, ephemeral=False)
+            session_id, tenant = arg
+            self._open(session_id, ephemeral=False, tenant=tenant)
         elif kind == "close":
             self._close(arg)
         elif kind == "submit":
@@ -328,11 +332,11 @@ class Engine:
         self._key_counter += 1
         return (session_id, self._key_counter)
 
-    def _open(self, session_id: str, *, ephemeral: bool) -> _Session:
+    def _open(self, session_id: str, *, ephemeral: bool, tenant: str | None) -> _Session:
         if session_id in self._sessions:
             raise SessionError(f"engine session {session_id!r} is already open")
-        s = _Session(session_id, ephemeral, self._new_key(session_id))
-        self.scheduler.open_session(s.key, tenant=self.config.tenant)
+        s = _Session(session_id, ephemeral, self._new_key(session_id), tenant or self.config.tenant)
+        self.scheduler.open_session(s.key, tenant=s.tenant)
         self._sessions[session_id] = s
         return s
 
@@ -350,7 +354,7 @@ class Engine:
         self.scheduler.close_session(s.key)
         s.key = self._new_key(s.session_id)
         s.held = []
-        self.scheduler.open_session(s.key, tenant=self.config.tenant)
+        self.scheduler.open_session(s.key, tenant=s.tenant)
 
     def _drop_job(self, job: _Job) -> None:
         self._waiting.pop(job.session.key, None)
@@ -373,7 +377,7 @@ class Engine:
                     )
                 )
                 return
-            s = self._open(req.session_id, ephemeral=True)
+            s = self._open(req.session_id, ephemeral=True, tenant=req.tenant)
         if s.job is not None:
             emit(
                 TurnFailed(

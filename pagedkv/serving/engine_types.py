@@ -77,6 +77,9 @@ class EngineRequest:
         ephemeral: a stateless request: its session is opened for this turn and closed
             after it (its blocks stay in the hash cache if that is on).
         arrival: `time.monotonic()` when the request arrived (TTFT is measured from it).
+        tenant: the tenant of an `ephemeral` request's session (default:
+            `EngineConfig.tenant`); a non-ephemeral session keeps the tenant it was
+            opened with.
     """
 
     request_id: str
@@ -85,6 +88,7 @@ class EngineRequest:
     output: OutputSpec | None
     ephemeral: bool = False
     arrival: float = 0.0
+    tenant: str | None = None
 
 
 class TurnStarted(NamedTuple):

@@ -17,6 +17,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from pagedkv.serving.auth import Authenticator, AuthError
 from pagedkv.serving.engine import Engine
 from pagedkv.serving.protocol import CreateRequest, ProtocolError, decode_json, parse_create
 from pagedkv.serving.response_events import new_id
@@ -56,7 +57,17 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def create_response(request: Request, engine: Engine, config: ServerConfig) -> Response:
+def auth_error_response(err: AuthError) -> JSONResponse:
+    return JSONResponse({"error": err.to_json()}, status_code=err.status)
+
+
+async def create_response(
+    request: Request, engine: Engine, config: ServerConfig, auth: Authenticator
+) -> Response:
+    try:
+        caller = auth.caller(request.headers.get("authorization"))
+    except AuthError as err:
+        return auth_error_response(err)
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > config.max_message_bytes:
         # refuse before reading: the limit must bound memory, not just parsing
@@ -80,7 +91,7 @@ async def create_response(request: Request, engine: Engine, config: ServerConfig
         session_id = new_id("http")
         run = await off_loop(
             len(body), ResponseRun, engine, config, req, req.items,
-            session_id=session_id, ephemeral=True,
+            session_id=session_id, ephemeral=True, tenant=caller.tenant,
         )  # fmt: skip
     except ProtocolError as err:
         return error_response(err)

@@ -109,10 +109,12 @@ class ResponseRun:
         *,
         session_id: str,
         ephemeral: bool,
+        tenant: str | None = None,
     ) -> None:
         self.engine = engine
         self.session_id = session_id
         self.ephemeral = ephemeral
+        self.tenant = tenant
         self.arrival = time.monotonic()
         tool = req.forced_tool()
         max_out = min(
@@ -195,6 +197,7 @@ class ResponseRun:
                 output=self.spec,
                 ephemeral=self.ephemeral,
                 arrival=self.arrival,
+                tenant=self.tenant,
             ),
             emit,
         )

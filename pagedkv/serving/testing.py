@@ -12,6 +12,7 @@ import contextlib
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+from pagedkv.serving.auth import Authenticator
 from pagedkv.serving.engine import Engine
 from pagedkv.serving.factory import build_engine, build_model
 from pagedkv.serving.local_server import LocalServer
@@ -23,14 +24,19 @@ TERMINAL = ("response.completed", "response.incomplete", "response.failed")
 
 @contextlib.contextmanager
 def tiny_server(
-    *, server: ServerConfig | None = None, preset: str = "tiny", **engine_config: Any
+    *,
+    server: ServerConfig | None = None,
+    preset: str = "tiny",
+    auth: Authenticator | None = None,
+    **engine_config: Any,
 ) -> Iterator[tuple[LocalServer, Engine]]:
-    """A LocalServer on the `preset` model (random weights, seed 0) and its engine."""
+    """A LocalServer on the `preset` model (random weights, seed 0) and its engine;
+    `auth` as in `create_app`."""
     model = build_model(preset)
     config: dict[str, Any] = {"num_gpu_blocks": 256, "num_host_blocks": 256, **engine_config}
     engine = build_engine(model, **config)
     cfg = server or ServerConfig(model_name=preset)
-    with LocalServer(create_app(engine, cfg)) as srv:
+    with LocalServer(create_app(engine, cfg, auth=auth)) as srv:
         yield srv, engine
 
 

@@ -23,8 +23,10 @@ import logging
 from collections import OrderedDict
 from typing import Any
 
+from starlette.responses import JSONResponse
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
+from pagedkv.serving.auth import Authenticator, AuthError
 from pagedkv.serving.conversation import Item
 from pagedkv.serving.engine import Engine
 from pagedkv.serving.protocol import CreateRequest, ProtocolError, decode_json, parse_create
@@ -46,8 +48,11 @@ def _lane(event: dict[str, Any], req: CreateRequest | None) -> dict[str, Any]:
 class ResponsesSocket:
     """Serves one WebSocket connection (see the module docstring)."""
 
-    def __init__(self, ws: WebSocket, engine: Engine, config: ServerConfig) -> None:
+    def __init__(
+        self, ws: WebSocket, engine: Engine, config: ServerConfig, auth: Authenticator
+    ) -> None:
         self.ws = ws
+        self.auth = auth
         self.engine = engine
         self.config = config
         self.session_id = new_id("ws")
@@ -59,8 +64,13 @@ class ResponsesSocket:
         self._closing = False
 
     async def serve(self) -> None:
+        try:
+            caller = self.auth.caller(self.ws.headers.get("authorization"))
+        except AuthError as err:
+            await self._refuse_handshake(err)
+            return
         await self.ws.accept()
-        self.engine.open_session(self.session_id)
+        self.engine.open_session(self.session_id, tenant=caller.tenant)
         worker = asyncio.create_task(self._worker())
         age = asyncio.create_task(self._age_limit())
         try:
@@ -72,6 +82,16 @@ class ResponsesSocket:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
             self.engine.close_session(self.session_id)
+
+    async def _refuse_handshake(self, err: AuthError) -> None:
+        """Answer the upgrade with the HTTP error (401 and the API's error body) where
+        the server supports denial responses, else close before accepting (403)."""
+        log.info("refused WebSocket handshake: %s", err.code)
+        if "websocket.http.response" in self.ws.scope.get("extensions", {}):
+            body = JSONResponse({"error": err.to_json()}, status_code=err.status)
+            await self.ws.send_denial_response(body)
+        else:
+            await self.ws.close(code=1008)
 
     # ------------------------------------------------------------------ sending
     async def _send(self, event: dict[str, Any]) -> None:
