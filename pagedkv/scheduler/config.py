@@ -40,7 +40,13 @@ class SchedulerConfig:
             caps): "predicted" = the one most likely to stay idle a while longer, from
             the idle gaps observed so far (`IdleGapModel`; least recently used until enough are
             seen, and on ties), or "lru" = least recently used.
-        tenant_max_pinned: optional per-tenant caps on pinned sessions.
+        tenant_max_pinned: per-tenant caps on pinned sessions (a tenant mapped to
+            None has no cap); tenants not in it get `tenant_default_max_pinned`.
+        tenant_default_max_pinned: the pinned-session cap of tenants not named in
+            `tenant_max_pinned` (None: none).
+        tenant_max_pinned_blocks, tenant_default_max_pinned_blocks: the same for GPU
+            blocks held by a tenant's pinned sessions, checked when a turn is admitted:
+            over it the turn makes room from its own tenant's idle sessions, or waits.
     """
 
     max_pinned_sessions: int = 64
@@ -55,7 +61,10 @@ class SchedulerConfig:
     offload_on_close: bool = True
     backup_idle: bool = False
     victim_order: Literal["predicted", "lru"] = "predicted"
-    tenant_max_pinned: Mapping[str, int] = field(default_factory=dict)
+    tenant_max_pinned: Mapping[str, int | None] = field(default_factory=dict)
+    tenant_default_max_pinned: int | None = None
+    tenant_max_pinned_blocks: Mapping[str, int | None] = field(default_factory=dict)
+    tenant_default_max_pinned_blocks: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_pinned_sessions", "max_queue"):
@@ -73,9 +82,8 @@ class SchedulerConfig:
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         # a private read-only copy: mutating the caller's dict cannot bypass validation
-        object.__setattr__(
-            self, "tenant_max_pinned", MappingProxyType(dict(self.tenant_max_pinned))
-        )
+        for name in ("tenant_max_pinned", "tenant_max_pinned_blocks"):
+            object.__setattr__(self, name, MappingProxyType(dict(getattr(self, name))))
         if self.victim_order not in ("predicted", "lru"):
             raise ValueError(
                 f"victim_order must be 'predicted' or 'lru', got {self.victim_order!r}"
@@ -90,6 +98,36 @@ class SchedulerConfig:
             raise ValueError(f"queue_timeout_s must be >= 0, got {self.queue_timeout_s}")
         if self.idle_ttl_s is not None and self.idle_ttl_s < 0:
             raise ValueError(f"idle_ttl_s must be >= 0 or None, got {self.idle_ttl_s}")
-        for tenant, cap in self.tenant_max_pinned.items():
-            if cap < 1:
-                raise ValueError(f"tenant_max_pinned[{tenant!r}] must be >= 1, got {cap}")
+        for name in ("tenant_max_pinned", "tenant_max_pinned_blocks"):
+            for tenant, cap in getattr(self, name).items():
+                _check_cap(f"{name}[{tenant!r}]", cap)
+        _check_cap("tenant_default_max_pinned", self.tenant_default_max_pinned)
+        _check_cap("tenant_default_max_pinned_blocks", self.tenant_default_max_pinned_blocks)
+
+    def tenant_pinned_cap(self, tenant: str) -> int | None:
+        """The most sessions `tenant` may have pinned (None: no tenant cap)."""
+        caps = self.tenant_max_pinned
+        return caps.get(tenant, self.tenant_default_max_pinned)
+
+    def tenant_blocks_cap(self, tenant: str) -> int | None:
+        """The most GPU blocks `tenant`'s pinned sessions may hold (None: no cap)."""
+        caps = self.tenant_max_pinned_blocks
+        return caps.get(tenant, self.tenant_default_max_pinned_blocks)
+
+    @property
+    def has_tenant_caps(self) -> bool:
+        return bool(
+            self.tenant_max_pinned
+            or self.tenant_max_pinned_blocks
+            or self.tenant_default_max_pinned is not None
+            or self.tenant_default_max_pinned_blocks is not None
+        )
+
+
+def _check_cap(name: str, cap: object) -> None:
+    if cap is None:
+        return
+    if isinstance(cap, bool) or not isinstance(cap, int):
+        raise TypeError(f"{name} must be an int or None, got {cap!r}")
+    if cap < 1:
+        raise ValueError(f"{name} must be >= 1, got {cap}")

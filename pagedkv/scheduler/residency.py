@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections import Counter, OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
 
@@ -46,6 +46,20 @@ class Need:
     blocks: int
     hits: tuple[int, ...]
     slot: bool
+
+
+def _within_share(tenant: str, over_cap: Mapping[str, bool], victim: Session) -> bool:
+    """True (skip it) for a victim of another tenant that is not over its share."""
+    return victim.tenant != tenant and not over_cap.get(victim.tenant, False)
+
+
+def _either(
+    a: Callable[[Session], bool] | None, b: Callable[[Session], bool] | None
+) -> Callable[[Session], bool] | None:
+    """A skip predicate true where either is (None: no predicate)."""
+    if a is None or b is None:
+        return a or b
+    return lambda v: a(v) or b(v)
 
 
 class Residency(ABC):
@@ -86,6 +100,7 @@ class Residency(ABC):
         self._backup_releasing: set[object] = set()
         self._pinned = 0
         self._pinned_by_tenant: Counter[str] = Counter()
+        self._pinned_ids: dict[str, dict[object, Session]] = {}  # tenant -> pinned sessions
         self._events: deque[Event] = deque()
         self._blocked_by_tenant = False  # set by _make_room: short only of a tenant slot
         self._block_limit = int(config.high_watermark * cache.gpu.pool.num_blocks)
@@ -104,7 +119,8 @@ class Residency(ABC):
         offloaded so their blocks are free at once.
         """
         pool = self.cache.gpu.pool
-        tenant_cap = self.config.tenant_max_pinned.get(s.tenant)
+        tenant_cap = self.config.tenant_pinned_cap(s.tenant)
+        blocks_cap = self.config.tenant_blocks_cap(s.tenant)
         self._blocked_by_tenant = False
 
         def short() -> tuple[int, bool, bool]:
@@ -120,6 +136,9 @@ class Residency(ABC):
                 and tenant_cap is not None
                 and self._pinned_by_tenant[s.tenant] >= tenant_cap
             )
+            if blocks_cap is not None and not tenant_slot:
+                held = self.tenant_gpu_blocks(s.tenant)
+                tenant_slot = held > 0 and held + need.blocks > blocks_cap
             return blocks, slot, tenant_slot
 
         def backup_coming() -> int:
@@ -133,7 +152,6 @@ class Residency(ABC):
             hits = set(need.hits)
             return sum(1 for b, n in held.items() if pool.refcount(b) == n and b not in hits)
 
-        caps = self.config.tenant_max_pinned
         while True:
             blocks, slot, tenant_slot = short()
             if blocks <= 0 and not slot and not tenant_slot:
@@ -141,7 +159,17 @@ class Residency(ABC):
             coming = 0 if immediate else sum(self._releasing.values()) + backup_coming()
             if blocks <= coming and not slot and not tenant_slot:
                 return False  # in-flight offloads will free enough: wait for them
-            over_cap = {t: n > caps[t] for t, n in self._pinned_by_tenant.items() if t in caps}
+            over_cap = self._over_share(s.tenant)
+            # a tenant at or over its fair share of the pin slots, taking a slot, may
+            # push out only sessions of tenants over theirs (its own included): it
+            # cannot shrink another tenant below its share
+            guard: Callable[[Session], bool] | None = None
+            if (
+                slot
+                and not tenant_slot
+                and self._pinned_by_tenant[s.tenant] >= self._fair_share(s.tenant)
+            ):
+                guard = partial(_within_share, s.tenant, over_cap)
 
             pick = partial(
                 self._idle.pick_victim,
@@ -154,9 +182,10 @@ class Residency(ABC):
             )
             # blocks a backup in flight holds are not free at once: when they are needed
             # now, prefer other victims, else finish that backup first
-            victim = pick(skip=self._backup_in_flight if immediate else None)
+            skip_backup = self._backup_in_flight if immediate else None
+            victim = pick(skip=_either(guard, skip_backup))
             if victim is None and immediate:
-                victim = pick()
+                victim = pick(skip=guard)
                 if victim is not None and not self._finish_backup(victim):
                     victim = None
             if victim is None:
@@ -330,10 +359,45 @@ class Residency(ABC):
     def _pin(self, s: Session) -> None:
         self._pinned += 1
         self._pinned_by_tenant[s.tenant] += 1
+        self._pinned_ids.setdefault(s.tenant, {})[s.session_id] = s
 
     def _unpin(self, s: Session) -> None:
         self._pinned -= 1
         self._pinned_by_tenant[s.tenant] -= 1
+        mine = self._pinned_ids.get(s.tenant)
+        if mine is not None:
+            mine.pop(s.session_id, None)
+            if not mine:
+                del self._pinned_ids[s.tenant]
+
+    def tenant_gpu_blocks(self, tenant: str) -> int:
+        """GPU blocks referenced by `tenant`'s pinned sessions (a block two of them share
+        counts once)."""
+        gpu = self.cache.gpu
+        blocks: set[int] = set()
+        for sid in self._pinned_ids.get(tenant, {}):
+            if sid in gpu:
+                blocks.update(gpu.table(sid).block_ids)
+        return len(blocks)
+
+    def _over_share(self, requester: str) -> dict[str, bool]:
+        """Tenants holding more pinned sessions than their cap or, while the pin slots
+        are all taken, than a fair share of them (the slots split evenly between the
+        tenants that hold one or ask for one): their idle sessions make room first."""
+        cfg = self.config
+        tenants = set(self._pinned_by_tenant) | {requester}
+        share = math.ceil(cfg.max_pinned_sessions / max(len(tenants), 1))
+        out: dict[str, bool] = {}
+        for t, n in self._pinned_by_tenant.items():
+            cap = cfg.tenant_pinned_cap(t)
+            over = (cap is not None and n > cap) or (len(tenants) > 1 and n > share)
+            if over:
+                out[t] = True
+        return out
+
+    def _fair_share(self, requester: str) -> int:
+        tenants = set(self._pinned_by_tenant) | {requester}
+        return math.ceil(self.config.max_pinned_sessions / max(len(tenants), 1))
 
     # ------------------------------------------------------------------ transfers
     def _on_transfer(self, r: TransferResult, *, follow_up: bool = True) -> None:

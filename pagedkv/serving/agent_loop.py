@@ -67,7 +67,8 @@ class AgentLoopSpec:
         tool_min_tokens, tool_max_tokens: each tool output's length, uniform in this range.
         max_output_tokens: cap of each model call's output.
         seed: content and lengths (the same seed gives the same conversation inputs).
-        model: the `model` field sent.
+        model: the `model` field sent (None: the first model the server's
+            `/v1/models` lists).
     """
 
     turns: int = 30
@@ -76,7 +77,7 @@ class AgentLoopSpec:
     tool_max_tokens: int = 1000
     max_output_tokens: int = 16
     seed: int = 0
-    model: str = "pagedkv"
+    model: str | None = None
 
     def __post_init__(self) -> None:
         if self.turns < 2:
@@ -173,17 +174,29 @@ def _client(base_url: str) -> Any:
     return OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=600.0)
 
 
+def _model(client: Any, spec: AgentLoopSpec) -> str:
+    """The model to name: the spec's, else the first one the server lists."""
+    if spec.model is not None:
+        return spec.model
+    models = client.models.list().data
+    if not models:
+        raise AgentLoopError("agent loop: the server lists no models")
+    return str(models[0].id)
+
+
 def run_websocket(base_url: str, spec: AgentLoopSpec, session: int = 0) -> list[TurnTiming]:
     """The session over one WebSocket, chained by `previous_response_id`."""
     script = _Script(spec, session)
     timings: list[TurnTiming] = []
-    with _client(base_url).responses.connect() as conn:
+    client = _client(base_url)
+    model = _model(client, spec)
+    with client.responses.connect() as conn:
         previous = None
         new_input: Any = script.task
         for turn in range(spec.turns):
             t_send = time.perf_counter()
             conn.response.create(
-                model=spec.model,
+                model=model,
                 instructions=script.system,
                 tools=TOOLS,
                 tool_choice=script.tool_choice[turn],
@@ -206,13 +219,14 @@ def run_http(base_url: str, spec: AgentLoopSpec, session: int = 0) -> list[TurnT
 
     script = _Script(spec, session)
     client = _client(base_url)
+    model = _model(client, spec)
     history: list[Any] = [{"role": "user", "content": script.task}]
     timings: list[TurnTiming] = []
     for turn in range(spec.turns):
         t_send = time.perf_counter()
         try:
             stream = client.responses.create(
-                model=spec.model,
+                model=model,
                 instructions=script.system,
                 tools=TOOLS,
                 tool_choice=script.tool_choice[turn],

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +29,16 @@ from pagedkv.serving.conversation import (
 )
 
 TEXT_PART_TYPES = ("input_text", "output_text", "text")
+
+# Bounds every parsed body is held to (the API's metadata rules; nesting as deep as any
+# real JSON schema in `tools[].parameters` goes, far below what would exhaust the stack
+# when a reply is encoded).
+MAX_JSON_DEPTH = 64
+MAX_METADATA_KEYS = 16
+MAX_METADATA_KEY_CHARS = 64
+MAX_METADATA_VALUE_CHARS = 512
+MAX_TOOLS = 128
+MAX_ID_CHARS = 256  # call ids, tool names, previous_response_id, stream_id
 
 
 class ProtocolError(Exception):
@@ -86,7 +96,7 @@ class CreateRequest:
     max_output_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
-    metadata: dict[str, Any] = field(default_factory=dict)
+    metadata: dict[str, str] = field(default_factory=dict)
     stream: bool = False
     stream_id: str | None = None
 
@@ -150,9 +160,10 @@ def _str_field(obj: Mapping[str, Any], key: str, param: str) -> str:
 
 
 def _single_line(value: str, param: str) -> str:
-    if not value or "\n" in value:
+    if not value or "\n" in value or len(value) > MAX_ID_CHARS:
         raise ProtocolError(
-            f"{param!r} must be a non-empty string without newlines, got {value!r}",
+            f"{param!r} must be a non-empty string of at most {MAX_ID_CHARS} characters "
+            f"without newlines, got {value[:MAX_ID_CHARS]!r}",
             code="invalid_value",
             param=param,
         )
@@ -219,7 +230,11 @@ def _parse_tools(value: object) -> tuple[FunctionTool, ...]:
         return ()
     if not isinstance(value, list):
         raise _type_error("tools", "a list", value)
-    tools = []
+    if len(value) > MAX_TOOLS:
+        raise ProtocolError(f"tools has {len(value)} entries; at most {MAX_TOOLS} are allowed",
+                            code="invalid_value", param="tools")  # fmt: skip
+    tools: list[FunctionTool] = []
+    names: set[str] = set()
     for i, t in enumerate(value):
         if not isinstance(t, Mapping):
             raise _type_error(f"tools[{i}]", "an object", t)
@@ -230,6 +245,14 @@ def _parse_tools(value: object) -> tuple[FunctionTool, ...]:
                 param=f"tools[{i}].type",
             )
         name = _single_line(_str_field(t, "name", f"tools[{i}].name"), f"tools[{i}].name")
+        if name in names:
+            raise ProtocolError(
+                f"tools[{i}].name {name!r} is already the name of another tool; tool names "
+                "must be unique",
+                code="invalid_value",
+                param=f"tools[{i}].name",
+            )
+        names.add(name)
         desc = t.get("description")
         if desc is not None and not isinstance(desc, str):
             raise _type_error(f"tools[{i}].description", "a string", desc)
@@ -256,27 +279,51 @@ def _parse_tool_choice(value: object) -> ToolChoice:
     raise _type_error("tool_choice", "'auto', 'none', 'required' or a function object", value)
 
 
+def _no_constant(name: str) -> Any:
+    raise ProtocolError(
+        f"{name} is not a JSON number; send finite numbers only", code="invalid_json"
+    )
+
+
 def decode_json(data: str | bytes, what: str) -> Any:
     """`json.loads` with every failure mapped to a ProtocolError ("invalid_json"): a
-    syntax error, bytes that are not UTF-8, or nesting too deep to parse."""
+    syntax error, bytes that are not UTF-8, NaN/Infinity (not JSON, and rejected by
+    most clients' parsers), a number with too many digits, or nesting too deep for the
+    parser. Depth below that is bounded by `check_encodable`."""
     try:
-        return json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        return json.loads(data, parse_constant=_no_constant)
+    except ProtocolError:
+        raise
+    except UnicodeDecodeError as exc:
+        raise ProtocolError(f"{what} is not valid UTF-8: {exc.reason} at byte {exc.start}",
+                            code="invalid_json") from None  # fmt: skip
+    except ValueError as exc:  # JSONDecodeError, or an integer beyond int_max_str_digits
         raise ProtocolError(f"{what} is not valid JSON: {exc}", code="invalid_json") from None
     except RecursionError:
-        raise ProtocolError(f"{what} is nested too deeply", code="invalid_json") from None
+        raise ProtocolError(
+            f"{what} is nested more than {MAX_JSON_DEPTH} levels deep", code="invalid_json"
+        ) from None
 
 
-def check_encodable(obj: object) -> None:
-    """Refuse strings that cannot be sent back as UTF-8 (lone surrogates such as
-    "\\ud800" are valid JSON escapes but not text). Iterative: any depth.
+def encode_json(obj: object) -> str:
+    """The one way the server writes JSON: compact, UTF-8 text, and never NaN or
+    Infinity (`allow_nan=False`: a non-finite float is a server bug, raised as
+    ValueError rather than sent as something clients cannot parse)."""
+    return json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
+def check_encodable(obj: object, *, max_depth: int = MAX_JSON_DEPTH) -> None:
+    """Refuse what cannot be echoed safely: nesting deeper than `max_depth` (a reply
+    that encodes it could exhaust the stack), non-finite floats, and strings that are
+    not UTF-8 text (lone surrogates such as "\\ud800" are valid JSON escapes but not
+    text). Iterative: a hostile depth cannot exhaust the stack here.
 
     Raises:
-        ProtocolError: code "invalid_value", naming the field.
+        ProtocolError: code "invalid_value" (or "invalid_json" for depth), naming the field.
     """
-    stack: list[tuple[object, str]] = [(obj, "body")]
+    stack: list[tuple[object, str, int]] = [(obj, "body", 0)]
     while stack:
-        value, path = stack.pop()
+        value, path, depth = stack.pop()
         if isinstance(value, str):
             try:
                 value.encode("utf-8")
@@ -286,12 +333,91 @@ def check_encodable(obj: object) -> None:
                     code="invalid_value",
                     param=path,
                 ) from None
-        elif isinstance(value, dict):
-            for key, item in value.items():
-                stack.append((key, path))
-                stack.append((item, f"{path}.{key}" if path != "body" else str(key)))
-        elif isinstance(value, list):
-            stack.extend((item, f"{path}[{i}]") for i, item in enumerate(value))
+        elif isinstance(value, float):
+            if not math.isfinite(value):
+                raise ProtocolError(f"{path} is {value}; send finite numbers only",
+                                    code="invalid_value", param=path)  # fmt: skip
+        elif isinstance(value, (dict, list)):
+            if depth >= max_depth:
+                raise ProtocolError(
+                    f"{path} is nested more than {max_depth} levels deep",
+                    code="invalid_json",
+                    param=path,
+                )
+            if isinstance(value, dict):
+                for key, item in value.items():
+                    stack.append((key, path, depth))
+                    where = f"{path}.{key}" if path != "body" else str(key)
+                    stack.append((item, where[:200], depth + 1))
+            else:
+                stack.extend(
+                    (item, f"{path}[{i}]"[:200], depth + 1) for i, item in enumerate(value)
+                )
+
+
+def _parse_metadata(value: object) -> dict[str, str]:
+    """The API's metadata rules: up to 16 pairs, keys up to 64 characters, values
+    strings up to 512 characters."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise _type_error("metadata", "an object", value)
+    if len(value) > MAX_METADATA_KEYS:
+        raise ProtocolError(
+            f"metadata has {len(value)} keys; at most {MAX_METADATA_KEYS} are allowed",
+            code="invalid_value",
+            param="metadata",
+        )
+    out: dict[str, str] = {}
+    for key, item in value.items():
+        if len(key) > MAX_METADATA_KEY_CHARS:
+            raise ProtocolError(
+                f"metadata key {key[:MAX_METADATA_KEY_CHARS]!r}... has {len(key)} characters; "
+                f"at most {MAX_METADATA_KEY_CHARS} are allowed",
+                code="invalid_value",
+                param="metadata",
+            )
+        if not isinstance(item, str):
+            raise _type_error(f"metadata.{key}", "a string", item)
+        if len(item) > MAX_METADATA_VALUE_CHARS:
+            raise ProtocolError(
+                f"metadata.{key} has {len(item)} characters; at most "
+                f"{MAX_METADATA_VALUE_CHARS} are allowed",
+                code="invalid_value",
+                param=f"metadata.{key}",
+            )
+        out[key] = item
+    return out
+
+
+def _check_id(value: str | None, param: str) -> str | None:
+    if value is not None and not 1 <= len(value) <= MAX_ID_CHARS:
+        raise ProtocolError(
+            f"{param!r} must have 1 to {MAX_ID_CHARS} characters, got {len(value)}",
+            code="invalid_value",
+            param=param,
+        )
+    return value
+
+
+def check_call_outputs(items: Sequence[Item]) -> None:
+    """Every `function_call_output` answers a `function_call` earlier in the
+    conversation, as the API requires.
+
+    Raises:
+        ProtocolError: "invalid_value" on `input`, naming the call id.
+    """
+    calls: set[str] = set()
+    for item in items:
+        if isinstance(item, FunctionCall):
+            calls.add(item.call_id)
+        elif isinstance(item, FunctionCallOutput) and item.call_id not in calls:
+            raise ProtocolError(
+                f"no tool call found for function call output with call_id "
+                f"{item.call_id[:MAX_ID_CHARS]!r}",
+                code="invalid_value",
+                param="input",
+            )
 
 
 def parse_create(body: object, *, websocket: bool) -> CreateRequest:
@@ -335,7 +461,7 @@ def parse_create(body: object, *, websocket: bool) -> CreateRequest:
             code="invalid_value",
             param="top_p",
         )
-    metadata = _opt(body, "metadata", (dict,), "an object") or {}
+    metadata = _parse_metadata(body.get("metadata"))
     generate = _opt(body, "generate", (bool,), "a boolean")
     store = _opt(body, "store", (bool,), "a boolean")
     stream = _opt(body, "stream", (bool,), "a boolean")
@@ -347,19 +473,22 @@ def parse_create(body: object, *, websocket: bool) -> CreateRequest:
         )
     # WebSocket only: the lane whose events echo it (requests run FIFO on a connection)
     stream_id = _opt(body, "stream_id", (str,), "a string") if websocket else None
+    _check_id(stream_id, "stream_id")
     return CreateRequest(
         model=_opt(body, "model", (str,), "a string"),
         items=items,
         instructions=_opt(body, "instructions", (str,), "a string"),
         tools=_parse_tools(body.get("tools")),
         tool_choice=_parse_tool_choice(body.get("tool_choice")),
-        previous_response_id=_opt(body, "previous_response_id", (str,), "a string"),
+        previous_response_id=_check_id(
+            _opt(body, "previous_response_id", (str,), "a string"), "previous_response_id"
+        ),
         store=True if store is None else store,
         generate=True if (generate is None or not websocket) else generate,
         max_output_tokens=max_out,
         temperature=None if temperature is None else float(temperature),
         top_p=None if top_p is None else float(top_p),
-        metadata=dict(metadata),
+        metadata=metadata,
         stream=bool(stream) and not websocket,
         stream_id=stream_id,
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
@@ -26,7 +27,12 @@ from pagedkv.serving.engine_types import (
     TurnStarted,
 )
 from pagedkv.serving.generation import OutputProgram, OutputSpec
-from pagedkv.serving.protocol import CreateRequest, ProtocolError
+from pagedkv.serving.protocol import (
+    MAX_ID_CHARS,
+    CreateRequest,
+    ProtocolError,
+    check_call_outputs,
+)
 from pagedkv.serving.response_events import ResponseBuilder, new_id
 
 # Messages at least this large are decoded and rendered on a worker thread, so the
@@ -35,6 +41,9 @@ from pagedkv.serving.response_events import ResponseBuilder, new_id
 OFF_LOOP_BYTES = 256 * 1024
 
 _T = TypeVar("_T")
+refusals_log = logging.getLogger("pagedkv.server.refusals")
+
+ABORT_KEY = "pagedkv.abort_transport"  # in each ASGI scope: see `abort_callback`
 
 
 async def off_loop(size: int, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
@@ -50,30 +59,43 @@ class ServerConfig:
     """Protocol limits and defaults of the server.
 
     Attributes:
-        model_name: the `model` reported in responses (requests may name any model).
+        model_name: the served model: `/v1/models` lists it, responses report it, and a
+            request naming any other model (and not one of `model_aliases`) gets 404
+            `model_not_found`, as the API answers.
+        model_aliases: other names accepted for the served model.
         default_max_output_tokens: the output length of a request that sets none
             (small: a CPU default). Reaching it completes the response (the server's
             stop length); a request's own `max_output_tokens` that cuts the output
             off makes it "incomplete", as in the API.
-        max_output_tokens_cap: requests asking for more are capped to this.
+        max_output_tokens_cap: a request asking for more is refused
+            (`integer_above_max_value`), never silently cut.
         max_message_bytes: a larger WebSocket message or HTTP body is refused.
-        max_connection_age_s: a WebSocket connection older than this is ended with
-            `websocket_connection_limit_reached` once its in-flight response is done.
+        max_connection_age_s: a WebSocket connection older than this is ended, mid-response
+            if need be: the running response and every queued request get
+            `websocket_connection_limit_reached`, then the connection closes.
         max_queued_responses: `response.create` requests a WebSocket connection may
             have waiting behind its running response; more are refused
             (`too_many_queued_responses`), so a client cannot grow server memory by
             pipelining requests.
         max_stored_responses: responses a connection remembers for
             `previous_response_id` (least recent forgotten first).
+        send_timeout_s: a WebSocket send (or an HTTP stream chunk) that the client does
+            not take within this long ends the connection: its response is aborted, its
+            engine session closed, and its transport aborted rather than drained.
+        idle_timeout_s: a WebSocket connection with no message from the client and no
+            response running for this long is closed (1001); None: never.
     """
 
     model_name: str = "pagedkv-demo"
+    model_aliases: tuple[str, ...] = ()
     default_max_output_tokens: int = 16
     max_output_tokens_cap: int = 1024
     max_message_bytes: int = 8 * 1024 * 1024
     max_connection_age_s: float = 3600.0
     max_queued_responses: int = 32
     max_stored_responses: int = 64
+    send_timeout_s: float = 20.0
+    idle_timeout_s: float | None = 900.0
 
     def __post_init__(self) -> None:
         for name in (
@@ -86,10 +108,58 @@ class ServerConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"ServerConfig.{name} must be an int >= 1, got {value!r}")
+        if self.default_max_output_tokens > self.max_output_tokens_cap:
+            raise ValueError(
+                f"ServerConfig.default_max_output_tokens ({self.default_max_output_tokens}) "
+                f"exceeds max_output_tokens_cap ({self.max_output_tokens_cap})"
+            )
+        if not isinstance(self.model_name, str) or not self.model_name:
+            raise ValueError(f"ServerConfig.model_name must be a non-empty string, got "
+                             f"{self.model_name!r}")  # fmt: skip
+        if not self.send_timeout_s > 0:
+            raise ValueError(f"ServerConfig.send_timeout_s must be > 0, got {self.send_timeout_s}")
+        if self.idle_timeout_s is not None and not self.idle_timeout_s > 0:
+            raise ValueError(
+                f"ServerConfig.idle_timeout_s must be > 0 or None, got {self.idle_timeout_s}"
+            )
         if not self.max_connection_age_s > 0:
             raise ValueError(
                 f"ServerConfig.max_connection_age_s must be > 0, got {self.max_connection_age_s}"
             )
+
+
+def log_refusal(transport: str, request_id: str, tenant: str | None, err: ProtocolError) -> None:
+    """One structured line per refused request (never a traceback: the input is the
+    client's, the refusal is by design)."""
+    refusals_log.info(
+        "refused transport=%s request_id=%s tenant=%s status=%d code=%s param=%s",
+        transport, request_id, tenant or "-", err.status, err.code, err.param or "-",
+    )  # fmt: skip
+
+
+def check_request(config: ServerConfig, req: CreateRequest, items: Sequence[Item]) -> None:
+    """The checks that need the server's configuration or the whole conversation: the
+    model name, `max_output_tokens` against the cap, call ids of function call outputs.
+
+    Raises:
+        ProtocolError: `model_not_found` (404), `integer_above_max_value`, `invalid_value`.
+    """
+    if req.model is not None and req.model not in (config.model_name, *config.model_aliases):
+        raise ProtocolError(
+            f"the model {req.model[:MAX_ID_CHARS]!r} does not exist; this server "
+            f"serves {config.model_name!r}",
+            code="model_not_found",
+            param="model",
+            status=404,
+        )
+    cap = config.max_output_tokens_cap
+    if req.max_output_tokens is not None and req.max_output_tokens > cap:
+        raise ProtocolError(
+            f"max_output_tokens is {req.max_output_tokens}; this server allows at most {cap}",
+            code="integer_above_max_value",
+            param="max_output_tokens",
+        )
+    check_call_outputs(items)
 
 
 class ResponseRun:
@@ -116,6 +186,7 @@ class ResponseRun:
         self.ephemeral = ephemeral
         self.tenant = tenant
         self.arrival = time.monotonic()
+        check_request(config, req, items)
         tool = req.forced_tool()
         max_out = min(
             req.max_output_tokens or config.default_max_output_tokens, config.max_output_tokens_cap
@@ -158,7 +229,7 @@ class ResponseRun:
             )
         self.builder = ResponseBuilder(
             req,
-            model=req.model or config.model_name,
+            model=config.model_name,
             max_output_tokens=max_out,
             temperature=temperature,
             function_call=self.spec is not None and self.spec.is_function_call,
@@ -232,3 +303,17 @@ class ResponseRun:
                 for ev in b.failed(err):
                     yield ev
                 return
+
+
+def abort_callback(send: Any) -> Any:
+    """A callable that aborts the transport behind the server's ASGI `send`
+    (`transport.abort()`: close at once, unsent data dropped) where the server exposes
+    it (uvicorn's protocol objects do); None where it does not. Put in each scope under
+    `ABORT_KEY` by the app (`pagedkv.serving.server`), before any middleware wraps
+    `send`, so that a client that stops reading cannot keep a connection alive by
+    leaving its send buffer full."""
+    protocol = getattr(send, "__self__", None)
+    transport = getattr(protocol, "transport", None)
+    if transport is None or not hasattr(transport, "abort"):
+        return None
+    return transport.abort

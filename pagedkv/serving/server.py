@@ -6,6 +6,8 @@ Routes:
     GET  /v1/models         the served model
     GET  /v1/engine/stats   non-standard, admin key only: scheduler counters, pool use,
                             sessions by state
+    GET  /metrics           Prometheus text format, admin key only
+                            (`pagedkv.serving.server_metrics`)
     GET  /health            liveness
 
 Run it with uvicorn (`pagedkv serve`), or in-process with `pagedkv.serving.local_server`.
@@ -21,13 +23,28 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
+from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
 
 from pagedkv.serving.auth import Authenticator, AuthError
 from pagedkv.serving.engine import Engine
 from pagedkv.serving.http_handler import auth_error_response, create_response
-from pagedkv.serving.response_run import ServerConfig
+from pagedkv.serving.quotas import ConnectionQuotas
+from pagedkv.serving.response_run import ABORT_KEY, ServerConfig, abort_callback
+from pagedkv.serving.server_metrics import ServerMetrics
 from pagedkv.serving.ws_handler import ResponsesSocket
+
+STATS_TIMEOUT_S = 5.0  # a scrape waits this long for the engine thread's snapshot
+
+
+class PagedKVApp(Starlette):
+    """The Starlette app, which also puts `ABORT_KEY` in each HTTP and WebSocket scope:
+    taken from the server's own `send` before any middleware wraps it."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket"):
+            scope[ABORT_KEY] = abort_callback(send)
+        await super().__call__(scope, receive, send)
 
 
 def create_app(
@@ -36,18 +53,31 @@ def create_app(
     *,
     manage_engine: bool = True,
     auth: Authenticator | None = None,
-) -> Starlette:
+    quotas: ConnectionQuotas | None = None,
+    metrics: ServerMetrics | None = None,
+) -> PagedKVApp:
     """The app serving `engine`. With `manage_engine` the app starts the engine thread on
     startup and stops it on shutdown. `auth` maps API keys to tenants (default: every
-    bearer token its own tenant, no admin key: see `pagedkv.serving.auth`)."""
+    bearer token its own tenant, no admin key: see `pagedkv.serving.auth`); `quotas`
+    caps connections and HTTP requests (default: no caps); `metrics` holds the
+    Prometheus series (default: a new registry; `app.state.metrics`)."""
     cfg = config or ServerConfig()
     authn = auth if auth is not None else Authenticator()
+    quota = quotas if quotas is not None else ConnectionQuotas()
+    meter = metrics if metrics is not None else ServerMetrics()
 
     async def ws_responses(ws: WebSocket) -> None:
-        await ResponsesSocket(ws, engine, cfg, authn).serve()
+        await ResponsesSocket(ws, engine, cfg, authn, quota, meter).serve()
 
     async def post_responses(request: Request) -> Response:
-        return await create_response(request, engine, cfg, authn)
+        return await create_response(request, engine, cfg, authn, quota, meter)
+
+    async def engine_stats() -> dict[str, object] | None:
+        fut = asyncio.wrap_future(engine.call(lambda e: e.stats()))
+        try:
+            return await asyncio.wait_for(fut, STATS_TIMEOUT_S)
+        except TimeoutError:
+            return None
 
     async def models(_request: Request) -> Response:
         return JSONResponse(
@@ -64,8 +94,23 @@ def create_app(
             authn.check_admin(request.headers.get("authorization"))
         except AuthError as err:
             return auth_error_response(err)
-        result = await asyncio.wrap_future(engine.call(lambda e: e.stats()))
+        result = await engine_stats()
+        if result is None:
+            return JSONResponse(
+                {"error": {"message": "the engine did not answer in time", "type": "server_error",
+                           "param": None, "code": "server_error"}},
+                status_code=503,
+            )  # fmt: skip
+        result["connections"] = quota.snapshot()
         return JSONResponse(result)
+
+    async def prometheus(request: Request) -> Response:
+        try:
+            authn.check_admin(request.headers.get("authorization"))
+        except AuthError as err:
+            return auth_error_response(err)
+        meter.update(await engine_stats())
+        return Response(meter.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def health(_request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -80,13 +125,17 @@ def create_app(
             if manage_engine:
                 await asyncio.to_thread(engine.stop)
 
-    return Starlette(
+    app = PagedKVApp(
         routes=[
             WebSocketRoute("/v1/responses", ws_responses),
             Route("/v1/responses", post_responses, methods=["POST"]),
             Route("/v1/models", models, methods=["GET"]),
             Route("/v1/engine/stats", stats, methods=["GET"]),
+            Route("/metrics", prometheus, methods=["GET"]),
             Route("/health", health, methods=["GET"]),
         ],
         lifespan=lifespan,
     )
+    app.state.metrics = meter
+    app.state.quotas = quota
+    return app
