@@ -134,9 +134,7 @@ def test_declared_dependencies_cover_third_party_imports() -> None:
     declared = list(project["dependencies"])
     for extra in project["optional-dependencies"].values():
         declared.extend(extra)
-    names = {
-        re.match(r"[A-Za-z0-9_.-]+", d).group(0).lower().replace("-", "_") for d in declared
-    }
+    names = {re.match(r"[A-Za-z0-9_.-]+", d).group(0).lower().replace("-", "_") for d in declared}
     missing = sorted(THIRD_PARTY - names)
     assert not missing, f"imported but not declared in pyproject.toml: {missing}"
 

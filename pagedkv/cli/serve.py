@@ -17,6 +17,50 @@ from typing import Any
 PRESETS = ("tiny", "demo", "llama_1b")
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def nonnegative_float(text: str) -> float:
+    """argparse type: a finite number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def port_number(text: str) -> int:
+    """argparse type: a TCP port, 0 (any free port) to 65535."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be 0-65535, got {value}")
+    return value
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """Model and device options shared by `serve`, `demo` and the benchmark."""
     g = p.add_argument_group("model")
@@ -27,31 +71,31 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
     g.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"),
                    help="override the preset's dtype")  # fmt: skip
-    g.add_argument("--max-position", type=int, default=None,
+    g.add_argument("--max-position", type=positive_int, default=None,
                    help="override the preset's context length (rotary works at any length)")  # fmt: skip
     g.add_argument("--seed", type=int, default=0, help="weights and sampling seed")
-    g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    g.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     """KV pool, batching and scheduler options."""
     g = p.add_argument_group("engine")
-    g.add_argument("--block-size", type=int, default=16)
-    g.add_argument("--num-gpu-blocks", type=int, default=None,
+    g.add_argument("--block-size", type=positive_int, default=16)
+    g.add_argument("--num-gpu-blocks", type=positive_int, default=None,
                    help="device pool blocks (default: 4096 on CPU; on CUDA from "
                         "--gpu-memory-fraction)")  # fmt: skip
     g.add_argument("--gpu-memory-fraction", type=float, default=0.5,
                    help="CUDA: fraction of free memory for the KV pool (default 0.5)")  # fmt: skip
     g.add_argument("--num-host-blocks", type=int, default=None,
                    help="host tier blocks (default: 2x the device pool; 0: no host tier)")  # fmt: skip
-    g.add_argument("--max-batch-tokens", type=int, default=None,
+    g.add_argument("--max-batch-tokens", type=positive_int, default=None,
                    help="new tokens per forward step (default 512 CPU, 8192 CUDA)")  # fmt: skip
-    g.add_argument("--prefill-chunk", type=int, default=None,
+    g.add_argument("--prefill-chunk", type=positive_int, default=None,
                    help="new tokens of one sequence per step (default: --max-batch-tokens)")  # fmt: skip
-    g.add_argument("--max-pinned-sessions", type=int, default=64)
-    g.add_argument("--max-queue", type=int, default=256)
-    g.add_argument("--queue-timeout", type=float, default=30.0, help="seconds")
-    g.add_argument("--idle-ttl", type=float, default=None,
+    g.add_argument("--max-pinned-sessions", type=positive_int, default=64)
+    g.add_argument("--max-queue", type=positive_int, default=256)
+    g.add_argument("--queue-timeout", type=positive_float, default=30.0, help="seconds")
+    g.add_argument("--idle-ttl", type=positive_float, default=None,
                    help="offload sessions idle this long (seconds; default: only under pressure)")  # fmt: skip
     g.add_argument("--no-prefix-cache", action="store_true",
                    help="switch the content-hash prefix cache off (pure stateless HTTP)")  # fmt: skip
@@ -66,24 +110,51 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=port_number, default=8000)
     p.add_argument("--served-model-name", default=None, help="the model name reported")
-    p.add_argument("--max-output-tokens", type=int, default=16,
+    p.add_argument("--max-output-tokens", type=positive_int, default=16,
                    help="default when a request sets none (default 16)")  # fmt: skip
-    p.add_argument("--max-connection-age", type=float, default=3600.0,
+    p.add_argument("--max-connection-age", type=positive_float, default=3600.0,
                    help="seconds before websocket_connection_limit_reached (default 3600)")  # fmt: skip
-    p.add_argument("--max-queued-responses", type=int, default=32,
+    p.add_argument("--max-queued-responses", type=positive_int, default=32,
                    help="responses one WebSocket connection may queue behind its running "
                    "one; more are refused (default 32)")  # fmt: skip
+    p.add_argument("--max-output-tokens-cap", type=positive_int, default=1024,
+                   help="a request asking for more max_output_tokens is refused with "
+                   "integer_above_max_value (default 1024)")  # fmt: skip
+    p.add_argument("--max-message-bytes", type=positive_int, default=8 * 1024 * 1024,
+                   help="largest WebSocket message or HTTP body (default 8 MiB)")  # fmt: skip
+    p.add_argument("--send-timeout", type=positive_float, default=20.0,
+                   help="seconds a client may take to read one event before its response "
+                   "is aborted and its connection dropped (default 20)")  # fmt: skip
+    p.add_argument("--idle-timeout", type=nonnegative_float, default=900.0,
+                   help="seconds a WebSocket connection may sit with nothing running and "
+                   "nothing received before it is closed (default 900; 0: never)")  # fmt: skip
+    g = p.add_argument_group("quotas (429 rate_limit_exceeded over a cap; per-tenant "
+                             "limits in the keys file override the --tenant-* defaults)")  # fmt: skip
+    g.add_argument("--max-connections", type=positive_int, default=1024,
+                   help="open WebSocket connections, all tenants (default 1024)")  # fmt: skip
+    g.add_argument("--max-http-requests", type=positive_int, default=1024,
+                   help="HTTP requests in flight, all tenants (default 1024)")  # fmt: skip
+    g.add_argument("--tenant-max-connections", type=positive_int, default=None,
+                   help="open WebSocket connections per tenant (default: no cap)")  # fmt: skip
+    g.add_argument("--tenant-max-http-requests", type=positive_int, default=None,
+                   help="HTTP requests in flight per tenant (default: no cap)")  # fmt: skip
+    g.add_argument("--tenant-max-pinned-sessions", type=positive_int, default=None,
+                   help="sessions a tenant may keep pinned on the GPU (default: no cap "
+                   "beyond --max-pinned-sessions and the fair share)")  # fmt: skip
+    g.add_argument("--tenant-max-pinned-blocks", type=positive_int, default=None,
+                   help="GPU blocks a tenant's pinned sessions may hold (default: no cap)")  # fmt: skip
     p.add_argument("--log-level", default="info", type=str.lower,
                    choices=("critical", "error", "warning", "info", "debug", "trace"))  # fmt: skip
     p.add_argument("--api-keys-file", default=None, metavar="PATH",
-                   help='JSON {"keys": [{"key": ..., "tenant": ..., "admin": false}]}: API '
-                   "keys and their tenants; other keys get 401 (also PAGEDKV_API_KEYS="
+                   help='JSON {"keys": [{"key": ..., "tenant": ..., "admin": false}], '
+                   '"default_limits": {...}, "tenants": {name: {...}}}: API keys, their '
+                   "tenants and per-tenant limits; other keys get 401 (also PAGEDKV_API_KEYS="
                    "key=tenant,...). Without keys each bearer token is its own tenant")  # fmt: skip
     p.add_argument("--admin-key", default=None, metavar="KEY",
-                   help="the key that opens /v1/engine/stats (prefer PAGEDKV_ADMIN_KEY: "
-                   "a command line is visible to other local users)")  # fmt: skip
+                   help="the key that opens /v1/engine/stats and /metrics (prefer "
+                   "PAGEDKV_ADMIN_KEY: a command line is visible to other local users)")  # fmt: skip
     add_model_args(p)
     add_engine_args(p)
     p.set_defaults(func=run)
@@ -112,8 +183,15 @@ def build_model_from_args(args: argparse.Namespace, *, min_position: int = 0) ->
                        seed=args.seed, **overrides)  # fmt: skip
 
 
-def engine_config_from_args(args: argparse.Namespace, model: Any, **changes: Any) -> Any:
-    """The `EngineConfig` the engine options describe, for `model`."""
+def engine_config_from_args(
+    args: argparse.Namespace,
+    model: Any,
+    *,
+    scheduler_caps: dict[str, Any] | None = None,
+    **changes: Any,
+) -> Any:
+    """The `EngineConfig` the engine options describe, for `model`; `scheduler_caps`
+    are extra `SchedulerConfig` fields (the tenants' pinned caps)."""
     import torch
 
     from pagedkv.scheduler.config import SchedulerConfig
@@ -137,6 +215,7 @@ def engine_config_from_args(args: argparse.Namespace, model: Any, **changes: Any
         idle_ttl_s=args.idle_ttl,
         reuse_prefix=not getattr(args, "no_prefix_cache", False),
         backup_idle=True,  # with a host tier: idle sessions' blocks written back early
+        **(scheduler_caps or {}),
     )
     fields: dict[str, Any] = dict(
         block_size=args.block_size,
@@ -160,26 +239,42 @@ def run(args: argparse.Namespace) -> int:
     from pagedkv.serving.auth import load_authenticator
     from pagedkv.serving.engine import Engine
     from pagedkv.serving.local_server import ws_protocol
+    from pagedkv.serving.quotas import ConnectionQuotas, TenantLimits, load_policy, scheduler_caps
     from pagedkv.serving.response_run import ServerConfig
     from pagedkv.serving.server import create_app
 
     # uvicorn's "trace" is below Python logging's DEBUG
     py_level = "DEBUG" if args.log_level == "trace" else args.log_level.upper()
     logging.basicConfig(level=py_level, format="%(levelname)s %(name)s: %(message)s")
+    name = args.served_model_name or (args.checkpoint or args.model)
     try:
         auth = load_authenticator(args.api_keys_file, admin_key=args.admin_key)
+        policy = load_policy(
+            args.api_keys_file,
+            TenantLimits(
+                max_connections=args.tenant_max_connections,
+                max_http_requests=args.tenant_max_http_requests,
+                max_pinned_sessions=args.tenant_max_pinned_sessions,
+                max_pinned_blocks=args.tenant_max_pinned_blocks,
+            ),
+        )
+        quotas = ConnectionQuotas(policy, max_connections=args.max_connections,
+                                  max_http_requests=args.max_http_requests)  # fmt: skip
+        server = ServerConfig(
+            model_name=str(name),
+            default_max_output_tokens=args.max_output_tokens,
+            max_output_tokens_cap=args.max_output_tokens_cap,
+            max_message_bytes=args.max_message_bytes,
+            max_connection_age_s=args.max_connection_age,
+            max_queued_responses=args.max_queued_responses,
+            send_timeout_s=args.send_timeout,
+            idle_timeout_s=args.idle_timeout or None,
+        )
     except ValueError as err:
         raise UsageError(str(err)) from None
     model = build_model_from_args(args)
-    config = engine_config_from_args(args, model)
+    config = engine_config_from_args(args, model, scheduler_caps=scheduler_caps(policy))
     engine = Engine(model, config)
-    name = args.served_model_name or (args.checkpoint or args.model)
-    server = ServerConfig(
-        model_name=str(name),
-        default_max_output_tokens=args.max_output_tokens,
-        max_connection_age_s=args.max_connection_age,
-        max_queued_responses=args.max_queued_responses,
-    )
     cfg = model.config
     print(
         f"pagedkv serve: {name} ({cfg.num_params / 1e6:.1f} M params, {cfg.dtype}, "
@@ -196,9 +291,11 @@ def run(args: argparse.Namespace) -> int:
         if args.host not in ("127.0.0.1", "localhost", "::1"):
             print(f"  warning: listening on {args.host} without API keys: anyone who can "
                   "reach the port can use the server (--api-keys-file)")  # fmt: skip
-    print(f"  /v1/engine/stats: {'admin key' if auth.has_admin else 'closed (no admin key)'}")
+    admin = "admin key" if auth.has_admin else "closed (no admin key)"
+    print(f"  /v1/engine/stats and /metrics: {admin}; at most {args.max_connections} "
+          f"connections, {args.max_http_requests} HTTP requests in flight")  # fmt: skip
     uvicorn.run(
-        create_app(engine, server, auth=auth),
+        create_app(engine, server, auth=auth, quotas=quotas),
         host=args.host,
         port=args.port,
         ws=ws_protocol(),

@@ -19,10 +19,12 @@ opens `/v1/engine/stats`; without one configured that endpoint is closed.
 Keys are compared by a keyed BLAKE2b digest looked up in a dict, never by `==` on the
 key text, so the lookup time does not depend on how much of a guess matches.
 
-Keys file (JSON):
+Keys file (JSON; per-tenant limits in the same file: `pagedkv.serving.quotas`):
 
     {"keys": [{"key": "sk-...", "tenant": "acme"},
-              {"key": "sk-...", "tenant": "ops", "admin": true}]}
+              {"key": "sk-...", "tenant": "ops", "admin": true}],
+     "default_limits": {"max_connections": 16},
+     "tenants": {"acme": {"max_pinned_sessions": 32}}}
 
 `PAGEDKV_API_KEYS`: `key=tenant` pairs separated by commas.
 """
@@ -38,11 +40,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["ANONYMOUS_TENANT", "AuthError", "Authenticator", "Caller", "load_authenticator"]
+__all__ = [
+    "ANONYMOUS_TENANT",
+    "AuthError",
+    "Authenticator",
+    "Caller",
+    "load_authenticator",
+    "read_keys_file",
+]
 
 ANONYMOUS_TENANT = "anonymous"
 MAX_KEY_BYTES = 512  # longer Authorization values are refused unread
-_TENANT_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+TENANT_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 MAX_KEYS_FILE_BYTES = 4 * 1024 * 1024
 
 
@@ -104,7 +113,7 @@ class Authenticator:
         auth = cls(secret=secret if secret is not None else secrets.token_bytes(32))
         admins = {auth._digest(_check_key(k)) for k in admin_keys}
         for key, tenant in keys.items():
-            if not isinstance(tenant, str) or not _TENANT_RE.match(tenant):
+            if not isinstance(tenant, str) or not TENANT_RE.match(tenant):
                 raise ValueError(
                     f"tenant name {tenant!r} must be 1-64 characters of [A-Za-z0-9_.-]"
                 )
@@ -190,6 +199,37 @@ def _bearer(authorization: str | None) -> str | None:
     return token
 
 
+KEYS_FILE_FIELDS = ("keys", "default_limits", "tenants")
+
+
+def read_keys_file(path: Path) -> dict[str, object]:
+    """The keys file's JSON object (`keys`, and the limits `pagedkv.serving.quotas`
+    reads: `default_limits`, `tenants`).
+
+    Raises:
+        ValueError: unreadable, too large, not JSON, not an object, or an unknown
+            top-level field (a typo would otherwise silently drop a limit).
+    """
+    try:
+        size = path.stat().st_size
+        if size > MAX_KEYS_FILE_BYTES:
+            raise ValueError(f"keys file {path} is larger than {MAX_KEYS_FILE_BYTES} bytes")
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise ValueError(f"cannot read keys file {path}: {err.strerror or err}") from None
+    except (ValueError, UnicodeDecodeError) as err:
+        if str(err).startswith("keys file"):
+            raise
+        raise ValueError(f"keys file {path} is not valid JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f'keys file {path}: expected an object {{"keys": [...], ...}}')
+    unknown = sorted(str(k) for k in data if k not in KEYS_FILE_FIELDS)
+    if unknown:
+        raise ValueError(f"keys file {path}: unknown fields {unknown}; expected some of "
+                         f"{list(KEYS_FILE_FIELDS)}")  # fmt: skip
+    return data
+
+
 def load_authenticator(
     keys_file: str | Path | None = None,
     *,
@@ -208,18 +248,10 @@ def load_authenticator(
     admins: list[str] = []
     if keys_file is not None:
         path = Path(keys_file)
-        try:
-            size = path.stat().st_size
-            if size > MAX_KEYS_FILE_BYTES:
-                raise ValueError(f"keys file {path} is larger than {MAX_KEYS_FILE_BYTES} bytes")
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except OSError as err:
-            raise ValueError(f"cannot read keys file {path}: {err.strerror or err}") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(f"keys file {path} is not valid JSON: {err}") from None
-        entries = data.get("keys") if isinstance(data, dict) else None
+        data = read_keys_file(path)
+        entries = data.get("keys", [])
         if not isinstance(entries, list):
-            raise ValueError(f'keys file {path}: expected {{"keys": [...]}}')
+            raise ValueError(f'keys file {path}: "keys" must be a list')
         for i, entry in enumerate(entries):
             if not isinstance(entry, dict) or not isinstance(entry.get("key"), str):
                 raise ValueError(f"keys file {path}: keys[{i}] needs a string 'key'")

@@ -13,8 +13,9 @@ Limits come from the keys file:
      "default_limits": {"max_connections": 16, "max_pinned_sessions": 8},
      "tenants": {"acme": {"max_connections": 64, "max_pinned_blocks": 20000}}}
 
-A tenant without an entry gets `default_limits`; a limit left out (or null) is unlimited
-for that tenant (the global caps still apply).
+A tenant without an entry gets `default_limits`; a tenant's entry replaces the limits it
+names and keeps the default for the others; `null` is "no limit" for that tenant (the
+global caps still apply).
 """
 
 from __future__ import annotations
@@ -23,12 +24,21 @@ import dataclasses
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from pagedkv.serving.auth import TENANT_RE, read_keys_file
 from pagedkv.serving.protocol import ProtocolError
 
-__all__ = ["ConnectionQuotas", "TenantLimits", "quota_error", "scheduler_caps"]
+__all__ = [
+    "ConnectionQuotas",
+    "TenantLimits",
+    "TenantPolicy",
+    "load_policy",
+    "quota_error",
+    "scheduler_caps",
+]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -89,6 +99,36 @@ class TenantPolicy:
 
     def limits(self, tenant: str) -> TenantLimits:
         return self.tenants.get(tenant, self.default)
+
+
+def load_policy(keys_file: str | Path | None, default: TenantLimits | None = None) -> TenantPolicy:
+    """The tenant limits of a keys file: its `default_limits` (each limit given there
+    replaces the same one of `default`, the command line's) and `tenants`.
+
+    Raises:
+        ValueError: a malformed limits object or tenant name, naming where.
+    """
+    base = default or TenantLimits()
+    if keys_file is None:
+        return TenantPolicy(base)
+    path = Path(keys_file)
+    data = read_keys_file(path)
+    raw_default = data.get("default_limits", {})
+    given = TenantLimits.from_json(raw_default, f"keys file {path}: default_limits")
+    assert isinstance(raw_default, Mapping)
+    merged = dataclasses.replace(base, **{k: getattr(given, k) for k in raw_default})
+    raw_tenants = data.get("tenants", {})
+    if not isinstance(raw_tenants, Mapping):
+        raise ValueError(f'keys file {path}: "tenants" must be an object of tenant -> limits')
+    tenants: dict[str, TenantLimits] = {}
+    for name, limits in raw_tenants.items():
+        if not TENANT_RE.match(name):
+            raise ValueError(f"keys file {path}: tenant name {name[:64]!r} must be 1-64 "
+                             "characters of [A-Za-z0-9_.-]")  # fmt: skip
+        own = TenantLimits.from_json(limits, f"keys file {path}: tenants.{name}")
+        assert isinstance(limits, Mapping)
+        tenants[name] = dataclasses.replace(merged, **{k: getattr(own, k) for k in limits})
+    return TenantPolicy(merged, tenants)
 
 
 def quota_error(message: str, *, code: str = "rate_limit_exceeded") -> ProtocolError:

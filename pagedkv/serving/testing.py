@@ -16,8 +16,10 @@ from pagedkv.serving.auth import Authenticator
 from pagedkv.serving.engine import Engine
 from pagedkv.serving.factory import build_engine, build_model
 from pagedkv.serving.local_server import LocalServer
+from pagedkv.serving.quotas import ConnectionQuotas
 from pagedkv.serving.response_run import ServerConfig
 from pagedkv.serving.server import create_app
+from pagedkv.serving.server_metrics import ServerMetrics
 
 TERMINAL = ("response.completed", "response.incomplete", "response.failed")
 
@@ -28,15 +30,18 @@ def tiny_server(
     server: ServerConfig | None = None,
     preset: str = "tiny",
     auth: Authenticator | None = None,
+    quotas: ConnectionQuotas | None = None,
+    metrics: ServerMetrics | None = None,
     **engine_config: Any,
 ) -> Iterator[tuple[LocalServer, Engine]]:
     """A LocalServer on the `preset` model (random weights, seed 0) and its engine;
-    `auth` as in `create_app`."""
+    `auth`, `quotas` and `metrics` as in `create_app`."""
     model = build_model(preset)
     config: dict[str, Any] = {"num_gpu_blocks": 256, "num_host_blocks": 256, **engine_config}
     engine = build_engine(model, **config)
     cfg = server or ServerConfig(model_name=preset)
-    with LocalServer(create_app(engine, cfg, auth=auth)) as srv:
+    app = create_app(engine, cfg, auth=auth, quotas=quotas, metrics=metrics)
+    with LocalServer(app) as srv:
         yield srv, engine
 
 
