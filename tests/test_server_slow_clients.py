@@ -170,7 +170,3 @@ def test_a_finished_sse_stream_reports_finished() -> None:
                                       media_type="text/event-stream")  # fmt: skip
     asyncio.run(response({"type": "http", "asgi": {"spec_version": "2.4"}}, receive, send))
     assert closed == [True]
-
-
-def http_in_flight(srv: Any) -> int:
-    return int(srv._config.app.state.quotas.snapshot()["http_requests"])

@@ -321,9 +321,10 @@ def check_encodable(obj: object, *, max_depth: int = MAX_JSON_DEPTH) -> None:
     Raises:
         ProtocolError: code "invalid_value" (or "invalid_json" for depth), naming the field.
     """
-    stack: list[tuple[object, str, int]] = [(obj, "body", 0)]
+    # (value, its path for messages, its depth, the top-level field it is under)
+    stack: list[tuple[object, str, int, str | None]] = [(obj, "body", 0, None)]
     while stack:
-        value, path, depth = stack.pop()
+        value, path, depth, top = stack.pop()
         if isinstance(value, str):
             try:
                 value.encode("utf-8")
@@ -340,18 +341,18 @@ def check_encodable(obj: object, *, max_depth: int = MAX_JSON_DEPTH) -> None:
         elif isinstance(value, (dict, list)):
             if depth >= max_depth:
                 raise ProtocolError(
-                    f"{path} is nested more than {max_depth} levels deep",
+                    f"{top or 'body'} is nested more than {max_depth} levels deep",
                     code="invalid_json",
-                    param=path,
+                    param=top,
                 )
             if isinstance(value, dict):
                 for key, item in value.items():
-                    stack.append((key, path, depth))
+                    stack.append((key, path, depth, top))
                     where = f"{path}.{key}" if path != "body" else str(key)
-                    stack.append((item, where[:200], depth + 1))
+                    stack.append((item, where[:200], depth + 1, top or str(key)[:200]))
             else:
                 stack.extend(
-                    (item, f"{path}[{i}]"[:200], depth + 1) for i, item in enumerate(value)
+                    (item, f"{path}[{i}]"[:200], depth + 1, top) for i, item in enumerate(value)
                 )
 
 

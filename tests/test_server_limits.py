@@ -1,0 +1,304 @@
+"""Input limits, over WebSocket and HTTP, against a real server: each refused request gets
+the API's error (code, param, status), the connection stays usable where the API keeps
+it open, replies never contain NaN/Infinity, and nothing a client sends puts a
+traceback into the server log (each refusal is one structured line instead).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+import torch
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import ClientConnection, connect
+from ws_raw import OP_BINARY, RawWebSocket
+
+from pagedkv.serving.protocol import (
+    MAX_JSON_DEPTH,
+    ProtocolError,
+    check_encodable,
+    decode_json,
+    encode_json,
+)
+from pagedkv.serving.response_run import ServerConfig
+from pagedkv.serving.testing import engine_check, read_response, tiny_server
+
+DONE = ("response.completed", "response.incomplete")
+LIMIT = 300 * 1024  # > OFF_LOOP_BYTES: large messages are parsed on a worker thread too
+
+
+class Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def tracebacks(self) -> list[str]:
+        return [
+            f"{r.name}: {r.getMessage()}"
+            for r in self.records
+            if r.exc_info or "Traceback" in r.getMessage()
+        ]
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[tuple[Any, Any, Records]]:
+    torch.set_num_threads(1)
+    records = Records()
+    # the root logger sees pagedkv's records; uvicorn's do not propagate to it
+    loggers = [logging.getLogger(n) for n in ("", "uvicorn")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.addHandler(records)
+    pagedkv_logger = logging.getLogger("pagedkv")
+    pagedkv_level = pagedkv_logger.level
+    pagedkv_logger.setLevel(logging.INFO)
+    config = ServerConfig(model_name="tiny", model_aliases=("tiny-alias",),
+                          max_message_bytes=LIMIT, max_output_tokens_cap=64)  # fmt: skip
+    try:
+        with tiny_server(server=config) as (srv, engine):
+            yield srv, engine, records
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.removeHandler(records)
+            lg.setLevel(level)
+        pagedkv_logger.setLevel(pagedkv_level)
+
+
+def events(ws: ClientConnection, timeout: float = 60.0) -> Iterator[dict[str, Any]]:
+    while True:
+        text = ws.recv(timeout=timeout)
+        assert isinstance(text, str)
+        yield strict_json(text)
+
+
+def create(ws: ClientConnection, **fields: Any) -> None:
+    ws.send(json.dumps({"type": "response.create", "model": "tiny", **fields}))
+
+
+def ws_error(ws: ClientConnection, raw: str | bytes | None = None, **fields: Any) -> dict[str, Any]:
+    if raw is not None:
+        ws.send(raw)
+    else:
+        create(ws, **fields)
+    got = read_response(events(ws))
+    assert len(got) == 1 and got[0]["type"] == "error", got
+    return got[0]
+
+
+def http_error(srv: Any, body: bytes | str) -> tuple[int, dict[str, Any]]:
+    r = httpx.post(f"{srv.base_url}/responses", content=body,
+                   headers={"content-type": "application/json"}, timeout=30)  # fmt: skip
+    return r.status_code, strict_json(r.text)["error"]
+
+
+def _no_constant(name: str) -> Any:
+    raise AssertionError(f"the server sent {name}, which is not JSON")
+
+
+def strict_json(text: str) -> Any:
+    """Parse as strict clients do (JavaScript, Go, serde): NaN/Infinity are errors."""
+    return json.loads(text, parse_constant=_no_constant)
+
+
+def nested(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+# bodies refused with (code, param, status): each both over WebSocket and HTTP
+BAD_BODIES: list[tuple[str, str, dict[str, Any] | str, tuple[str, str | None, int]]] = [
+    ("nan", "metadata NaN", '{"model": "tiny", "input": "x", "metadata": {"a": NaN}}',
+     ("invalid_json", None, 400)),
+    ("infinity", "temperature Infinity", '{"model": "tiny", "input": "x", "temperature": Infinity}',
+     ("invalid_json", None, 400)),
+    ("huge-float", "top_p 1e999", '{"model": "tiny", "input": "x", "top_p": 1e999}',
+     ("invalid_value", "top_p", 400)),
+    ("huge-float-meta", "metadata 1e999", '{"model": "tiny", "input": "x", "metadata": {"a": 1e999}}',
+     ("invalid_value", "metadata.a", 400)),
+    ("huge-int", "a 5000-digit integer", '{"model": "tiny", "input": "x", "n": ' + "9" * 5000 + "}",
+     ("invalid_json", None, 400)),
+    ("depth", "nesting past the limit", '{"model": "tiny", "input": "x", "extra": '
+     + nested(MAX_JSON_DEPTH + 5) + "}", ("invalid_json", "extra", 400)),
+    ("deep-big", "980 deep inside a >256 KiB body", '{"model": "tiny", "input": "x", "pad": "'
+     + "p" * (260 * 1024) + '", "metadata": ' + '{"a":' * 980 + '"v"' + "}" * 980 + "}",
+     ("invalid_json", "metadata", 400)),
+    ("meta-keys", "17 metadata keys", {"metadata": {f"k{i}": "v" for i in range(17)}},
+     ("invalid_value", "metadata", 400)),
+    ("meta-value", "a 600-character metadata value", {"metadata": {"a": "v" * 600}},
+     ("invalid_value", "metadata.a", 400)),
+    ("meta-key", "a 65-character metadata key", {"metadata": {"k" * 65: "v"}},
+     ("invalid_value", "metadata", 400)),
+    ("meta-type", "a metadata value that is not a string", {"metadata": {"a": {"b": 1}}},
+     ("invalid_type", "metadata.a", 400)),
+    ("call-id", "a function_call_output answering no call",
+     {"input": [{"type": "function_call_output", "call_id": "call_nope", "output": "42"}]},
+     ("invalid_value", "input", 400)),
+    ("dup-tools", "two tools with one name",
+     {"tools": [{"type": "function", "name": "ls", "parameters": {"type": "object"}},
+                {"type": "function", "name": "ls", "parameters": {"type": "object"}}]},
+     ("invalid_value", "tools[1].name", 400)),
+    ("cap", "max_output_tokens over the server's cap", {"max_output_tokens": 65},
+     ("integer_above_max_value", "max_output_tokens", 400)),
+    ("model", "an unknown model", {"model": "gpt-9"}, ("model_not_found", "model", 404)),
+    ("long-id", "a 300-character previous_response_id", {"previous_response_id": "r" * 300},
+     ("invalid_value", "previous_response_id", 400)),
+]  # fmt: skip
+
+
+def _body(spec: dict[str, Any] | str, *, websocket: bool) -> str:
+    if isinstance(spec, str):
+        body = spec
+        if websocket:
+            body = '{"type": "response.create", ' + body[1:]
+        return body
+    full = {"model": "tiny", "input": "x", **spec}
+    if websocket:
+        full = {"type": "response.create", **full}
+    return json.dumps(full)
+
+
+@pytest.mark.parametrize("case", BAD_BODIES, ids=[c[0] for c in BAD_BODIES])
+def test_bad_bodies_are_refused_over_websocket(server: Any, case: Any) -> None:
+    srv, _engine, records = server
+    _id, _what, spec, (code, param, status) = case
+    with connect(srv.ws_url, max_size=None) as ws:
+        err = ws_error(ws, _body(spec, websocket=True))
+        assert (err["error"]["code"], err["error"]["param"], err["status"]) == (code, param, status)
+        done = read_response(_run(ws, "still usable?"))
+        assert done[-1]["type"] in DONE  # the connection stays usable
+    assert not records.tracebacks()
+
+
+@pytest.mark.parametrize("case", BAD_BODIES, ids=[c[0] for c in BAD_BODIES])
+def test_bad_bodies_are_refused_over_http(server: Any, case: Any) -> None:
+    srv, _engine, records = server
+    _id, _what, spec, (code, param, http_status) = case
+    got_status, err = http_error(srv, _body(spec, websocket=False))
+    assert (got_status, err["code"], err["param"]) == (http_status, code, param)
+    assert not records.tracebacks()
+
+
+def _run(ws: ClientConnection, text: str) -> Iterator[dict[str, Any]]:
+    create(ws, input=text, max_output_tokens=2)
+    return events(ws)
+
+
+def test_model_alias_and_matched_call_id_are_accepted(server: Any) -> None:
+    srv, _engine, _records = server
+    call = {"type": "function_call", "call_id": "call_1", "name": "ls", "arguments": "{}"}
+    out = {"type": "function_call_output", "call_id": "call_1", "output": "a b"}
+    tool = {"type": "function", "name": "ls", "parameters": {"type": "object"}}
+    with connect(srv.ws_url) as ws:
+        create(ws, model="tiny-alias", input=[call, out], tools=[tool], max_output_tokens=2,
+               metadata={f"k{i}": "v" * 512 for i in range(16)})  # fmt: skip
+        got = read_response(events(ws))
+        assert got[-1]["type"] in DONE
+        response = got[-1]["response"]
+        assert response["model"] == "tiny" and len(response["metadata"]) == 16
+
+
+def test_binary_frames_and_invalid_utf8(server: Any) -> None:
+    srv, _engine, records = server
+    raw = RawWebSocket("127.0.0.1", srv.port)
+    try:
+        raw.send(b'{"type": "response.create", "input": "x"}', OP_BINARY)
+        err = raw.recv_json()
+        assert (err["type"], err["error"]["code"]) == ("error", "invalid_message")
+        raw.send(b"\xff\xfe not utf-8", OP_BINARY)
+        assert raw.recv_json()["error"]["code"] == "invalid_message"
+        raw.send_json({"type": "response.create", "model": "tiny", "input": "ok",
+                       "max_output_tokens": 2})  # fmt: skip
+        assert raw.recv_json()["type"] == "response.created"  # still usable
+        # a text frame that is not UTF-8 breaks the WebSocket protocol itself: the
+        # connection fails with 1007 (RFC 6455 requires it), no traceback
+        raw.send(b'{"type": "response.create", "input": "\xc3\x28"}')
+        assert raw.close_code() == 1007
+    finally:
+        raw.close()
+    status, err = http_error(srv, b'{"model": "tiny", "input": "\xc3\x28"}')
+    assert (status, err["code"]) == (400, "invalid_json")
+    assert "UTF-8" in err["message"]
+    assert not records.tracebacks()
+
+
+def test_a_message_too_large_gets_the_error_event_then_close_1009(server: Any) -> None:
+    srv, _engine, _records = server
+    with connect(srv.ws_url, max_size=None) as ws:
+        create(ws, input="x" * (LIMIT + 10))
+        err = json.loads(ws.recv(timeout=30))
+        assert (err["type"], err["error"]["code"]) == ("error", "message_too_large")
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(timeout=30)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
+    status, err = http_error(srv, "x" * (LIMIT + 10))
+    assert (status, err["code"]) == (413, "message_too_large")
+
+
+def test_refusals_are_logged_as_one_line_with_request_id_and_tenant(server: Any) -> None:
+    srv, _engine, records = server
+    before = len(records.records)
+    with connect(srv.ws_url, additional_headers={"Authorization": "Bearer sk-someone"}) as ws:
+        ws_error(ws, model="gpt-9")
+    time.sleep(0.1)
+    lines = [r.getMessage() for r in records.records[before:]
+             if r.name == "pagedkv.server.refusals"]  # fmt: skip
+    assert len(lines) == 1, lines
+    assert "transport=ws" in lines[0] and "code=model_not_found" in lines[0]
+    assert "request_id=ws_" in lines[0] and "tenant=key-" in lines[0]
+    assert "sk-someone" not in lines[0]  # the key itself is never logged
+
+
+def test_nothing_is_left_behind(server: Any) -> None:
+    _srv, engine, _records = server
+    time.sleep(0.2)
+    stats = engine_check(engine)
+    assert stats["num_sessions"] == 0 and stats["gpu_blocks"]["in_use"] == 0
+
+
+# -- the parsing helpers, directly -------------------------------------------------------
+
+
+def test_decode_and_encode_refuse_non_finite_numbers() -> None:
+    for text in ('{"a": NaN}', '{"a": -Infinity}', "[Infinity]"):
+        with pytest.raises(ProtocolError) as err:
+            decode_json(text, "body")
+        assert err.value.code == "invalid_json"
+    with pytest.raises(ValueError):
+        encode_json({"a": math.nan})
+    assert encode_json({"a": "é", "b": [1, 2.5]}) == '{"a":"é","b":[1,2.5]}'
+
+
+def test_check_encodable_bounds_depth_without_recursion() -> None:
+    deep: Any = "leaf"
+    for _ in range(100_000):  # far past the interpreter's recursion limit
+        deep = [deep]
+    with pytest.raises(ProtocolError) as err:
+        check_encodable({"x": deep})
+    assert err.value.code == "invalid_json"
+    ok: Any = "leaf"
+    for _ in range(MAX_JSON_DEPTH - 2):
+        ok = {"k": ok}
+    check_encodable({"x": ok})
+    with pytest.raises(ProtocolError) as err:
+        check_encodable({"x": [1.0, math.inf]})
+    assert err.value.param is not None and err.value.param.startswith("x")
+
+
+def test_server_config_is_validated() -> None:
+    with pytest.raises(ValueError, match="exceeds max_output_tokens_cap"):
+        ServerConfig(default_max_output_tokens=100, max_output_tokens_cap=10)
+    with pytest.raises(ValueError, match="send_timeout_s"):
+        ServerConfig(send_timeout_s=0)
+    with pytest.raises(ValueError, match="idle_timeout_s"):
+        ServerConfig(idle_timeout_s=-1)
+    with pytest.raises(ValueError, match="model_name"):
+        ServerConfig(model_name="")
