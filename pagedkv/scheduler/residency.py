@@ -370,6 +370,10 @@ class Residency(ABC):
             if not mine:
                 del self._pinned_ids[s.tenant]
 
+    def pinned_by_tenant(self) -> dict[str, int]:
+        """Pinned sessions of each tenant that has one."""
+        return {t: n for t, n in self._pinned_by_tenant.items() if n > 0}
+
     def tenant_gpu_blocks(self, tenant: str) -> int:
         """GPU blocks referenced by `tenant`'s pinned sessions (a block two of them share
         counts once)."""

@@ -216,6 +216,7 @@ class Engine:
             "num_running": len(self._running),
             "num_waiting": len(self._waiting),
             "num_pinned": self.scheduler.num_pinned,
+            "pinned_by_tenant": self.scheduler.pinned_by_tenant(),
             "gpu_blocks": {
                 "total": gpu.num_blocks,
                 "in_use": gpu.num_in_use,

@@ -1,0 +1,118 @@
+"""The Prometheus `/metrics` endpoint: admin key only; requests, errors by code, TTFT and
+inter-token histograms, cached-token ratio, engine gauges; tenant labels bounded."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import torch
+from prometheus_client.parser import text_string_to_metric_families
+from websockets.sync.client import connect
+
+from pagedkv.serving.auth import Authenticator
+from pagedkv.serving.server_metrics import ServerMetrics
+from pagedkv.serving.testing import read_response, tiny_server
+
+KEYS = {"sk-alice": "alice", "sk-bob": "bob"}
+PROMPT = "A long shared system prompt for the agent, repeated to fill blocks. " * 6
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def value(found: dict[Any, float], name: str, **labels: str) -> float:
+    return found.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def test_metrics_endpoint_reports_requests_errors_latency_and_engine_state() -> None:
+    auth = Authenticator.from_keys(KEYS, admin_keys=("sk-admin",))
+    with tiny_server(auth=auth) as (srv, _engine):
+        url = f"http://127.0.0.1:{srv.port}/metrics"
+        assert httpx.get(url).status_code == 401
+        assert httpx.get(url, headers={"Authorization": "Bearer sk-alice"}).status_code == 401
+        with connect(srv.ws_url, additional_headers={"Authorization": "Bearer sk-alice"}) as ws:
+            for _ in range(2):  # the second turn is served from the cache
+                ws.send(json.dumps({"type": "response.create", "model": "tiny", "input": PROMPT,
+                                    "max_output_tokens": 6, "temperature": 0}))  # fmt: skip
+                got = read_response(json.loads(ws.recv(timeout=60)) for _ in range(10_000))
+                assert got[-1]["type"] in ("response.completed", "response.incomplete")
+            ws.send(json.dumps({"type": "response.create", "model": "gpt-9", "input": "x"}))
+            assert json.loads(ws.recv(timeout=60))["error"]["code"] == "model_not_found"
+            bob = openai.OpenAI(base_url=srv.base_url, api_key="sk-bob", max_retries=0)
+            bob.responses.create(model="tiny", input="hi", max_output_tokens=2)
+            r = httpx.get(url, headers={"Authorization": "Bearer sk-admin"})
+            assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+            found = samples(r.text)
+            assert value(found, "pagedkv_open_connections") == 1
+            assert value(found, "pagedkv_pinned_sessions") == 1  # alice's connection
+        ws_done = sum(
+            value(found, "pagedkv_requests_total", tenant="alice", transport="ws", status=s)
+            for s in ("completed", "incomplete")
+        )
+        assert ws_done == 2
+        http_done = sum(
+            value(found, "pagedkv_requests_total", tenant="bob", transport="http", status=s)
+            for s in ("completed", "incomplete")
+        )
+        assert http_done == 1
+        assert value(found, "pagedkv_errors_total", tenant="alice", transport="ws",
+                     code="model_not_found") == 1  # fmt: skip
+        assert value(found, "pagedkv_ttft_seconds_count", transport="ws") == 2
+        assert value(found, "pagedkv_inter_token_seconds_count", transport="ws") >= 2
+        assert value(found, "pagedkv_cached_token_ratio_count", transport="ws") == 2
+        assert value(found, "pagedkv_cached_tokens_total", tenant="alice") > 0
+        assert value(found, "pagedkv_cached_tokens_total", tenant="bob") == 0
+        inp = value(found, "pagedkv_input_tokens_total", tenant="alice")
+        assert inp >= 2 * len(PROMPT) // 8
+        assert value(found, "pagedkv_gpu_blocks_in_use") > 0
+        assert value(found, "pagedkv_gpu_blocks_total") == 256
+        assert ("pagedkv_offload_bytes_total", ()) in found
+
+
+def test_metrics_is_closed_without_an_admin_key() -> None:
+    with tiny_server() as (srv, _engine):
+        r = httpx.get(f"http://127.0.0.1:{srv.port}/metrics",
+                      headers={"Authorization": "Bearer anything"})  # fmt: skip
+        assert r.status_code == 403
+        assert r.json()["error"]["code"] == "admin_key_required"
+
+
+def test_tenant_labels_are_bounded() -> None:
+    m = ServerMetrics(max_tenants=4)
+    for i in range(40):
+        m.refused(f"key-{i:04d}", "ws", "invalid_json")
+        m.refused(f"key-{i:04d}", "ws", f"made-up-code-{i}")
+    found = samples(m.render().decode())
+    tenants = {
+        dict(labels).get("tenant") for (name, labels) in found if name == "pagedkv_errors_total"
+    }
+    codes = {dict(labels).get("code") for (name, labels) in found if name == "pagedkv_errors_total"}
+    assert tenants == {"key-0000", "key-0001", "key-0002", "key-0003", "other"}
+    assert codes == {"invalid_json", "other"}
+    assert value(found, "pagedkv_errors_total", tenant="other", transport="ws",
+                 code="invalid_json") == 36  # fmt: skip
+
+
+def test_each_app_has_its_own_registry() -> None:
+    a, b = ServerMetrics(), ServerMetrics()
+    a.connection_opened()
+    assert value(samples(a.render().decode()), "pagedkv_open_connections") == 1
+    assert value(samples(b.render().decode()), "pagedkv_open_connections") == 0

@@ -1,0 +1,164 @@
+"""Quotas with many real connections on loopback: the global and per-tenant connection
+caps refuse the handshake with 429 `rate_limit_exceeded` (never a hang), HTTP requests in
+flight are capped per tenant (the `openai` SDK raises `RateLimitError`), and the
+scheduler's per-tenant pinned cap holds behind the server. Everything is released when
+the clients close.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack
+from typing import Any
+
+import openai
+import pytest
+import torch
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect
+
+from pagedkv.scheduler.config import SchedulerConfig
+from pagedkv.serving.auth import Authenticator
+from pagedkv.serving.quotas import ConnectionQuotas, TenantLimits, TenantPolicy, scheduler_caps
+from pagedkv.serving.response_run import ServerConfig
+from pagedkv.serving.testing import engine_check, read_response, tiny_server
+
+KEYS = {"sk-alice": "alice", "sk-bob": "bob"}
+POLICY = TenantPolicy(
+    TenantLimits(max_connections=6, max_http_requests=1, max_pinned_sessions=2),
+    {"bob": TenantLimits(max_connections=20, max_http_requests=4, max_pinned_sessions=None)},
+)
+GLOBAL_CONNECTIONS = 24
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[tuple[Any, Any, ConnectionQuotas]]:
+    quotas = ConnectionQuotas(POLICY, max_connections=GLOBAL_CONNECTIONS, max_http_requests=16)
+    sched = SchedulerConfig(max_pinned_sessions=16, **scheduler_caps(POLICY))
+    with tiny_server(
+        auth=Authenticator.from_keys(KEYS), quotas=quotas, scheduler=sched, step_delay_s=0.02,
+        server=ServerConfig(model_name="tiny", idle_timeout_s=None),
+    ) as (srv, engine):  # fmt: skip
+        yield srv, engine, quotas
+
+
+def ws(srv: Any, key: str) -> Any:
+    return connect(srv.ws_url, additional_headers={"Authorization": f"Bearer {key}"},
+                   open_timeout=10)  # fmt: skip
+
+
+def refused(srv: Any, key: str) -> dict[str, Any]:
+    with pytest.raises(InvalidStatus) as err:
+        ws(srv, key).close()
+    assert err.value.response.status_code == 429
+    return dict(json.loads(err.value.response.body)["error"])
+
+
+def events(conn: Any) -> Iterator[dict[str, Any]]:
+    while True:
+        yield json.loads(conn.recv(timeout=60))
+
+
+def turn(conn: Any, text: str, previous: str | None = None) -> dict[str, Any]:
+    conn.send(json.dumps({"type": "response.create", "model": "tiny", "input": text,
+                          "max_output_tokens": 2, "previous_response_id": previous}))  # fmt: skip
+    got = read_response(events(conn))
+    assert got[-1]["type"] in ("response.completed", "response.incomplete"), got[-2:]
+    return dict(got[-1]["response"])
+
+
+def settle(engine: Any, quotas: ConnectionQuotas) -> None:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if quotas.snapshot()["connections"] == 0 and engine_check(engine)["num_sessions"] == 0:
+            return
+        time.sleep(0.05)
+    pytest.fail(f"not released: {quotas.snapshot()}")
+
+
+def test_per_tenant_and_global_connection_caps(server: Any) -> None:
+    srv, engine, quotas = server
+    with ExitStack() as stack:
+        alice = [stack.enter_context(ws(srv, "sk-alice")) for _ in range(6)]
+        err = refused(srv, "sk-alice")
+        assert err["code"] == "rate_limit_exceeded" and "limit 6" in err["message"]
+        # bob has his own, larger cap: alice's connections do not count against it
+        bob = [stack.enter_context(ws(srv, "sk-bob")) for _ in range(18)]
+        # 24 open: the global cap refuses everyone now, bob below his own cap included
+        err = refused(srv, "sk-bob")
+        assert "the server has 24 open" in err["message"]
+        assert quotas.snapshot()["connections_by_tenant"] == {"alice": 6, "bob": 18}
+        # every accepted connection works
+        assert turn(alice[0], "hello from alice")["status"] in ("completed", "incomplete")
+        assert turn(bob[-1], "hello from bob")["status"] in ("completed", "incomplete")
+        # closing one frees a slot
+        bob.pop().close()
+        deadline = time.monotonic() + 5
+        while quotas.snapshot()["connections"] != 23 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        stack.enter_context(ws(srv, "sk-bob"))
+    settle(engine, quotas)
+
+
+def test_an_unknown_key_is_refused_with_401_not_counted(server: Any) -> None:
+    srv, _engine, quotas = server
+    with pytest.raises(InvalidStatus) as err:
+        ws(srv, "sk-nobody").close()
+    assert err.value.response.status_code == 401
+    assert quotas.snapshot()["connections"] == 0
+
+
+def test_http_requests_in_flight_are_capped_per_tenant(server: Any) -> None:
+    srv, engine, quotas = server
+    client = openai.OpenAI(base_url=srv.base_url, api_key="sk-alice", max_retries=0)
+    done = threading.Event()
+    results: list[Any] = []
+
+    def long_request() -> None:
+        try:
+            results.append(client.responses.create(model="tiny", input="a slow one",
+                                                   max_output_tokens=60, temperature=0))  # fmt: skip
+        finally:
+            done.set()
+
+    t = threading.Thread(target=long_request)
+    t.start()
+    deadline = time.monotonic() + 10
+    while quotas.snapshot()["http_requests"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    with pytest.raises(openai.RateLimitError) as err:
+        client.responses.create(model="tiny", input="a second one", max_output_tokens=2)
+    assert err.value.code == "rate_limit_exceeded"
+    # another tenant is not affected
+    bob = openai.OpenAI(base_url=srv.base_url, api_key="sk-bob", max_retries=0)
+    assert bob.responses.create(model="tiny", input="bob", max_output_tokens=2).status
+    t.join(60)
+    assert done.is_set() and results and results[0].status in ("completed", "incomplete")
+    assert quotas.snapshot()["http_requests"] == 0
+    settle(engine, quotas)
+
+
+def test_pinned_sessions_are_capped_per_tenant_behind_the_server(server: Any) -> None:
+    srv, engine, quotas = server
+    with ExitStack() as stack:
+        alice = [stack.enter_context(ws(srv, "sk-alice")) for _ in range(5)]
+        bob = [stack.enter_context(ws(srv, "sk-bob")) for _ in range(5)]
+        first = [turn(conn, f"conversation {i} " * 8) for i, conn in enumerate(alice + bob)]
+        pinned = engine_check(engine)["pinned_by_tenant"]
+        assert pinned["alice"] <= 2  # alice's cap; her other sessions were offloaded
+        assert pinned["bob"] == 5  # bob has no tenant cap and the global cap is 16
+        # alice's offloaded sessions still continue (restored from the host tier)
+        second = turn(alice[0], "and a follow-up", first[0]["id"])
+        assert second["usage"]["input_tokens_details"]["cached_tokens"] > 0
+    settle(engine, quotas)
