@@ -9,6 +9,14 @@ only), `stream_id` (WebSocket only: echoed on every event of that response; requ
 one connection run first in, first out whatever their lane). `background: true` is
 refused. Anything malformed raises `ProtocolError`, which the server sends as the `error`
 envelope.
+
+Bounds (the API's where it has them): NaN/Infinity refused, nesting at most
+`MAX_JSON_DEPTH` levels anywhere in the body, `metadata` at most 16 string pairs (keys
+up to 64 characters, values up to 512), at most 128 tools with unique names, ids
+(call ids, tool names, `previous_response_id`, `stream_id`) 1-256 characters. Replies
+are written with `encode_json` (never NaN). Checks that need the server's configuration
+(model name, the `max_output_tokens` cap) or the whole conversation (call ids) are in
+`pagedkv.serving.response_run.check_request`.
 """
 
 from __future__ import annotations
