@@ -208,3 +208,65 @@ def test_serve_accepts_every_log_level_uvicorn_has() -> None:
         assert parser.parse_args(["serve", "--log-level", level]).log_level == level.lower()
     with pytest.raises(SystemExit):
         parser.parse_args(["serve", "--log-level", "verbose"])
+
+
+def test_serve_wires_keys_file_limits_and_timeouts_into_the_app(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`pagedkv serve` up to the point where uvicorn would start: `--log-level trace`
+    starts, the keys file's limits reach the quotas and the scheduler, the timeouts the
+    server config."""
+    import uvicorn
+
+    from pagedkv.cli.main import main
+
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps({
+        "keys": [{"key": "sk-a", "tenant": "acme"}],
+        "default_limits": {"max_pinned_sessions": 3},
+        "tenants": {"acme": {"max_connections": 7}},
+    }))  # fmt: skip
+    seen: dict[str, Any] = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(app=app, **kw))
+    code = main([
+        "serve", "--model", "tiny", "--num-gpu-blocks", "64", "--api-keys-file", str(keys),
+        "--log-level", "trace", "--send-timeout", "3", "--idle-timeout", "0",
+        "--max-connections", "50", "--tenant-max-connections", "2", "--port", "0",
+    ])  # fmt: skip
+    assert code == 0 and seen["log_level"] == "trace"
+    app = seen["app"]
+    quotas = app.state.quotas
+    assert quotas.max_connections == 50
+    assert quotas.policy.limits("acme").max_connections == 7
+    assert quotas.policy.limits("other").max_connections == 2
+    sched = app.state.engine.config.scheduler
+    assert sched.tenant_pinned_cap("acme") == 3 and sched.tenant_pinned_cap("x") == 3
+    routes = {r.path: r for r in app.routes}
+    assert "/metrics" in routes
+    out = capsys.readouterr().out
+    assert "at most 50 connections" in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--port", "70000"], "must be 0-65535"),
+        (["--send-timeout", "nan"], "finite number > 0"),
+        (["--idle-timeout", "-1"], "finite number >= 0"),
+        (["--max-connections", "0"], "must be >= 1"),
+        (["--max-output-tokens-cap", "x"], "expected an integer"),
+        (["--max-output-tokens", "64", "--max-output-tokens-cap", "32"], "exceeds"),
+    ],
+)
+def test_serve_options_are_validated(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from pagedkv.cli.main import main
+
+    try:
+        code = main(["serve", *argv])
+    except SystemExit as exc:  # argparse's own exit
+        code = int(exc.code or 0)
+    assert code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err

@@ -136,6 +136,7 @@ def create_app(
         ],
         lifespan=lifespan,
     )
+    app.state.engine = engine
     app.state.metrics = meter
     app.state.quotas = quota
     return app
