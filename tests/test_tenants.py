@@ -68,6 +68,36 @@ def test_identical_prompts_are_cached_within_a_tenant_only(server: Any, via: Any
     engine_check(engine)
 
 
+def test_prompt_cache_key_sub_salts_within_a_tenant(server: Any) -> None:
+    srv, engine = server
+    text = "cache key " + PROMPT
+
+    def cached(key: str, cache_key: str | None) -> int:
+        extra = {} if cache_key is None else {"prompt_cache_key": cache_key}
+        r = client(srv, key).responses.create(model="tiny", input=text, max_output_tokens=2,
+                                              **extra)  # fmt: skip
+        assert r.prompt_cache_key == cache_key
+        return int(r.usage.input_tokens_details.cached_tokens)
+
+    assert cached("sk-alice-1", "team-a") == 0
+    assert cached("sk-alice-2", "team-a") > 0  # the same key within the tenant: shared
+    assert cached("sk-alice-1", "team-b") == 0  # another key: its own chain
+    assert cached("sk-alice-1", None) == 0  # no key is a chain of its own too
+    assert cached("sk-bob", "team-a") == 0  # the same key in another tenant: nothing
+    # over WebSocket, a turn that switches keys starts over under the new one
+    with client(srv, "sk-alice-1").responses.connect() as conn:
+        for key, expect_hit in (("team-b", True), ("team-c", False), ("team-c", True)):
+            conn.response.create(model="tiny", input=text, max_output_tokens=2, store=False,
+                                 prompt_cache_key=key)  # fmt: skip
+            done = read_response(conn)[-1]
+            got = int(done.response.usage.input_tokens_details.cached_tokens)
+            assert (got > 0) == expect_hit, (key, got)
+    with pytest.raises(openai.BadRequestError):
+        client(srv, "sk-alice-1").responses.create(model="tiny", input="x",
+                                                   prompt_cache_key="k" * 300)  # fmt: skip
+    engine_check(engine)
+
+
 def test_a_guessed_secret_teaches_another_tenant_nothing(server: Any) -> None:
     srv, _engine = server
     secret = 4711

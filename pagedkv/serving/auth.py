@@ -249,9 +249,10 @@ def load_authenticator(
     if keys_file is not None:
         path = Path(keys_file)
         data = read_keys_file(path)
-        entries = data.get("keys", [])
+        entries = data.get("keys")
         if not isinstance(entries, list):
-            raise ValueError(f'keys file {path}: "keys" must be a list')
+            raise ValueError(f'keys file {path}: expected {{"keys": [...]}} (a list, '
+                             "empty for none)")  # fmt: skip
         for i, entry in enumerate(entries):
             if not isinstance(entry, dict) or not isinstance(entry.get("key"), str):
                 raise ValueError(f"keys file {path}: keys[{i}] needs a string 'key'")

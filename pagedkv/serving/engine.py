@@ -73,6 +73,7 @@ class _Session:
     tenant: str
     held: list[int] = field(default_factory=list)
     job: _Job | None = None
+    extra_keys: bytes = b""  # the sub-salt of its current `cache_key`
 
 
 @dataclass(eq=False)
@@ -89,6 +90,13 @@ class _Job:
     cached_tokens: int = 0
     t_admitted: float = 0.0
     t_first: float | None = None
+
+
+def cache_key_salt(cache_key: str | None) -> bytes:
+    """The `extra_keys` of a `prompt_cache_key` (empty without one)."""
+    if cache_key is None:
+        return b""
+    return b"prompt_cache_key\x00" + cache_key.encode("utf-8", "surrogatepass")
 
 
 def _cost_model(model: LlamaModel, block_bytes: int, block_size: int, device: str) -> CostModel:
@@ -355,7 +363,7 @@ class Engine:
         self.scheduler.close_session(s.key)
         s.key = self._new_key(s.session_id)
         s.held = []
-        self.scheduler.open_session(s.key, tenant=s.tenant)
+        self.scheduler.open_session(s.key, tenant=s.tenant, extra_keys=s.extra_keys)
 
     def _drop_job(self, job: _Job) -> None:
         self._waiting.pop(job.session.key, None)
@@ -391,6 +399,10 @@ class Engine:
             )
             return
         target = list(req.prompt_tokens)
+        extra = cache_key_salt(req.cache_key)
+        if extra != s.extra_keys:  # another prompt_cache_key: another hash chain
+            s.extra_keys = extra
+            self._reset(s)
         if s.held and target[: len(s.held)] != s.held:
             self._reset(s)  # the conversation does not extend what the session holds
         new = target[len(s.held) :]

@@ -80,6 +80,10 @@ class EngineRequest:
         tenant: the tenant of an `ephemeral` request's session (default:
             `EngineConfig.tenant`); a non-ephemeral session keeps the tenant it was
             opened with.
+        cache_key: a sub-salt within the tenant (the API's `prompt_cache_key`): the
+            turn's hash chain, and so every block it can hit or leave in the cache, is
+            keyed by (tenant, cache_key). A session whose next turn names another key
+            starts over under that key.
     """
 
     request_id: str
@@ -89,6 +93,7 @@ class EngineRequest:
     ephemeral: bool = False
     arrival: float = 0.0
     tenant: str | None = None
+    cache_key: str | None = None
 
 
 class TurnStarted(NamedTuple):

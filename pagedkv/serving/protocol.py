@@ -6,14 +6,16 @@ or a list of items: `message` with a string or text parts, replayed `function_ca
 `previous_response_id` (nullable), `store`, `generate` (WebSocket: False warms the cache
 without output), `max_output_tokens`, `temperature`, `top_p`, `metadata`, `stream` (HTTP
 only), `stream_id` (WebSocket only: echoed on every event of that response; requests on
-one connection run first in, first out whatever their lane). `background: true` is
-refused. Anything malformed raises `ProtocolError`, which the server sends as the `error`
+one connection run first in, first out whatever their lane), `prompt_cache_key` (a
+sub-salt within the tenant: only requests with the same key share cached blocks).
+`background: true` is refused. Anything malformed raises `ProtocolError`, which the server sends as the `error`
 envelope.
 
 Bounds (the API's where it has them): NaN/Infinity refused, nesting at most
 `MAX_JSON_DEPTH` levels anywhere in the body, `metadata` at most 16 string pairs (keys
 up to 64 characters, values up to 512), at most 128 tools with unique names, ids
-(call ids, tool names, `previous_response_id`, `stream_id`) 1-256 characters. Replies
+(call ids, tool names, `previous_response_id`, `stream_id`, `prompt_cache_key`) 1-256
+characters. Replies
 are written with `encode_json` (never NaN). Checks that need the server's configuration
 (model name, the `max_output_tokens` cap) or the whole conversation (call ids) are in
 `pagedkv.serving.response_run.check_request`.
@@ -107,6 +109,7 @@ class CreateRequest:
     metadata: dict[str, str] = field(default_factory=dict)
     stream: bool = False
     stream_id: str | None = None
+    prompt_cache_key: str | None = None
 
     def forced_tool(self) -> FunctionTool | None:
         """The tool a function call must be made to, or None for a text answer.
@@ -483,6 +486,9 @@ def parse_create(body: object, *, websocket: bool) -> CreateRequest:
     # WebSocket only: the lane whose events echo it (requests run FIFO on a connection)
     stream_id = _opt(body, "stream_id", (str,), "a string") if websocket else None
     _check_id(stream_id, "stream_id")
+    cache_key = _check_id(
+        _opt(body, "prompt_cache_key", (str,), "a string"), "prompt_cache_key"
+    )
     return CreateRequest(
         model=_opt(body, "model", (str,), "a string"),
         items=items,
@@ -500,4 +506,5 @@ def parse_create(body: object, *, websocket: bool) -> CreateRequest:
         metadata=metadata,
         stream=bool(stream) and not websocket,
         stream_id=stream_id,
+        prompt_cache_key=cache_key,
     )

@@ -89,6 +89,7 @@ class ResponseBuilder:
             "reasoning": {"effort": None, "summary": None},
             "service_tier": "default",
             "store": req.store,
+            "prompt_cache_key": req.prompt_cache_key,
             "temperature": self.temperature,
             "text": {"format": {"type": "text"}},
             "tool_choice": tool_choice,

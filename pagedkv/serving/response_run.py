@@ -185,6 +185,7 @@ class ResponseRun:
         self.session_id = session_id
         self.ephemeral = ephemeral
         self.tenant = tenant
+        self.cache_key = req.prompt_cache_key
         self.arrival = time.monotonic()
         check_request(config, req, items)
         tool = req.forced_tool()
@@ -269,6 +270,7 @@ class ResponseRun:
                 ephemeral=self.ephemeral,
                 arrival=self.arrival,
                 tenant=self.tenant,
+                cache_key=self.cache_key,
             ),
             emit,
         )
