@@ -162,3 +162,25 @@ def test_pinned_sessions_are_capped_per_tenant_behind_the_server(server: Any) ->
         second = turn(alice[0], "and a follow-up", first[0]["id"])
         assert second["usage"]["input_tokens_details"]["cached_tokens"] > 0
     settle(engine, quotas)
+
+
+def test_a_turn_held_by_its_tenants_pinned_cap_gets_429_not_a_hang() -> None:
+    sched = SchedulerConfig(max_pinned_sessions=8, tenant_default_max_pinned=1,
+                            queue_timeout_s=0.5)  # fmt: skip
+    with tiny_server(scheduler=sched, step_delay_s=0.05) as (srv, engine):
+        with connect(srv.ws_url) as busy, connect(srv.ws_url) as second:
+            busy.send(json.dumps({"type": "response.create", "model": "tiny", "input": "long",
+                                  "max_output_tokens": 60, "temperature": 0}))  # fmt: skip
+            assert json.loads(busy.recv(timeout=10))["type"] == "response.created"
+            time.sleep(0.2)  # admitted: the tenant's one pin slot is taken
+            second.send(json.dumps({"type": "response.create", "model": "tiny",
+                                    "input": "me too", "max_output_tokens": 2}))  # fmt: skip
+            got = read_response(events(second))
+            err = next(e for e in got if e["type"] == "error")
+            assert (err["status"], err["error"]["code"]) == (429, "rate_limit_exceeded")
+            assert err["error"]["type"] == "requests"
+            assert got[-1]["type"] == "response.failed"
+            assert read_response(events(busy))[-1]["type"] in ("response.completed",
+                                                               "response.incomplete")  # fmt: skip
+        time.sleep(0.2)
+        assert engine_check(engine)["num_sessions"] == 0

@@ -148,3 +148,20 @@ def test_keys_file_limit_errors(tmp_path: Path, content: object, message: str) -
     path.write_text(json.dumps(content))
     with pytest.raises(ValueError, match=message):
         load_policy(path)
+
+
+def test_a_wait_for_the_tenants_own_cap_times_out_as_its_quota() -> None:
+    sched, clock = make_scheduler(
+        max_pinned_sessions=8, tenant_max_pinned={"t": 1}, queue_timeout_s=1.0
+    )
+    sched.open_session("t1", tenant="t")
+    assert sched.begin_turn("t1", toks(0, 4)) is not None  # running: t is at its cap
+    sched.open_session("t2", tenant="t")
+    assert sched.begin_turn("t2", toks(50, 4)) is None
+    sched.open_session("u1", tenant="u")
+    sched.begin_turn("u1", toks(100, 4))
+    sched.mark_computed("u1")
+    clock.now = 2.0
+    (refused,) = [e for e in sched.poll() if e.session_id == "t2"]
+    assert refused.error.reason == "tenant_quota"  # type: ignore[attr-defined]
+    sched.check_invariants()

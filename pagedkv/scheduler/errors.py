@@ -16,7 +16,8 @@ class OverCapacityError(PagedKVError):
 
     Attributes:
         session_id: the refused session.
-        reason: "queue_full" or "timeout" (or "too_large" when a turn can never fit).
+        reason: "queue_full", "timeout", "tenant_quota" (a timeout while held back only by
+            its tenant's pinned cap) or "too_large" (a turn that can never fit).
         detail: the reason in words, without the session id (what a server can show a
             client without exposing its internal keys).
     """

@@ -103,6 +103,9 @@ class Residency(ABC):
         self._pinned_ids: dict[str, dict[object, Session]] = {}  # tenant -> pinned sessions
         self._events: deque[Event] = deque()
         self._blocked_by_tenant = False  # set by _make_room: short only of a tenant slot
+        # queued sessions whose last admission try was held back only by their tenant's
+        # cap: a timeout of theirs is the tenant's quota, not the server's capacity
+        self._tenant_held: set[object] = set()
         self._block_limit = int(config.high_watermark * cache.gpu.pool.num_blocks)
 
     @abstractmethod

@@ -174,6 +174,8 @@ class SessionScheduler(Residency):
             started = self._try_start(s)
             if started is not None:
                 return started if isinstance(started, TurnPlan) else None
+            if self._blocked_by_tenant:
+                self._tenant_held.add(session_id)
             if self.num_queued >= self.config.max_queue:
                 s.pending_tokens = None
                 raise self._refuse(s, "queue_full", f"{self.num_queued} turns already waiting")
@@ -282,6 +284,7 @@ class SessionScheduler(Residency):
         s.state = S.CLOSED
         s.history = s.pending_tokens = None
         s.queued_at = None
+        self._tenant_held.discard(session_id)
         del self._sessions[session_id]
         self._admit_queued()
 
@@ -310,7 +313,14 @@ class SessionScheduler(Residency):
                 if now - s.queued_at <= self.config.queue_timeout_s:
                     break
                 del queue[s.session_id]
-                err = self._refuse(s, "timeout", f"waited {now - s.queued_at:.3f}s")
+                if s.session_id in self._tenant_held:
+                    self._tenant_held.discard(s.session_id)
+                    err = self._refuse(
+                        s, "tenant_quota", f"waited {now - s.queued_at:.3f}s for one of "
+                        "this tenant's pinned sessions to finish (its cap is reached)",
+                    )  # fmt: skip
+                else:
+                    err = self._refuse(s, "timeout", f"waited {now - s.queued_at:.3f}s")
                 s.queued_at = None
                 s.pending_tokens = None
                 self._events.append(TurnRefused(s.session_id, err))
@@ -465,9 +475,12 @@ class SessionScheduler(Residency):
                 started = self._try_start(s)
                 if started is None:
                     if self._blocked_by_tenant:
+                        self._tenant_held.add(s.session_id)
                         blocked_tenants.add(s.tenant)
                         continue
+                    self._tenant_held.discard(s.session_id)
                     return
+                self._tenant_held.discard(s.session_id)
                 del queue[s.session_id]
                 s.queued_at = None
                 if isinstance(started, TurnPlan):

@@ -448,6 +448,10 @@ class Engine:
                 continue
             if isinstance(event, TurnReady):
                 self._admit(job, event.plan)
+            elif isinstance(event, TurnRefused) and event.error.reason == "tenant_quota":
+                # the tenant's own pinned cap, not the server: the API's rate-limit error
+                self._fail(job, "rate_limit_exceeded", event.error.detail, 429, reset=False,
+                           error_type="requests")  # fmt: skip
             elif isinstance(event, TurnRefused):
                 self._fail(job, "over_capacity", event.error.detail, 503, reset=False)
 

@@ -486,9 +486,7 @@ def parse_create(body: object, *, websocket: bool) -> CreateRequest:
     # WebSocket only: the lane whose events echo it (requests run FIFO on a connection)
     stream_id = _opt(body, "stream_id", (str,), "a string") if websocket else None
     _check_id(stream_id, "stream_id")
-    cache_key = _check_id(
-        _opt(body, "prompt_cache_key", (str,), "a string"), "prompt_cache_key"
-    )
+    cache_key = _check_id(_opt(body, "prompt_cache_key", (str,), "a string"), "prompt_cache_key")
     return CreateRequest(
         model=_opt(body, "model", (str,), "a string"),
         items=items,
