@@ -28,7 +28,7 @@ from pagedkv.serving.protocol import (
     encode_json,
 )
 from pagedkv.serving.response_run import ServerConfig
-from pagedkv.serving.testing import engine_check, read_response, tiny_server
+from pagedkv.serving.testing import read_response, tiny_server, wait_released
 
 DONE = ("response.completed", "response.incomplete")
 LIMIT = 300 * 1024  # > OFF_LOOP_BYTES: large messages are parsed on a worker thread too
@@ -259,8 +259,7 @@ def test_refusals_are_logged_as_one_line_with_request_id_and_tenant(server: Any)
 
 def test_nothing_is_left_behind(server: Any) -> None:
     _srv, engine, _records = server
-    time.sleep(0.2)
-    stats = engine_check(engine)
+    stats = wait_released(engine)
     assert stats["num_sessions"] == 0 and stats["gpu_blocks"]["in_use"] == 0
 
 

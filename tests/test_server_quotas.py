@@ -24,7 +24,7 @@ from pagedkv.scheduler.config import SchedulerConfig
 from pagedkv.serving.auth import Authenticator
 from pagedkv.serving.quotas import ConnectionQuotas, TenantLimits, TenantPolicy, scheduler_caps
 from pagedkv.serving.response_run import ServerConfig
-from pagedkv.serving.testing import engine_check, read_response, tiny_server
+from pagedkv.serving.testing import engine_check, read_response, tiny_server, wait_released
 
 KEYS = {"sk-alice": "alice", "sk-bob": "bob"}
 POLICY = TenantPolicy(
@@ -182,5 +182,4 @@ def test_a_turn_held_by_its_tenants_pinned_cap_gets_429_not_a_hang() -> None:
             assert got[-1]["type"] == "response.failed"
             assert read_response(events(busy))[-1]["type"] in ("response.completed",
                                                                "response.incomplete")  # fmt: skip
-        time.sleep(0.2)
-        assert engine_check(engine)["num_sessions"] == 0
+        wait_released(engine)

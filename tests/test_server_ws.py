@@ -22,7 +22,12 @@ from websockets.exceptions import ConnectionClosed  # noqa: E402
 from websockets.sync.client import ClientConnection, connect  # noqa: E402
 
 from pagedkv.serving.response_run import ServerConfig  # noqa: E402
-from pagedkv.serving.testing import engine_check, read_response, tiny_server  # noqa: E402
+from pagedkv.serving.testing import (  # noqa: E402
+    engine_check,
+    read_response,
+    tiny_server,
+    wait_released,
+)
 
 # a response ends completed, or incomplete when max_output_tokens cut its item off
 DONE = ("response.completed", "response.incomplete")
@@ -100,9 +105,8 @@ def test_bad_input_gets_errors_and_the_connection_stays_usable() -> None:
             first = completed(ws, input="still here?", max_output_tokens=3)
             second = completed(ws, input=[], previous_response_id=first["id"])
             assert second["usage"]["input_tokens_details"]["cached_tokens"] > 0
-        time.sleep(0.2)
-        stats = engine_check(engine)
-        assert stats["num_sessions"] == 0 and stats["gpu_blocks"]["in_use"] == 0
+        stats = wait_released(engine)
+        assert stats["gpu_blocks"]["in_use"] == 0
 
 
 def test_queued_responses_run_in_order_without_interleaving() -> None:
@@ -206,8 +210,7 @@ def test_connection_age_limit_cuts_the_running_response_and_answers_the_queue() 
         assert [e["error"]["code"] for e in errors] == ["websocket_connection_limit_reached"] * 3
         assert [e.get("stream_id") for e in errors] == ["long", "q1", None]
         assert closed_after < 4.0  # cut at the deadline, not after its 40 tokens (8 s)
-        time.sleep(0.2)
-        stats = engine_check(engine)
+        stats = wait_released(engine)
         assert stats["num_sessions"] == 0 and stats["gpu_blocks"]["in_use"] == 0
 
 

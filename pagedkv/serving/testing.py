@@ -9,6 +9,7 @@ For example:
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -71,3 +72,17 @@ def engine_check(engine: Engine) -> dict[str, Any]:
         return e.stats()
 
     return dict(engine.call(check).result(timeout=30))
+
+
+def wait_released(engine: Engine, timeout: float = 10.0) -> dict[str, Any]:
+    """`engine_check` once the engine holds no session (closing a connection releases
+    its session a moment after the client sees the close); raises after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        stats = engine_check(engine)
+        if stats["num_sessions"] == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
+    if stats["num_sessions"]:
+        raise AssertionError(f"the engine still holds {stats['num_sessions']} sessions")
+    return stats
