@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import socket
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -54,23 +55,23 @@ class Records(logging.Handler):
 def server() -> Iterator[tuple[Any, Any, Records]]:
     torch.set_num_threads(1)
     records = Records()
-    # the root logger sees pagedkv's records; uvicorn's do not propagate to it
-    loggers = [logging.getLogger(n) for n in ("", "uvicorn")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.addHandler(records)
     pagedkv_logger = logging.getLogger("pagedkv")
     pagedkv_level = pagedkv_logger.level
     pagedkv_logger.setLevel(logging.INFO)
     config = ServerConfig(model_name="tiny", model_aliases=("tiny-alias",),
-                          max_message_bytes=LIMIT, max_output_tokens_cap=64)  # fmt: skip
+                          max_message_bytes=LIMIT, max_output_tokens_cap=64,
+                          read_timeout_s=0.5)  # fmt: skip
+    # the root logger sees pagedkv's records; uvicorn's do not propagate to it, and
+    # uvicorn sets its loggers' handlers when it starts: add ours after that
+    loggers = [logging.getLogger(n) for n in ("", "uvicorn", "uvicorn.error")]
     try:
         with tiny_server(server=config) as (srv, engine):
+            for lg in loggers:
+                lg.addHandler(records)
             yield srv, engine, records
     finally:
-        for lg, level in zip(loggers, levels, strict=True):
+        for lg in loggers:
             lg.removeHandler(records)
-            lg.setLevel(level)
         pagedkv_logger.setLevel(pagedkv_level)
 
 
@@ -301,3 +302,94 @@ def test_server_config_is_validated() -> None:
         ServerConfig(idle_timeout_s=-1)
     with pytest.raises(ValueError, match="model_name"):
         ServerConfig(model_name="")
+
+
+# -- regressions from the hostile review ---------------------------------------------------
+
+
+def test_a_tiny_temperature_is_greedy_and_fails_nobody_else(server: Any) -> None:
+    srv, _engine, records = server
+    tool = {"type": "function", "name": "ls", "parameters": {"type": "object",
+            "properties": {"path": {"type": "string"}}}}  # fmt: skip
+    with connect(srv.ws_url, additional_headers={"Authorization": "Bearer sk-other"}) as ws:
+        create(ws, input="list files", tools=[tool], tool_choice="required",
+               max_output_tokens=40, temperature=1.0)  # fmt: skip
+        assert next(events(ws))["type"] == "response.created"
+        for temp in (1e-40, 5e-324, 1e-6):  # an attacker's request in the same batches
+            r = httpx.post(f"{srv.base_url}/responses", timeout=30, json={
+                "model": "tiny", "input": "x", "temperature": temp, "max_output_tokens": 4})  # fmt: skip
+            assert r.status_code == 200, r.text
+        assert read_response(events(ws))[-1]["type"] in DONE  # the other response survives
+    assert not records.tracebacks()
+
+
+def test_sampling_survives_degenerate_rows() -> None:
+    from pagedkv.serving.generation import sample_rows
+
+    logits = torch.tensor([[0.0, 3.0, 1.0], [float("-inf"), float("-inf"), float("-inf")]])
+    allowed = torch.arange(3)
+    gen = torch.Generator().manual_seed(0)
+    assert sample_rows(logits, [0, 1], allowed, [1e-40, 1.0], gen)[0] == 1
+    assert sample_rows(logits, [0], allowed, [5e-324], gen) == [1]
+
+
+def test_lone_surrogates_in_names_are_refused_not_echoed(server: Any) -> None:
+    srv, _engine, records = server
+    bad = [
+        '{"type": "response.create", "model": "tiny", "input": "hi", "x\\ud800": "\\udc00"}',
+        '{"type": "response.create", "model": "tiny", "input": "hi", "stream_id": "\\ud800"}',
+        '{"type": "response.create", "model": "tiny", "input": "hi", '
+        '"metadata": {"k\\udfff": "v"}}',
+        '{"type": "response.create", "model": "tiny", "input": "hi", '
+        '"tools": [{"type": "function", "name": "\\ud800", "parameters": {}}]}',
+    ]
+    with connect(srv.ws_url) as ws:
+        for raw in bad:
+            err = ws_error(ws, raw)
+            assert (err["status"], err["error"]["code"]) == (400, "invalid_value"), err
+            assert "stream_id" not in err
+        assert read_response(_run(ws, "still open"))[-1]["type"] in DONE
+    for raw in bad:
+        body = '{"model"' + raw[raw.index('"model"') + 7 :]
+        status, err = http_error(srv, body)
+        assert (status, err["code"]) == (400, "invalid_value")
+    assert not records.tracebacks()
+
+
+def test_a_huge_integer_number_is_refused(server: Any) -> None:
+    srv, _engine, records = server
+    for field in ("top_p", "temperature"):
+        for sign in ("", "-"):
+            status, err = http_error(
+                srv, f'{{"model": "tiny", "input": "x", "{field}": {sign}1{"0" * 400}}}'
+            )
+            assert (status, err["code"], err["param"]) == (400, "invalid_value", field)
+    with connect(srv.ws_url) as ws:
+        err = ws_error(ws, '{"type": "response.create", "model": "tiny", "input": "x", '
+                           f'"top_p": 1{"0" * 400}}}')  # fmt: skip
+        assert err["error"]["param"] == "top_p"
+    assert not records.tracebacks()
+
+
+def test_a_body_that_never_arrives_times_out_and_frees_its_slot(server: Any) -> None:
+    srv, _engine, _records = server
+    sock = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+    try:
+        sock.sendall(b"POST /v1/responses HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                     b"\r\nContent-Length: 100\r\n\r\n{\"model\"")  # fmt: skip
+        started = time.monotonic()
+        reply = sock.recv(65536).decode()
+        assert time.monotonic() - started < 5.0
+        assert reply.startswith("HTTP/1.1 408") and "request_timeout" in reply
+    finally:
+        sock.close()
+    quotas = srv._config.app.state.quotas
+    assert quotas.snapshot()["http_requests"] == 0
+
+
+def test_unknown_routes_get_a_json_error(server: Any) -> None:
+    srv, _engine, _records = server
+    r = httpx.get(f"http://127.0.0.1:{srv.port}/nope")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+    r = httpx.delete(f"{srv.base_url}/responses")
+    assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"

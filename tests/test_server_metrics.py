@@ -95,20 +95,42 @@ def test_metrics_is_closed_without_an_admin_key() -> None:
         assert r.json()["error"]["code"] == "admin_key_required"
 
 
-def test_tenant_labels_are_bounded() -> None:
+def finished(m: ServerMetrics, tenant: str) -> None:
+    obs = m.response(tenant, "ws")
+    obs.event({"type": "response.completed", "response": {
+        "usage": {"input_tokens": 10, "input_tokens_details": {"cached_tokens": 4}},
+        "metrics": {"ttft_ms": 12.0}}})  # fmt: skip
+
+
+def tenant_values(m: ServerMetrics, family: str) -> set[str | None]:
+    return {dict(labels).get("tenant") for (name, labels) in samples(m.render().decode())
+            if name == family}  # fmt: skip
+
+
+def test_tenant_labels_are_bounded_and_cannot_be_squatted() -> None:
     m = ServerMetrics(max_tenants=4)
-    for i in range(40):
+    for i in range(40):  # refusals from 40 fresh tokens: no label slot taken
         m.refused(f"key-{i:04d}", "ws", "invalid_json")
         m.refused(f"key-{i:04d}", "ws", f"made-up-code-{i}")
-    found = samples(m.render().decode())
-    tenants = {
-        dict(labels).get("tenant") for (name, labels) in found if name == "pagedkv_errors_total"
-    }
-    codes = {dict(labels).get("code") for (name, labels) in found if name == "pagedkv_errors_total"}
-    assert tenants == {"key-0000", "key-0001", "key-0002", "key-0003", "other"}
+    assert tenant_values(m, "pagedkv_errors_total") == {"other"}
+    codes = {dict(labels).get("code") for (name, labels) in samples(m.render().decode())
+             if name == "pagedkv_errors_total"}  # fmt: skip
     assert codes == {"invalid_json", "other"}
-    assert value(found, "pagedkv_errors_total", tenant="other", transport="ws",
-                 code="invalid_json") == 36  # fmt: skip
+    for i in range(10):  # tenants that finish responses take the slots, up to 4
+        finished(m, f"real-{i}")
+    assert tenant_values(m, "pagedkv_requests_total") == {
+        "real-0", "real-1", "real-2", "real-3", "other"
+    }  # fmt: skip
+    m.refused("real-1", "ws", "invalid_json")  # a labelled tenant's refusals are its own
+    assert value(samples(m.render().decode()), "pagedkv_errors_total", tenant="real-1",
+                 transport="ws", code="invalid_json") == 1  # fmt: skip
+
+
+def test_with_keys_only_configured_tenants_get_labels() -> None:
+    m = ServerMetrics(known_tenants={"alice", "bob"})
+    for t in ("alice", "mallory", "key-abc", "bob"):
+        finished(m, t)
+    assert tenant_values(m, "pagedkv_requests_total") == {"alice", "bob", "other"}
 
 
 def test_each_app_has_its_own_registry() -> None:

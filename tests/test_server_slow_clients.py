@@ -8,10 +8,12 @@ Nothing is leaked and the pool invariants hold afterwards.
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
+import httpx
 import pytest
 import torch
 from websockets.sync.client import connect
@@ -171,3 +173,37 @@ def test_a_finished_sse_stream_reports_finished() -> None:
                                       media_type="text/event-stream")  # fmt: skip
     asyncio.run(response({"type": "http", "asgi": {"spec_version": "2.4"}}, receive, send))
     assert closed == [True]
+
+
+def test_silent_and_slowloris_connections_are_closed_websockets_are_not() -> None:
+    with tiny_server(header_timeout_s=0.5) as (srv, _engine):
+        silent = socket.create_connection(("127.0.0.1", srv.port), timeout=5)
+        slow = socket.create_connection(("127.0.0.1", srv.port), timeout=5)
+        with connect(srv.ws_url) as ws:
+            opened = time.monotonic()
+            slow.sendall(b"POST /v1/responses HTTP/1.1\r\n")
+            closed_slow = None
+            for i in range(20):  # a header line every 0.1 s, never the blank line
+                try:
+                    slow.sendall(f"X-Pad-{i}: a\r\n".encode())
+                except OSError:
+                    closed_slow = time.monotonic() - opened
+                    break
+                time.sleep(0.1)
+            assert silent.recv(1) == b""  # closed by the server
+            assert time.monotonic() - opened < 3.0
+            if closed_slow is None:  # writes may still succeed once: the read sees EOF
+                assert slow.recv(1) == b""
+            # the WebSocket, past the header timeout, still serves
+            time.sleep(0.6)
+            ws.send('{"type": "response.create", "model": "tiny", "input": "hi", '
+                    '"max_output_tokens": 2}')  # fmt: skip
+            assert read_response(_events(ws))[-1]["type"] in ("response.completed",
+                                                              "response.incomplete")  # fmt: skip
+        silent.close()
+        slow.close()
+        # a keep-alive connection serves requests one after another
+        with httpx.Client(base_url=f"http://127.0.0.1:{srv.port}") as client:
+            for _ in range(3):
+                assert client.get("/health").status_code == 200
+                time.sleep(0.2)

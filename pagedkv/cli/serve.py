@@ -127,6 +127,14 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--send-timeout", type=positive_float, default=20.0,
                    help="seconds a client may take to read one event before its response "
                    "is aborted and its connection dropped (default 20)")  # fmt: skip
+    p.add_argument("--read-timeout", type=positive_float, default=30.0,
+                   help="seconds an HTTP request body may take to arrive (default 30)")  # fmt: skip
+    p.add_argument("--header-timeout", type=positive_float, default=10.0,
+                   help="seconds a connection may take to send a request's headers "
+                   "(default 10): silent and slowloris connections are closed")  # fmt: skip
+    p.add_argument("--limit-concurrency", type=positive_int, default=None,
+                   help="connections + tasks before uvicorn answers 503 (default: "
+                   "--max-connections + --max-http-requests + 64)")  # fmt: skip
     p.add_argument("--idle-timeout", type=nonnegative_float, default=900.0,
                    help="seconds a WebSocket connection may sit with nothing running and "
                    "nothing received before it is closed (default 900; 0: never)")  # fmt: skip
@@ -238,7 +246,7 @@ def run(args: argparse.Namespace) -> int:
     from pagedkv.cli.main import UsageError
     from pagedkv.serving.auth import load_authenticator
     from pagedkv.serving.engine import Engine
-    from pagedkv.serving.local_server import ws_protocol
+    from pagedkv.serving.local_server import guarded_http_protocol, install_log_filters, ws_protocol
     from pagedkv.serving.quotas import ConnectionQuotas, TenantLimits, load_policy, scheduler_caps
     from pagedkv.serving.response_run import ServerConfig
     from pagedkv.serving.server import create_app
@@ -268,6 +276,7 @@ def run(args: argparse.Namespace) -> int:
             max_connection_age_s=args.max_connection_age,
             max_queued_responses=args.max_queued_responses,
             send_timeout_s=args.send_timeout,
+            read_timeout_s=args.read_timeout,
             idle_timeout_s=args.idle_timeout or None,
         )
     except ValueError as err:
@@ -294,10 +303,14 @@ def run(args: argparse.Namespace) -> int:
     admin = "admin key" if auth.has_admin else "closed (no admin key)"
     print(f"  /v1/engine/stats and /metrics: {admin}; at most {args.max_connections} "
           f"connections, {args.max_http_requests} HTTP requests in flight")  # fmt: skip
+    install_log_filters()
     uvicorn.run(
         create_app(engine, server, auth=auth, quotas=quotas),
         host=args.host,
         port=args.port,
+        http=guarded_http_protocol(args.header_timeout),
+        limit_concurrency=args.limit_concurrency
+        or args.max_connections + args.max_http_requests + 64,
         ws=ws_protocol(),
         ws_max_size=2 * server.max_message_bytes,
         log_level=args.log_level.lower(),

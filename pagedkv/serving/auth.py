@@ -129,6 +129,11 @@ class Authenticator:
         return bool(self.keys)
 
     @property
+    def tenants(self) -> frozenset[str]:
+        """The tenants of the configured keys (empty without keys)."""
+        return frozenset(c.tenant for c in self.keys.values())
+
+    @property
     def has_admin(self) -> bool:
         return bool(self.admin_digests)
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -90,6 +91,15 @@ class _Job:
     cached_tokens: int = 0
     t_admitted: float = 0.0
     t_first: float | None = None
+
+
+def _log_failure(what: str) -> None:
+    """One ERROR line for a failure inside the engine (in an `except` block), the
+    traceback only at DEBUG: requests can reach these paths, and a client must not be
+    able to fill the log with tracebacks."""
+    exc = sys.exc_info()[1]
+    log.error("%s: %s: %s", what, type(exc).__name__, str(exc)[:200])
+    log.debug("%s", what, exc_info=True)
 
 
 def cache_key_salt(cache_key: str | None) -> bytes:
@@ -278,7 +288,7 @@ class Engine:
         try:
             self._step()
         except Exception:  # a bug or a device error: fail the batch, keep serving
-            log.exception("engine step failed")
+            _log_failure("engine step failed")
             for job in list(self._running):
                 self._fail(job, "server_error", "internal error in the engine step", 500)
 
@@ -300,7 +310,7 @@ class Engine:
             try:
                 self._run_command(kind, arg)
             except Exception:
-                log.exception("engine command %s failed", kind)
+                _log_failure(f"engine command {kind} failed")
             try:
                 cmd = self._commands.get_nowait()
             except queue.Empty:
@@ -317,7 +327,7 @@ class Engine:
             try:
                 self._submit(req, emit)
             except Exception:  # a bug: end this turn with an error, never leave it hanging
-                log.exception("engine submit failed")
+                _log_failure("engine submit failed")
                 s = self._sessions.get(req.session_id)
                 if s is not None and s.job is not None and s.job.req is req:
                     self._fail(s.job, "server_error", "internal error starting the turn", 500)
@@ -436,7 +446,7 @@ class Engine:
         try:
             self._poll_scheduler()
         except Exception:  # a bug: fail the waiting turns, keep the engine thread alive
-            log.exception("engine poll failed")
+            _log_failure("engine poll failed")
             for job in list(self._waiting.values()):
                 self._fail(job, "server_error", "internal error while admitting", 500)
 

@@ -202,10 +202,14 @@ def sample_rows(
     allowed_cpu = allowed.cpu()
     out: list[int] = []
     for r, temp in enumerate(temperatures):
-        if temp <= 0.0:
-            j = int(torch.argmax(sub[r]))
-        else:
-            probs = torch.softmax(sub[r] / temp, dim=-1)
-            j = int(torch.multinomial(probs, 1, generator=generator))
+        row = sub[r]
+        j = int(torch.argmax(row))
+        if temp > 0.0:
+            # shifted so the best logit is 0: a tiny temperature sends the others to
+            # -inf (probability 0) instead of overflowing to inf/NaN; a row that still
+            # has no usable distribution is sampled greedily
+            probs = torch.softmax((row - row.max()) / temp, dim=-1)
+            if bool(torch.isfinite(probs).all()) and float(probs.sum()) > 0.0:
+                j = int(torch.multinomial(probs, 1, generator=generator))
         out.append(int(allowed_cpu[j]))
     return out

@@ -8,7 +8,8 @@ response store, so `previous_response_id` is refused with `previous_response_not
 with the response object as JSON.
 
 Each request counts against the HTTP quotas while it runs (over one: 429
-`rate_limit_exceeded`). A stream chunk the client does not take within
+`rate_limit_exceeded`); its body must arrive within `read_timeout_s` (else 408
+`request_timeout`). A stream chunk the client does not take within
 `send_timeout_s` ends the request: the turn is dropped and the transport aborted.
 Every refusal is logged as one line (`pagedkv.server.refusals`), never a traceback.
 """
@@ -48,8 +49,23 @@ from pagedkv.serving.server_metrics import ServerMetrics
 log = logging.getLogger("pagedkv.server")
 
 
+class JSONReply(JSONResponse):
+    """A JSON response written by `encode_json` (never NaN; a body that cannot be
+    encoded becomes a 500 `server_error` body, not a crash in the middle of a reply)."""
+
+    def render(self, content: Any) -> bytes:
+        try:
+            return encode_json(content).encode("utf-8")
+        except (ValueError, TypeError, RecursionError) as exc:
+            log.error("cannot encode a reply: %s", type(exc).__name__)
+            self.status_code = 500
+            return encode_json({"error": {"message": "the server could not encode a reply",
+                                          "type": "server_error", "param": None,
+                                          "code": "server_error"}}).encode()  # fmt: skip
+
+
 def error_response(err: ProtocolError) -> JSONResponse:
-    return JSONResponse({"error": err.to_json()}, status_code=err.status)
+    return JSONReply({"error": err.to_json()}, status_code=err.status)
 
 
 def _sse(event: dict[str, Any]) -> str:
@@ -140,7 +156,7 @@ async def _read_body(request: Request, limit: int) -> bytes:
 
 
 def auth_error_response(err: AuthError) -> JSONResponse:
-    return JSONResponse({"error": err.to_json()}, status_code=err.status)
+    return JSONReply({"error": err.to_json()}, status_code=err.status)
 
 
 async def create_response(
@@ -184,7 +200,16 @@ async def create_response(
                 )
             )
         try:
-            body = await _read_body(request, config.max_message_bytes)
+            try:
+                body = await asyncio.wait_for(
+                    _read_body(request, config.max_message_bytes), config.read_timeout_s
+                )
+            except TimeoutError:
+                raise ProtocolError(
+                    f"the request body did not arrive within {config.read_timeout_s:g} s",
+                    code="request_timeout",
+                    status=408,
+                ) from None
             req = await off_loop(len(body), _parse_body, body)
             if req.previous_response_id is not None:
                 raise ProtocolError(
@@ -235,9 +260,9 @@ async def create_response(
             engine.close_session(session_id)  # cancelled (the client went away): drop the turn
             raise
         if run.ok:
-            return JSONResponse(run.builder.response())
+            return JSONReply(run.builder.response())
         assert error is not None
-        return JSONResponse({"error": error["error"]}, status_code=error["status"])
+        return JSONReply({"error": error["error"]}, status_code=error["status"])
     finally:
         if quotas is not None and not streaming:
             quotas.end_http(tenant)

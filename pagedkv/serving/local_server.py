@@ -8,12 +8,108 @@ For tests, `pagedkv demo` and the benchmark: the server and its clients in one p
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import threading
 import time
 from types import TracebackType
+from typing import Any
 
 import uvicorn
 from starlette.types import ASGIApp
+
+HEADER_TIMEOUT_S = 10.0
+
+
+def guarded_http_protocol(header_timeout_s: float = HEADER_TIMEOUT_S) -> type[asyncio.Protocol]:
+    """uvicorn's HTTP protocol class with a request-header timeout: a connection that has
+    not completed a request's headers within `header_timeout_s` of opening (or of its
+    previous response) is closed. uvicorn has none, so a client that connects and sends
+    nothing, or trickles header lines (slowloris), would hold its socket forever.
+    Requests in progress (bodies have their own timeout in the app) and connections
+    upgraded to WebSocket are not touched."""
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+    base: Any = AutoHTTPProtocol
+
+    class HeaderTimeoutProtocol(base):  # type: ignore[misc]
+        _pk_timer: asyncio.TimerHandle | None = None
+        _pk_cycle: Any = None
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self._pk_arm()
+
+        def _pk_arm(self) -> None:
+            if self._pk_timer is not None:
+                self._pk_timer.cancel()
+            self._pk_cycle = self.cycle
+            self._pk_timer = self.loop.call_later(header_timeout_s, self._pk_expire)
+
+        def _pk_expire(self) -> None:
+            self._pk_timer = None
+            t = self.transport
+            if t is None or t.is_closing() or t.get_protocol() is not self:
+                return  # closed already, or upgraded to a WebSocket
+            cycle = self.cycle
+            idle = cycle is None or getattr(cycle, "response_complete", False)
+            if cycle is self._pk_cycle and idle:  # no request's headers since armed
+                t.close()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._pk_arm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self._pk_timer is not None:
+                self._pk_timer.cancel()
+                self._pk_timer = None
+            super().connection_lost(exc)
+
+    return HeaderTimeoutProtocol
+
+
+# exceptions that only say a client broke the protocol (bad UTF-8 in a text frame, a
+# malformed request line ...): logged as one line, without a traceback
+def _client_protocol_errors() -> tuple[type[BaseException], ...]:
+    errors: list[type[BaseException]] = [UnicodeDecodeError]
+    try:
+        from websockets.exceptions import ProtocolError as WsProtocolError
+
+        errors.append(WsProtocolError)
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        import h11
+
+        errors.append(h11.RemoteProtocolError)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(errors)
+
+
+class ClientErrorFilter(logging.Filter):
+    """Drops the traceback from uvicorn's and websockets' log records about a client's
+    protocol error: the client's bytes must not put tracebacks into the server log."""
+
+    errors = _client_protocol_errors()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and isinstance(exc, self.errors):
+            record.msg = f"{record.getMessage().rstrip()} ({type(exc).__name__}: {exc})"
+            record.args = None
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+def install_log_filters() -> None:
+    """Put `ClientErrorFilter` on the loggers uvicorn and websockets write to (once)."""
+    for name in ("uvicorn.error", "websockets.server", "websockets"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, ClientErrorFilter) for f in logger.filters):
+            logger.addFilter(ClientErrorFilter())
 
 
 def ws_protocol() -> str:
@@ -41,13 +137,16 @@ class LocalServer:
         port: int = 0,
         ws_max_size: int = 64 * 1024 * 1024,
         start_timeout_s: float = 30.0,
+        header_timeout_s: float = HEADER_TIMEOUT_S,
     ) -> None:
         self.host = host
+        install_log_filters()
         self._config = uvicorn.Config(
             app,
             host=host,
             port=port,
             log_level="warning",
+            http=guarded_http_protocol(header_timeout_s),
             ws=ws_protocol(),
             ws_max_size=ws_max_size,
             lifespan="on",

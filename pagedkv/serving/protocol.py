@@ -163,6 +163,23 @@ def _opt(body: Mapping[str, Any], key: str, types: tuple[type, ...], expected: s
     return value
 
 
+def _opt_number(body: Mapping[str, Any], key: str) -> float | None:
+    """An optional number as a float (an integer too large for a float is refused)."""
+    value = _opt(body, key, (int, float), "a number")
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except OverflowError:
+        raise ProtocolError(f"{key} is out of range", code="invalid_value", param=key) from None
+
+
+def printable(text: str) -> str:
+    """`text` safe to echo: lone surrogates (and only they) as `\\udXXX` escapes, so
+    a reply that quotes a client's key or field name can always be encoded as UTF-8."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _str_field(obj: Mapping[str, Any], key: str, param: str) -> str:
     value = obj.get(key)
     if not isinstance(value, str):
@@ -319,8 +336,12 @@ def decode_json(data: str | bytes, what: str) -> Any:
 def encode_json(obj: object) -> str:
     """The one way the server writes JSON: compact, UTF-8 text, and never NaN or
     Infinity (`allow_nan=False`: a non-finite float is a server bug, raised as
-    ValueError rather than sent as something clients cannot parse)."""
-    return json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    ValueError rather than sent as something clients cannot parse); a lone surrogate,
+    which no UTF-8 text can carry, raises ValueError too."""
+    text = json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    if not text.isascii():
+        text.encode("utf-8")  # UnicodeEncodeError (a ValueError) on a lone surrogate
+    return text
 
 
 def check_encodable(obj: object, *, max_depth: int = MAX_JSON_DEPTH) -> None:
@@ -359,8 +380,9 @@ def check_encodable(obj: object, *, max_depth: int = MAX_JSON_DEPTH) -> None:
             if isinstance(value, dict):
                 for key, item in value.items():
                     stack.append((key, path, depth, top))
-                    where = f"{path}.{key}" if path != "body" else str(key)
-                    stack.append((item, where[:200], depth + 1, top or str(key)[:200]))
+                    name = printable(str(key)[:200])  # paths are echoed in errors
+                    where = f"{path}.{name}" if path != "body" else name
+                    stack.append((item, where[:200], depth + 1, top or name))
             else:
                 stack.extend(
                     (item, f"{path}[{i}]"[:200], depth + 1, top) for i, item in enumerate(value)
@@ -459,14 +481,14 @@ def parse_create(body: object, *, websocket: bool) -> CreateRequest:
             code="invalid_value",
             param="max_output_tokens",
         )
-    temperature = _opt(body, "temperature", (int, float), "a number")
+    temperature = _opt_number(body, "temperature")
     if temperature is not None and not 0.0 <= temperature <= 2.0:
         raise ProtocolError(
             f"temperature must be in [0, 2], got {temperature}",
             code="invalid_value",
             param="temperature",
         )
-    top_p = _opt(body, "top_p", (int, float), "a number")
+    top_p = _opt_number(body, "top_p")
     if top_p is not None and not (math.isfinite(top_p) and 0.0 < top_p <= 1.0):
         raise ProtocolError(
             f"top_p must be a finite number in (0, 1], got {top_p}",
@@ -499,8 +521,8 @@ def parse_create(body: object, *, websocket: bool) -> CreateRequest:
         store=True if store is None else store,
         generate=True if (generate is None or not websocket) else generate,
         max_output_tokens=max_out,
-        temperature=None if temperature is None else float(temperature),
-        top_p=None if top_p is None else float(top_p),
+        temperature=temperature,
+        top_p=top_p,
         metadata=metadata,
         stream=bool(stream) and not websocket,
         stream_id=stream_id,

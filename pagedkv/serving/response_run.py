@@ -84,6 +84,9 @@ class ServerConfig:
             engine session closed, and its transport aborted rather than drained.
         idle_timeout_s: a WebSocket connection with no message from the client and no
             response running for this long is closed (1001); None: never.
+        read_timeout_s: an HTTP request body must arrive in full within this long, else
+            408 `request_timeout` (a client cannot hold a request slot by sending its
+            body slowly, or never).
     """
 
     model_name: str = "pagedkv-demo"
@@ -96,6 +99,7 @@ class ServerConfig:
     max_stored_responses: int = 64
     send_timeout_s: float = 20.0
     idle_timeout_s: float | None = 900.0
+    read_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
         for name in (
@@ -116,8 +120,9 @@ class ServerConfig:
         if not isinstance(self.model_name, str) or not self.model_name:
             raise ValueError(f"ServerConfig.model_name must be a non-empty string, got "
                              f"{self.model_name!r}")  # fmt: skip
-        if not self.send_timeout_s > 0:
-            raise ValueError(f"ServerConfig.send_timeout_s must be > 0, got {self.send_timeout_s}")
+        for name in ("send_timeout_s", "read_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"ServerConfig.{name} must be > 0, got {getattr(self, name)}")
         if self.idle_timeout_s is not None and not self.idle_timeout_s > 0:
             raise ValueError(
                 f"ServerConfig.idle_timeout_s must be > 0 or None, got {self.idle_timeout_s}"

@@ -20,6 +20,7 @@ import contextlib
 from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
@@ -28,7 +29,7 @@ from starlette.websockets import WebSocket
 
 from pagedkv.serving.auth import Authenticator, AuthError
 from pagedkv.serving.engine import Engine
-from pagedkv.serving.http_handler import auth_error_response, create_response
+from pagedkv.serving.http_handler import JSONReply, auth_error_response, create_response
 from pagedkv.serving.quotas import ConnectionQuotas
 from pagedkv.serving.response_run import ABORT_KEY, ServerConfig, abort_callback
 from pagedkv.serving.server_metrics import ServerMetrics
@@ -64,7 +65,9 @@ def create_app(
     cfg = config or ServerConfig()
     authn = auth if auth is not None else Authenticator()
     quota = quotas if quotas is not None else ConnectionQuotas()
-    meter = metrics if metrics is not None else ServerMetrics()
+    meter = metrics
+    if meter is None:
+        meter = ServerMetrics(known_tenants=authn.tenants if authn.requires_keys else None)
 
     async def ws_responses(ws: WebSocket) -> None:
         await ResponsesSocket(ws, engine, cfg, authn, quota, meter).serve()
@@ -125,7 +128,17 @@ def create_app(
             if manage_engine:
                 await asyncio.to_thread(engine.stop)
 
+    async def http_error(_request: Request, exc: Exception) -> Response:
+        # unknown routes and methods get the API's JSON error body, not plain text
+        status = getattr(exc, "status_code", 500)
+        code = {404: "not_found", 405: "method_not_allowed"}.get(status, "server_error")
+        detail = getattr(exc, "detail", None) or "error"
+        body = {"message": str(detail), "type": "invalid_request_error", "param": None,
+                "code": code}  # fmt: skip
+        return JSONReply({"error": body}, status_code=status)
+
     app = PagedKVApp(
+        exception_handlers={HTTPException: http_error},
         routes=[
             WebSocketRoute("/v1/responses", ws_responses),
             Route("/v1/responses", post_responses, methods=["POST"]),

@@ -17,16 +17,18 @@ embedding server) never mix their series. Families:
     pagedkv_gpu_blocks_total, pagedkv_host_blocks_total   engine state, read at scrape time
     pagedkv_offload_bytes_total, pagedkv_restore_bytes_total   host-tier traffic
 
-Label values are bounded so a client cannot grow the series without limit: the first
-`max_tenants` tenants seen get their own `tenant` label and later ones share "other"
-(without a keys file every bearer token is a tenant, so a client could otherwise mint
-series at will); error codes are the server's own, and a code it does not know is
-counted as "other".
+Label values are bounded so a client cannot grow the series without limit, nor take
+the label slots of real tenants: with a keys file, the configured tenants get their own
+`tenant` label and anyone else is "other"; without one (every bearer token is a tenant,
+so a client could mint tenants at will), a tenant gets one of `max_tenants` label slots
+only once a response of its own has finished, and refusals alone never take a slot.
+Error codes are the server's own; a code it does not know is counted as "other".
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -57,7 +59,7 @@ KNOWN_CODES = frozenset(
         "too_many_queued_responses", "rate_limit_exceeded", "over_capacity",
         "websocket_connection_limit_reached", "server_error", "session_not_found",
         "response_already_in_flight", "invalid_api_key", "missing_api_key",
-        "admin_key_required",
+        "admin_key_required", "request_timeout",
     }
 )  # fmt: skip
 
@@ -108,13 +110,19 @@ class ServerMetrics:
     """The server's Prometheus series (see the module docstring).
 
     Args:
-        max_tenants: distinct `tenant` label values before the rest share "other".
+        known_tenants: the configured tenants (a keys file's): only these get their own
+            label. None: labels are handed out as described in the module docstring.
+        max_tenants: without `known_tenants`, distinct `tenant` label values before the
+            rest share "other".
     """
 
-    def __init__(self, *, max_tenants: int = 32) -> None:
+    def __init__(
+        self, *, known_tenants: Iterable[str] | None = None, max_tenants: int = 32
+    ) -> None:
         if not isinstance(max_tenants, int) or max_tenants < 0:
             raise ValueError(f"max_tenants must be an int >= 0, got {max_tenants!r}")
         self.max_tenants = max_tenants
+        self.known_tenants = None if known_tenants is None else frozenset(known_tenants)
         self._tenants: set[str] = set()
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
@@ -144,11 +152,15 @@ class ServerMetrics:
         r.register(self._engine)
 
     # ------------------------------------------------------------------ labels
-    def tenant_label(self, tenant: str | None) -> str:
+    def tenant_label(self, tenant: str | None, *, admit: bool = False) -> str:
+        """The `tenant` label of `tenant`; `admit`: it finished a response, so it may take
+        a free label slot (without `known_tenants`)."""
         t = tenant or "-"
+        if self.known_tenants is not None:
+            return t if t in self.known_tenants else OTHER
         if t in self._tenants:
             return t
-        if len(self._tenants) < self.max_tenants:
+        if admit and len(self._tenants) < self.max_tenants:
             self._tenants.add(t)
             return t
         return OTHER
@@ -177,7 +189,7 @@ class ServerMetrics:
 
     def response(self, tenant: str | None, transport: str) -> ResponseObserver:
         """An observer for the events of one response."""
-        return ResponseObserver(self, self.tenant_label(tenant), self._transport(transport))
+        return ResponseObserver(self, tenant, self._transport(transport))
 
     # ------------------------------------------------------------------ scraping
     def update(self, stats: dict[str, Any] | None) -> None:
@@ -196,7 +208,7 @@ class ResponseObserver:
 
     __slots__ = ("_last_delta", "_m", "_tenant", "_transport")
 
-    def __init__(self, metrics: ServerMetrics, tenant: str, transport: str) -> None:
+    def __init__(self, metrics: ServerMetrics, tenant: str | None, transport: str) -> None:
         self._m = metrics
         self._tenant = tenant
         self._transport = transport
@@ -213,20 +225,20 @@ class ResponseObserver:
             return
         if kind == "error":
             code = event.get("error", {}).get("code") or "server_error"
-            m.errors.labels(self._tenant, self._transport,
-                            code if code in KNOWN_CODES else OTHER).inc()  # fmt: skip
+            m.refused(self._tenant, self._transport, code)
             return
         status = _FINAL_EVENTS.get(kind) if isinstance(kind, str) else None
         if status is None:
             return
-        m.requests.labels(self._tenant, self._transport, status).inc()
+        tenant = m.tenant_label(self._tenant, admit=status != "failed")
+        m.requests.labels(tenant, self._transport, status).inc()
         response = event.get("response") or {}
         usage = response.get("usage")
         if usage:
             inp = int(usage.get("input_tokens") or 0)
             cached = int((usage.get("input_tokens_details") or {}).get("cached_tokens") or 0)
-            m.input_tokens.labels(self._tenant).inc(inp)
-            m.cached_tokens.labels(self._tenant).inc(cached)
+            m.input_tokens.labels(tenant).inc(inp)
+            m.cached_tokens.labels(tenant).inc(cached)
             if inp > 0:
                 m.cached_ratio.labels(self._transport).observe(cached / inp)
         ttft_ms = (response.get("metrics") or {}).get("ttft_ms")

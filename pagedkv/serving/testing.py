@@ -16,7 +16,7 @@ from typing import Any
 from pagedkv.serving.auth import Authenticator
 from pagedkv.serving.engine import Engine
 from pagedkv.serving.factory import build_engine, build_model
-from pagedkv.serving.local_server import LocalServer
+from pagedkv.serving.local_server import HEADER_TIMEOUT_S, LocalServer
 from pagedkv.serving.quotas import ConnectionQuotas
 from pagedkv.serving.response_run import ServerConfig
 from pagedkv.serving.server import create_app
@@ -33,16 +33,18 @@ def tiny_server(
     auth: Authenticator | None = None,
     quotas: ConnectionQuotas | None = None,
     metrics: ServerMetrics | None = None,
+    header_timeout_s: float = HEADER_TIMEOUT_S,
     **engine_config: Any,
 ) -> Iterator[tuple[LocalServer, Engine]]:
     """A LocalServer on the `preset` model (random weights, seed 0) and its engine;
-    `auth`, `quotas` and `metrics` as in `create_app`."""
+    `auth`, `quotas` and `metrics` as in `create_app`; `header_timeout_s` as in
+    `LocalServer`."""
     model = build_model(preset)
     config: dict[str, Any] = {"num_gpu_blocks": 256, "num_host_blocks": 256, **engine_config}
     engine = build_engine(model, **config)
     cfg = server or ServerConfig(model_name=preset)
     app = create_app(engine, cfg, auth=auth, quotas=quotas, metrics=metrics)
-    with LocalServer(app) as srv:
+    with LocalServer(app, header_timeout_s=header_timeout_s) as srv:
         yield srv, engine
 
 
@@ -75,12 +77,15 @@ def engine_check(engine: Engine) -> dict[str, Any]:
 
 
 def wait_released(engine: Engine, timeout: float = 10.0) -> dict[str, Any]:
-    """`engine_check` once the engine holds no session (closing a connection releases
-    its session a moment after the client sees the close); raises after `timeout`."""
+    """`engine_check` once the engine holds no session and no GPU block is in use
+    (closing a connection releases its session a moment after the client sees the
+    close, and its offload to the host tier holds the blocks until the copy is done);
+    raises after `timeout` if a session is still open."""
     deadline = time.monotonic() + timeout
     while True:
         stats = engine_check(engine)
-        if stats["num_sessions"] == 0 or time.monotonic() > deadline:
+        idle = stats["num_sessions"] == 0 and stats["gpu_blocks"]["in_use"] == 0
+        if idle or time.monotonic() > deadline:
             break
         time.sleep(0.02)
     if stats["num_sessions"]:

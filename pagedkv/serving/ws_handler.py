@@ -311,7 +311,10 @@ class ResponsesSocket:
             return parse_create(event, websocket=True)
         except ProtocolError as err:
             lane = event.get("stream_id")
-            err.stream_id = lane if isinstance(lane, str) and len(lane) <= 256 else None
+            err.stream_id = (
+                lane if isinstance(lane, str) and 0 < len(lane) <= 256 and lane.isprintable()
+                else None
+            )  # fmt: skip
             raise
 
     # ------------------------------------------------------------------ responses
