@@ -42,7 +42,7 @@ ALLOWED: dict[str, frozenset[str]] = {
 # pyproject.toml under the same name, `-` read as `_` (checked below)
 THIRD_PARTY = frozenset(
     {"torch", "numpy", "xxhash", "triton", "safetensors", "starlette", "uvicorn",
-     "websockets", "openai", "matplotlib", "tqdm", "prometheus_client"}
+     "websockets", "openai", "matplotlib", "tqdm", "prometheus_client", "h11"}
 )  # fmt: skip
 
 
