@@ -387,6 +387,24 @@ def test_a_body_that_never_arrives_times_out_and_frees_its_slot(server: Any) -> 
     assert quotas.snapshot()["http_requests"] == 0
 
 
+def test_a_client_that_leaves_mid_body_leaves_no_traceback_and_no_slot(server: Any) -> None:
+    srv, _engine, records = server
+    for _ in range(3):
+        sock = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+        sock.sendall(b"POST /v1/responses HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                     b"\r\nContent-Length: 1000\r\n\r\n{\"model\": \"tiny\", ")  # fmt: skip
+        time.sleep(0.2)
+        sock.close()
+    quotas = srv._config.app.state.quotas
+    deadline = time.monotonic() + 5.0
+    while quotas.snapshot()["http_requests"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert quotas.snapshot()["http_requests"] == 0
+    assert not records.tracebacks()
+    r = httpx.post(f"{srv.base_url}/responses", json={"model": "tiny", "input": "hi"})
+    assert r.status_code == 200, r.text
+
+
 def test_unknown_routes_get_a_json_error(server: Any) -> None:
     srv, _engine, _records = server
     r = httpx.get(f"http://127.0.0.1:{srv.port}/nope")

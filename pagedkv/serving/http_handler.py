@@ -22,7 +22,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
@@ -210,6 +210,11 @@ async def create_response(
                     code="request_timeout",
                     status=408,
                 ) from None
+            except ClientDisconnect:
+                # the client went away mid-body: nobody to answer, nothing to trace
+                log.info("refused transport=http request_id=%s tenant=%s status=499 "
+                         "code=client_disconnected", request_id, tenant)  # fmt: skip
+                return Response(status_code=499)
             req = await off_loop(len(body), _parse_body, body)
             if req.previous_response_id is not None:
                 raise ProtocolError(
