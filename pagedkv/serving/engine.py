@@ -89,6 +89,7 @@ class _Job:
     pos: int = 0  # tokens of the sequence whose K/V is written
     pending: list[int] = field(default_factory=list)  # appended, not yet computed
     cached_tokens: int = 0
+    steered: bool = False  # a steer asked to end its message at the next token boundary
     t_admitted: float = 0.0
     t_first: float | None = None
 
@@ -216,6 +217,13 @@ class Engine:
         exactly one `TurnDone` or `TurnFailed` (none if the session closes first)."""
         self._commands.put(("submit", (request, emit)))
 
+    def steer(self, session_id: str, request_id: str) -> None:
+        """Ask the running turn `request_id` of `session_id` to end its message at the
+        next token boundary (its `TurnDone` then has `incomplete_reason` "steered";
+        everything it generated stays computed in the session, for the successor). A
+        function call, a finished turn or an unknown id is left alone."""
+        self._commands.put(("steer", (session_id, request_id)))
+
     def call(self, fn: Callable[[Engine], Any]) -> Future[Any]:
         """Run `fn(engine)` on the engine thread between steps; its result (or
         exception) comes back in the future. For stats and checks."""
@@ -338,6 +346,11 @@ class Engine:
                             500, "server_error",
                         )
                     )  # fmt: skip
+        elif kind == "steer":
+            session_id, request_id = arg
+            s = self._sessions.get(session_id)
+            if s is not None and s.job is not None and s.job.req.request_id == request_id:
+                s.job.steered = True
         elif kind == "call":
             fn, fut = arg
             if fut.set_running_or_notify_cancel():
@@ -531,6 +544,9 @@ class Engine:
                 self._finish(job)
                 continue
             job.phase = "decode"
+            if job.steered and job.program.can_cut:
+                self._apply(job, job.program.cut())  # steered: end the message here
+                continue
             mask = job.program.allowed()
             if mask is None:
                 self._apply(job, job.program.advance(None))
@@ -604,7 +620,13 @@ class Engine:
                 job.cached_tokens,
                 0 if program is None else program.num_tokens,
                 metrics,
-                "max_output_tokens" if program is not None and program.hit_limit else None,
+                None
+                if program is None
+                else "steered"
+                if program.steered
+                else "max_output_tokens"
+                if program.hit_limit
+                else None,
             )
         )
 

@@ -127,7 +127,7 @@ class TurnDone(NamedTuple):
     cached_tokens: int
     output_tokens: int
     metrics: dict[str, Any]
-    incomplete_reason: str | None = None  # "max_output_tokens" when the limit cut it off
+    incomplete_reason: str | None = None  # "max_output_tokens" (the limit cut it) or "steered"
 
 
 class TurnFailed(NamedTuple):

@@ -105,6 +105,7 @@ class OutputProgram:
         self.num_tokens = 0  # every token appended for the item after the header
         self.done = False
         self.hit_limit = False  # stopped at max_output_tokens rather than by choice
+        self.steered = False  # cut short by `cut()` (a steer)
         self._started = False
 
     def max_tokens(self) -> int:
@@ -135,6 +136,25 @@ class OutputProgram:
         self.num_tokens += len(step.tokens)
         self.done = step.done
         return step
+
+    @property
+    def can_cut(self) -> bool:
+        """Whether `cut()` may end the item now: a message not yet complete. (A function
+        call is never cut: its arguments would not be the JSON the client expects.)"""
+        return not self.done and not self.spec.is_function_call
+
+    def cut(self) -> Step:
+        """End the message here, at a token boundary, which is always a safe one: every
+        sampled token is one printable ASCII character, so the text so far is complete
+        UTF-8 and re-renders to exactly the tokens appended. The closing tokens are
+        forced, as when the item stops by choice."""
+        if not self.can_cut:
+            raise RuntimeError("OutputProgram.cut: only an unfinished message can be cut")
+        self.steered = True
+        self.done = True
+        closing = self._close()
+        self.num_tokens += len(closing)
+        return Step(closing, "", True)
 
     def _close(self) -> list[int]:
         return [self.tok.im_end_id, ord("\n")]

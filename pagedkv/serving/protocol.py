@@ -5,8 +5,8 @@ or a list of items: `message` with a string or text parts, replayed `function_ca
 `function_call_output`), `instructions`, function `tools`, `tool_choice`,
 `previous_response_id` (nullable), `store`, `generate` (WebSocket: False warms the cache
 without output), `max_output_tokens`, `temperature`, `top_p`, `metadata`, `stream` (HTTP
-only), `stream_id` (WebSocket only: echoed on every event of that response; requests on
-one connection run first in, first out whatever their lane), `prompt_cache_key` (a
+only), `stream_id` (WebSocket only: the lane; echoed on every event of that response),
+`prompt_cache_key` (a
 sub-salt within the tenant: only requests with the same key share cached blocks).
 `background: true` is refused. Anything malformed raises `ProtocolError`, which the server sends as the `error`
 envelope.
@@ -19,12 +19,16 @@ characters. Replies
 are written with `encode_json` (never NaN). Checks that need the server's configuration
 (model name, the `max_output_tokens` cap) or the whole conversation (call ids) are in
 `pagedkv.serving.response_run.check_request`.
+
+`parse_steer` checks a `response.steer` event (WebSocket only): exactly `type`,
+`previous_response_id` and `input` (a string or a non-empty list of user messages).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -424,6 +428,14 @@ def _parse_metadata(value: object) -> dict[str, str]:
     return out
 
 
+_STREAM_ID = re.compile(r"[A-Za-z0-9_.\-]{1,256}")
+
+
+def valid_stream_id(value: object) -> bool:
+    """A WebSocket lane id as the API allows: 1-256 of `[A-Za-z0-9_.-]`."""
+    return isinstance(value, str) and _STREAM_ID.fullmatch(value) is not None
+
+
 def _check_id(value: str | None, param: str) -> str | None:
     if value is not None and not 1 <= len(value) <= MAX_ID_CHARS:
         raise ProtocolError(
@@ -505,9 +517,15 @@ def parse_create(body: object, *, websocket: bool) -> CreateRequest:
             code="unsupported_value",
             param="background",
         )
-    # WebSocket only: the lane whose events echo it (requests run FIFO on a connection)
+    # WebSocket only: the lane (its requests run in order, lanes run side by side)
     stream_id = _opt(body, "stream_id", (str,), "a string") if websocket else None
-    _check_id(stream_id, "stream_id")
+    if stream_id is not None and not valid_stream_id(stream_id):
+        raise ProtocolError(
+            "The 'stream_id' field must be a non-empty string with at most 256 characters "
+            "and may only contain letters, numbers, underscores, hyphens, and periods.",
+            code="invalid_stream_id",
+            param="stream_id",
+        )
     cache_key = _check_id(_opt(body, "prompt_cache_key", (str,), "a string"), "prompt_cache_key")
     return CreateRequest(
         model=_opt(body, "model", (str,), "a string"),
@@ -528,3 +546,89 @@ def parse_create(body: object, *, websocket: bool) -> CreateRequest:
         stream_id=stream_id,
         prompt_cache_key=cache_key,
     )
+
+
+STEER_FIELDS = ("type", "previous_response_id", "input")
+MAX_STEER_MESSAGES = 64
+
+
+@dataclass(frozen=True, slots=True)
+class SteerRequest:
+    """A checked `response.steer` event: the response it steers and the user messages
+    it queues; `raw_input` is the input as sent (a refusal echoes it back)."""
+
+    previous_response_id: str
+    items: tuple[Message, ...]
+    raw_input: str | list[Any]
+
+
+def _steer_error(message: str, param: str) -> ProtocolError:
+    return ProtocolError(message, code="invalid_input", param=param)
+
+
+def parse_steer(body: Mapping[str, Any]) -> SteerRequest:
+    """Check a `response.steer` event (already decoded, depth-checked JSON).
+
+    The API accepts only `type`, `previous_response_id` and `input`; steering input is a
+    string or a non-empty list of `user` messages, each with only `type` ("message"),
+    `role` and `content` (a string or text parts; this server has no image or file
+    input).
+
+    Raises:
+        ProtocolError: code "invalid_input", naming the field.
+    """
+    try:
+        check_encodable(body)
+    except ProtocolError as err:
+        raise _steer_error(err.message, err.param or "input") from None
+    for key in body:
+        if key not in STEER_FIELDS:
+            shown = printable(str(key)[:64])
+            hint = " (the target response determines the lane)" if key == "stream_id" else ""
+            raise _steer_error(
+                f"response.steer accepts only {list(STEER_FIELDS)}; got {shown!r}{hint}", shown
+            )
+    prev = body.get("previous_response_id")
+    if not isinstance(prev, str) or not 1 <= len(prev) <= MAX_ID_CHARS:
+        raise _steer_error(
+            f"previous_response_id must be a string of 1 to {MAX_ID_CHARS} characters",
+            "previous_response_id",
+        )
+    raw = body.get("input")
+    if isinstance(raw, str):
+        if not raw:
+            raise _steer_error("input must not be empty", "input")
+        return SteerRequest(prev, (Message("user", raw),), raw)
+    if not isinstance(raw, list) or not raw:
+        raise _steer_error("input must be a string or a non-empty list of user messages", "input")
+    if len(raw) > MAX_STEER_MESSAGES:
+        raise _steer_error(
+            f"input has {len(raw)} messages; a steer takes at most {MAX_STEER_MESSAGES}", "input"
+        )
+    items: list[Message] = []
+    for i, obj in enumerate(raw):
+        where = f"input[{i}]"
+        if not isinstance(obj, Mapping):
+            raise _steer_error(f"{where} must be an object", where)
+        for key in obj:
+            if key not in ("type", "role", "content"):
+                shown = printable(str(key)[:64])
+                raise _steer_error(
+                    f"a steering message may contain only type, role and content; {where} "
+                    f"has {shown!r}",
+                    f"{where}.{shown}",
+                )
+        if obj.get("type", "message") != "message":
+            raise _steer_error(
+                f"{where} is not a message: steering accepts only user messages (no tool "
+                "outputs or other items)",
+                f"{where}.type",
+            )
+        if obj.get("role") != "user":
+            raise _steer_error(f"{where} must have role 'user'", f"{where}.role")
+        try:
+            text = _text_of(obj.get("content"), f"{where}.content")
+        except ProtocolError as err:
+            raise _steer_error(err.message, err.param or f"{where}.content") from None
+        items.append(Message("user", text))
+    return SteerRequest(prev, tuple(items), raw)

@@ -78,7 +78,14 @@ class ServerConfig:
             (`too_many_queued_responses`), so a client cannot grow server memory by
             pipelining requests.
         max_stored_responses: responses a connection remembers for
-            `previous_response_id` (least recent forgotten first).
+            `previous_response_id` (least recent forgotten first; never a running one).
+        max_inflight_responses: responses of one WebSocket connection running at once
+            across its lanes (the API's 16); more wait in their lanes' queues.
+        max_lanes: distinct named `stream_id` lanes a connection may use (the API's
+            32; the default lane does not count): another gets
+            `websocket_stream_limit_reached`.
+        max_pending_steers: accepted `response.steer` inputs one response may hold
+            (waiting to be applied); another gets `too_many_pending_steers`.
         send_timeout_s: a WebSocket send (or an HTTP stream chunk) that the client does
             not take within this long ends the connection: its response is aborted, its
             engine session closed, and its transport aborted rather than drained.
@@ -97,6 +104,9 @@ class ServerConfig:
     max_connection_age_s: float = 3600.0
     max_queued_responses: int = 32
     max_stored_responses: int = 64
+    max_inflight_responses: int = 16
+    max_lanes: int = 32
+    max_pending_steers: int = 16
     send_timeout_s: float = 20.0
     idle_timeout_s: float | None = 900.0
     read_timeout_s: float = 30.0
@@ -108,6 +118,9 @@ class ServerConfig:
             "max_message_bytes",
             "max_queued_responses",
             "max_stored_responses",
+            "max_inflight_responses",
+            "max_lanes",
+            "max_pending_steers",
         ):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -242,6 +255,34 @@ class ResponseRun:
         )
         self.item: Item | None = None
         self.ok = False
+        self.finished = False  # the engine's last event for it has arrived
+        self.error: ProtocolError | None = None  # why it failed
+        self.incomplete_reason: str | None = None
+        self._notes: list[tuple[str, dict[str, Any]]] = []
+        self._inbox: asyncio.Queue[EngineEvent | None] | None = None
+
+    @property
+    def is_message(self) -> bool:
+        """It generates a message (not a function call, not a warm-up)."""
+        return self.spec is not None and not self.spec.is_function_call
+
+    def note(self, kind: str, **fields: Any) -> None:
+        """Add an event of this response (`response.steer.*`) to its stream, numbered in
+        sequence after the events produced so far: `events()` yields it while the
+        response runs, `late_notes()` once its stream has ended."""
+        self._notes.append((kind, fields))
+        if self._inbox is not None and not self.finished:
+            self._inbox.put_nowait(None)  # wake `events()`
+
+    def late_notes(self) -> list[dict[str, Any]]:
+        """The noted events not yet yielded (after `events()` has ended)."""
+        out = [self.builder.event(kind, **fields) for kind, fields in self._notes]
+        self._notes.clear()
+        return out
+
+    def steer(self) -> None:
+        """Ask the engine to end this response's message at the next token boundary."""
+        self.engine.steer(self.session_id, self.response_id)
 
     @property
     def response_id(self) -> str:
@@ -256,7 +297,8 @@ class ResponseRun:
         """The response's events, from `response.created` to `response.completed` (or
         `error` + `response.failed`)."""
         loop = asyncio.get_running_loop()
-        inbox: asyncio.Queue[EngineEvent] = asyncio.Queue()
+        inbox: asyncio.Queue[EngineEvent | None] = asyncio.Queue()  # None: a note
+        self._inbox = inbox
 
         def emit(event: EngineEvent) -> None:  # on the engine thread
             # a closed loop (server shut down) means nobody is listening any more
@@ -280,8 +322,10 @@ class ResponseRun:
             emit,
         )
         while True:
+            for ev in self.late_notes():
+                yield ev
             event = await inbox.get()
-            if isinstance(event, TurnStarted):
+            if event is None or isinstance(event, TurnStarted):
                 continue
             if isinstance(event, OutputStarted):
                 spec = self.spec
@@ -292,21 +336,29 @@ class ResponseRun:
                 for ev in b.delta(event.text):
                     yield ev
             elif isinstance(event, TurnDone):
-                self.item, self.ok = event.item, True
+                self.item, self.ok, self.finished = event.item, True, True
+                # the server's default length completes a response; only a limit the
+                # client set, or a steer, makes it incomplete
+                reason = event.incomplete_reason
+                if reason == "max_output_tokens" and not self.client_limit:
+                    reason = None
+                self.incomplete_reason = reason
                 for ev in b.completed(
                     event.item,
                     input_tokens=event.input_tokens,
                     cached_tokens=event.cached_tokens,
                     output_tokens=event.output_tokens,
                     metrics=event.metrics,
-                    incomplete_reason=(event.incomplete_reason if self.client_limit else None),
+                    incomplete_reason=reason,
                 ):
                     yield ev
                 return
             elif isinstance(event, TurnFailed):
+                self.finished = True
                 err = ProtocolError(
                     event.message, code=event.code, status=event.status, type=event.error_type
                 )
+                self.error = err
                 for ev in b.failed(err):
                     yield ev
                 return
