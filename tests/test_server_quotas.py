@@ -164,6 +164,42 @@ def test_pinned_sessions_are_capped_per_tenant_behind_the_server(server: Any) ->
     settle(engine, quotas)
 
 
+def test_lanes_count_as_sessions_against_the_tenants_pinned_cap(server: Any) -> None:
+    """Sixteen lanes of one connection are sixteen sessions: alice's connection cannot
+    pin more than her cap, bob keeps his; a fork of an offloaded lane is served from the
+    host tier / hash cache."""
+    srv, engine, quotas = server
+    lanes = [f"lane{i}" for i in range(16)]
+    with ws(srv, "sk-alice") as alice, ws(srv, "sk-bob") as bob:
+        for i, lane in enumerate(lanes):
+            alice.send(json.dumps({"type": "response.create", "model": "tiny",
+                                   "input": f"lane {i} " * 12, "max_output_tokens": 2,
+                                   "stream_id": lane}))  # fmt: skip
+        bob_first = turn(bob, "bob works meanwhile " * 4)
+        done: dict[str, dict[str, Any]] = {}
+        for ev in events(alice):
+            if ev["type"] in ("response.completed", "response.incomplete"):
+                done[ev["stream_id"]] = ev["response"]
+            assert ev["type"] not in ("error", "response.failed"), ev
+            if len(done) == len(lanes):
+                break
+        stats = engine_check(engine)
+        assert stats["pinned_by_tenant"].get("alice", 0) <= 2, stats["pinned_by_tenant"]
+        assert stats["pinned_by_tenant"]["bob"] == 1
+        assert stats["num_sessions"] == 17
+        # the first lane's session was offloaded long ago: a fork of it still shares it
+        parent = done["lane0"]
+        held = parent["usage"]["input_tokens"] + parent["usage"]["output_tokens"]
+        alice.send(json.dumps({"type": "response.create", "model": "tiny", "input": "fork",
+                               "previous_response_id": parent["id"], "stream_id": "fork",
+                               "max_output_tokens": 2}))  # fmt: skip
+        fork = read_response(events(alice))[-1]["response"]
+        assert fork["usage"]["input_tokens_details"]["cached_tokens"] == held // 16 * 16
+        assert turn(bob, "and bob goes on", bob_first["id"])["usage"]["input_tokens_details"][
+            "cached_tokens"] > 0  # fmt: skip
+    settle(engine, quotas)
+
+
 def test_a_turn_held_by_its_tenants_pinned_cap_gets_429_not_a_hang() -> None:
     sched = SchedulerConfig(max_pinned_sessions=8, tenant_default_max_pinned=1,
                             queue_timeout_s=0.5)  # fmt: skip
