@@ -291,7 +291,15 @@ def test_steers_that_cannot_be_committed_fail_with_the_apis_codes() -> None:
             create(ws, input="warm", generate=False)
             warm = read_response(events(ws))
             steer(ws, warm[-1]["response"]["id"], "x")
-            assert failed()["error"]["code"] == "response_already_completed"
+            assert failed()["error"]["code"] == "steering_not_supported"
+            # an id that is not text, an input over the size limit: refused, never a 500
+            ws.send('{"type": "response.steer", "previous_response_id": "resp_\\ud800", '
+                    '"input": "x"}')  # fmt: skip
+            ev = failed()
+            assert ev["error"]["code"] == "invalid_input"
+            assert ev["steer"]["previous_response_id"] == ""
+            steer(ws, done["id"], "x" * (256 * 1024 + 1))
+            assert failed()["error"]["code"] == "invalid_input"
             # a function call waits for its output: steers pend, up to the limit
             call = completed(ws, input="ls", tools=[TOOL], tool_choice="required",
                              max_output_tokens=3)  # fmt: skip
@@ -310,4 +318,32 @@ def test_steers_that_cannot_be_committed_fail_with_the_apis_codes() -> None:
             assert [e["steer"]["input"] for e in got[1:]] == ["note 0", "note 1"]
             assert completed(ws, input="still usable", max_output_tokens=2)["status"] in (
                 "completed", "incomplete")  # fmt: skip
+        wait_released(engine)
+
+
+def test_a_steer_racing_the_continuation_is_committed_or_refused_never_lost() -> None:
+    with tiny_server() as (srv, engine):
+        with connect(srv.ws_url) as ws:
+            plain = None  # what a continuation adds without a steer
+            for round_ in range(4):
+                call = completed(ws, input="ls", tools=[TOOL], tool_choice="required",
+                                 max_output_tokens=3, temperature=0)  # fmt: skip
+                output = {"type": "function_call_output", "call_id": call["output"][0]["call_id"],
+                          "output": "a.py"}  # fmt: skip
+                create(ws, input=[output], previous_response_id=call["id"], tools=[TOOL],
+                       max_output_tokens=2)  # fmt: skip
+                if round_ == 0:
+                    plain = until(ws, *DONE)[-1]["response"]["usage"]["input_tokens"] - held(call)
+                    continue
+                steer(ws, call["id"], "and b.py")  # right behind it: the continuation is running
+                got = until(ws, *DONE)
+                kinds = [e["type"] for e in got]
+                failed = [e for e in got if e["type"] == "response.steer.failed"]
+                if "response.steer.accepted" in kinds:  # taken by the continuation: prepended
+                    assert not failed
+                    assert plain is not None and "response.steer.pending" in kinds
+                    added = got[-1]["response"]["usage"]["input_tokens"] - held(call)
+                    assert added > plain  # the steer's message was prepended
+                else:
+                    assert [e["error"]["code"] for e in failed] == ["response_already_completed"]
         wait_released(engine)

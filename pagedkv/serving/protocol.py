@@ -550,6 +550,7 @@ def parse_create(body: object, *, websocket: bool) -> CreateRequest:
 
 STEER_FIELDS = ("type", "previous_response_id", "input")
 MAX_STEER_MESSAGES = 64
+MAX_STEER_CHARS = 256 * 1024  # text of one steer: pending steers are held in memory
 
 
 @dataclass(frozen=True, slots=True)
@@ -598,6 +599,7 @@ def parse_steer(body: Mapping[str, Any]) -> SteerRequest:
     if isinstance(raw, str):
         if not raw:
             raise _steer_error("input must not be empty", "input")
+        _check_steer_size(len(raw))
         return SteerRequest(prev, (Message("user", raw),), raw)
     if not isinstance(raw, list) or not raw:
         raise _steer_error("input must be a string or a non-empty list of user messages", "input")
@@ -631,4 +633,13 @@ def parse_steer(body: Mapping[str, Any]) -> SteerRequest:
         except ProtocolError as err:
             raise _steer_error(err.message, err.param or f"{where}.content") from None
         items.append(Message("user", text))
+    _check_steer_size(sum(len(m.text) for m in items))
     return SteerRequest(prev, tuple(items), raw)
+
+
+def _check_steer_size(chars: int) -> None:
+    if chars > MAX_STEER_CHARS:
+        raise _steer_error(
+            f"steering input of {chars} characters exceeds the limit of {MAX_STEER_CHARS}",
+            "input",
+        )

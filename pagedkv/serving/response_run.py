@@ -259,6 +259,7 @@ class ResponseRun:
         self.error: ProtocolError | None = None  # why it failed
         self.incomplete_reason: str | None = None
         self._notes: list[tuple[str, dict[str, Any]]] = []
+        self._steered = False
         self._inbox: asyncio.Queue[EngineEvent | None] | None = None
 
     @property
@@ -280,8 +281,16 @@ class ResponseRun:
         self._notes.clear()
         return out
 
+    @property
+    def backlog(self) -> int:
+        """Noted events not yet yielded."""
+        return len(self._notes)
+
     def steer(self) -> None:
-        """Ask the engine to end this response's message at the next token boundary."""
+        """Ask the engine to end this response's message at the next token boundary
+        (asked again right after the submit when the turn is not submitted yet: the
+        engine runs commands in order)."""
+        self._steered = True
         self.engine.steer(self.session_id, self.response_id)
 
     @property
@@ -321,6 +330,8 @@ class ResponseRun:
             ),
             emit,
         )
+        if self._steered:  # steered before the engine had the turn
+            self.engine.steer(self.session_id, self.response_id)
         while True:
             for ev in self.late_notes():
                 yield ev

@@ -100,6 +100,14 @@ def _evicts_parent(err: ProtocolError | None) -> bool:
     return err is not None and 400 <= err.status < 500 and err.status != 429
 
 
+def _unencodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 def _server_error(message: str) -> ProtocolError:
     return ProtocolError(message, code="server_error", status=500, type="server_error")
 
@@ -151,7 +159,14 @@ class Stored:
     conversation: tuple[Item, ...] | None = None
     steers: list[Steer] = field(default_factory=list)  # accepted while it runs
     pending: list[Steer] = field(default_factory=list)  # waiting for tool output
-    continued: bool = False
+    continued: bool = False  # set before its continuation is built (steers then refused)
+    kept: int = 0  # steers settled for its automatic successor, not yet committed
+    warmup: bool = False  # `generate: false`: nothing to steer
+
+    @property
+    def outstanding(self) -> int:
+        """Accepted steers of this response not yet committed or failed."""
+        return len(self.steers) + len(self.pending) + self.kept
 
 
 def _steer_json(steer: Steer) -> dict[str, str]:
@@ -161,14 +176,9 @@ def _steer_json(steer: Steer) -> dict[str, str]:
 def _steer_failure(
     code: str, message: str, prev: str, raw_input: Any, steer_id: str | None = None
 ) -> dict[str, Any]:
-    """The fields of `response.steer.failed`: the uncommitted input, echoed back (as an
-    empty string when it cannot be echoed safely), and the error."""
-    try:
-        check_encodable(raw_input)
-        echoed = raw_input if isinstance(raw_input, str | list) else ""
-    except ProtocolError:
-        echoed = ""
-    steer: dict[str, Any] = {"previous_response_id": prev, "input": echoed}
+    """The fields of `response.steer.failed`: the uncommitted input, echoed back (the
+    caller passes one that can be: checked off the loop while parsing), and the error."""
+    steer: dict[str, Any] = {"previous_response_id": prev, "input": raw_input}
     if steer_id is not None:
         steer["id"] = steer_id
     error = {"code": code, "message": message, "type": "invalid_request_error"}
@@ -481,10 +491,16 @@ class ResponsesSocket:
             try:
                 return parse_steer(event)
             except ProtocolError as err:
-                prev = event.get("previous_response_id")
-                valid = isinstance(prev, str) and 1 <= len(prev) <= MAX_ID_CHARS
-                return BadSteer(prev if isinstance(prev, str) and valid else "",
-                                event.get("input"), err)  # fmt: skip
+                prev, raw = event.get("previous_response_id"), event.get("input")
+                # echoed in the refusal: only what is text and encodes (checked here, on
+                # the parsing thread for large messages)
+                prev = prev if isinstance(prev, str) and 1 <= len(prev) <= MAX_ID_CHARS else ""
+                try:
+                    check_encodable(prev)
+                    check_encodable(raw)
+                except ProtocolError:
+                    prev, raw = ("" if _unencodable(prev) else prev), ""
+                return BadSteer(prev, raw if isinstance(raw, str | list) else "", err)
         if kind != "response.create":
             shown = kind[:64] if isinstance(kind, str) else kind
             raise ProtocolError(
@@ -568,8 +584,13 @@ class ResponsesSocket:
             return
         same_lane = parent is not None and parent.lane is lane
         # an explicit continuation of a function call that has steers waiting: they are
-        # prepended to its input, in the order they were submitted
-        steers = queued.steers or (tuple(parent.pending) if same_lane and parent else ())
+        # prepended to its input, in the order they were submitted; from here on the
+        # parent takes no new steer (`continued`), so none can slip past this request
+        taken = tuple(parent.pending) if same_lane and parent and not queued.steers else ()
+        steers = queued.steers or taken
+        was_continued = parent.continued if parent is not None else False
+        if same_lane and parent is not None:
+            parent.continued = True
         items: tuple[Item, ...] = (
             *(parent.conversation or () if parent else ()),
             *(item for steer in steers for item in steer.items),
@@ -585,13 +606,17 @@ class ResponsesSocket:
                 session_id=lane.session_id, ephemeral=False, tenant=self.tenant,
             )  # fmt: skip
         except ProtocolError as err:
-            await self._refused(lane, queued, err, parent if same_lane else None)
+            if same_lane and parent is not None:
+                parent.continued = was_continued  # nothing continued it: steerable again
+            # a refused automatic successor does not evict the response it follows
+            await self._refused(lane, queued, err, parent if same_lane and not queued.steers
+                                else None)  # fmt: skip
             return
-        if parent is not None and same_lane:
-            parent.continued = True
-            if not queued.steers:
-                parent.pending.clear()  # committed by this response's response.created
-        stored = Stored(lane, run.builder, run=run)
+        if taken and parent is not None:  # committed by this response's response.created
+            parent.pending = [s for s in parent.pending if s not in taken]
+        if queued.steers and parent is not None:
+            parent.kept = max(parent.kept - len(queued.steers), 0)
+        stored = Stored(lane, run.builder, run=run, warmup=run.spec is None)
         self._store(run.response_id, stored)
         observer = None if self.metrics is None else self.metrics.response(self.tenant, "ws")
         async for event in run.events():
@@ -624,8 +649,11 @@ class ResponsesSocket:
         refused continuation on its parent's lane evicts the parent, as the API does."""
         await self._send_error(err, queued.req)
         for steer in queued.steers:
+            target = self._responses.get(steer.previous_response_id)
+            if target is not None:
+                target.kept = max(target.kept - 1, 0)
             await self._steer_event(
-                self._responses.get(steer.previous_response_id),
+                target,
                 "response.steer.failed",
                 _steer_failure("successor_creation_failed",
                                f"the successor response could not be created: {err.message}",
@@ -655,6 +683,7 @@ class ResponsesSocket:
                     run.note("response.steer.pending", **self._pending_fields(steer, call))
                 else:
                     successor.append(steer)
+                    stored.kept += 1
             notes = run.late_notes()
             if not notes and not stored.steers:
                 return successor
@@ -708,9 +737,20 @@ class ResponsesSocket:
         await self._send(event)
 
     async def _steer(self, msg: SteerRequest | BadSteer) -> None:
-        """Handle `response.steer` (see the module docstring)."""
+        """Handle `response.steer` (see the module docstring). Every check and the
+        bookkeeping happen before the first await, so a response that finishes or is
+        continued meanwhile sees the steer."""
+        if self._closing:
+            return  # past the age limit: the connection is ending
         prev = msg.previous_response_id
         stored = self._responses.get(prev) if prev else None
+        # a client that floods steers at a running response waits for its events to go
+        # out (bounded by the send timeout) instead of growing them without bound
+        while stored is not None and stored.run is not None and stored.run.backlog > 32:
+            await asyncio.sleep(0.005)
+            if self._dead:
+                return
+            stored = self._responses.get(prev)
 
         async def fail(code: str, message: str, target: Stored | None = stored) -> None:
             await self._steer_event(target, "response.steer.failed",
@@ -724,34 +764,38 @@ class ResponsesSocket:
                        f"Response with id {prev!r} is not available on this connection.", None)  # fmt: skip
             return
         run = stored.run
-        if run is not None and run.spec is None:
+        if stored.warmup:
             await fail("steering_not_supported",
                        "a warm-up (generate: false) produces no output and cannot be steered")  # fmt: skip
             return
-        if run is None:
-            last = stored.conversation[-1] if stored.conversation else None
-            if not isinstance(last, FunctionCall) or stored.continued:
-                await fail("response_already_completed",
-                           f"Response {prev!r} has completed and is no longer accepting "
-                           "steering input.")  # fmt: skip
-                return
-        waiting = len(stored.steers) + len(stored.pending)
-        if waiting >= self.config.max_pending_steers:
+        last = stored.conversation[-1] if stored.conversation else None
+        if run is None and (not isinstance(last, FunctionCall) or stored.continued):
+            await fail("response_already_completed",
+                       f"Response {prev!r} has completed and is no longer accepting "
+                       "steering input.")  # fmt: skip
+            return
+        total = sum(r.outstanding for r in self._responses.values())
+        if stored.outstanding >= self.config.max_pending_steers or (
+            total >= 2 * self.config.max_pending_steers
+        ):
             await fail("too_many_pending_steers",
-                       f"{waiting} steers are already pending for response {prev!r} (limit "
-                       f"{self.config.max_pending_steers})")  # fmt: skip
+                       f"{stored.outstanding} steers are pending for response {prev!r} and "
+                       f"{total} on this connection (limits {self.config.max_pending_steers} "
+                       f"and {2 * self.config.max_pending_steers})")  # fmt: skip
             return
         steer = Steer(new_id("steer"), prev, msg.items, msg.raw_input)
-        await self._steer_event(stored, "response.steer.accepted", {"steer": _steer_json(steer)})
         if run is not None:
             stored.steers.append(steer)
             if run.is_message and not run.finished:
                 run.steer()  # cut at the next token boundary; the successor follows
+            await self._steer_event(
+                stored, "response.steer.accepted", {"steer": _steer_json(steer)}
+            )
             return
         # a completed function call waiting for its output: pending at once
-        last = stored.conversation[-1] if stored.conversation else None
         assert isinstance(last, FunctionCall)
         stored.pending.append(steer)
+        await self._steer_event(stored, "response.steer.accepted", {"steer": _steer_json(steer)})
         await self._steer_event(stored, "response.steer.pending", self._pending_fields(steer, last))
 
     def _store(self, response_id: str, stored: Stored) -> None:
@@ -760,7 +804,7 @@ class ResponsesSocket:
         for old in list(self._responses)[: max(excess, 0)]:
             kept = self._responses[old]
             # never a running one, nor one with steers waiting for a continuation
-            if kept.conversation is not None and kept.run is None and not kept.pending:
+            if kept.conversation is not None and kept.run is None and not kept.outstanding:
                 del self._responses[old]
 
     def _evict(self, response_id: str | None) -> None:
