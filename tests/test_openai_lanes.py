@@ -10,11 +10,9 @@ and `response.steer.failed` for a steer with no target.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import torch
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("websockets")
@@ -29,12 +27,7 @@ TOOLS = [{"type": "function", "name": "grep", "parameters": {"type": "object",
           "properties": {"pattern": {"type": "string"}}}}]  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest
 
 
 def client_for(srv: Any) -> Any:

@@ -12,15 +12,14 @@ closes the engine holds nothing.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import torch
 
 websockets = pytest.importorskip("websockets")
 
 from websockets.sync.client import ClientConnection, connect  # noqa: E402
+from ws_helpers import DONE, completed, create, events, recv  # noqa: E402
 
 from pagedkv.serving.response_run import ServerConfig  # noqa: E402
 from pagedkv.serving.testing import (  # noqa: E402
@@ -30,43 +29,17 @@ from pagedkv.serving.testing import (  # noqa: E402
     wait_released,
 )
 
-DONE = ("response.completed", "response.incomplete")
 BLOCK = 16  # EngineConfig's default block size
 TOOL = {"type": "function", "name": "ls", "parameters": {"type": "object",
         "properties": {"path": {"type": "string"}}}}  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def recv(ws: ClientConnection, timeout: float = 60.0) -> dict[str, Any]:
-    return dict(json.loads(ws.recv(timeout=timeout)))
-
-
-def events(ws: ClientConnection) -> Iterator[dict[str, Any]]:
-    while True:
-        yield recv(ws)
-
-
-def create(ws: ClientConnection, **fields: Any) -> None:
-    ws.send(json.dumps({"type": "response.create", "model": "tiny", **fields}))
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest
 
 
 def steer(ws: ClientConnection, previous_response_id: Any, input: Any, **extra: Any) -> None:
     ws.send(json.dumps({"type": "response.steer", "previous_response_id": previous_response_id,
                         "input": input, **extra}))  # fmt: skip
-
-
-def completed(ws: ClientConnection, **fields: Any) -> dict[str, Any]:
-    create(ws, **fields)
-    got = read_response(events(ws))
-    assert got[-1]["type"] in DONE, got[-3:]
-    return dict(got[-1]["response"])
 
 
 def held(response: dict[str, Any]) -> int:
@@ -346,4 +319,52 @@ def test_a_steer_racing_the_continuation_is_committed_or_refused_never_lost() ->
                     assert added > plain  # the steer's message was prepended
                 else:
                     assert [e["error"]["code"] for e in failed] == ["response_already_completed"]
+        wait_released(engine)
+
+
+def test_a_flood_of_steers_at_a_running_response_is_answered_in_its_sequence() -> None:
+    with tiny_server(step_delay_s=0.02) as (srv, engine):
+        with connect(srv.ws_url) as ws:
+            create(ws, input="a long answer", max_output_tokens=120, temperature=0,
+                   stream_id="busy")  # fmt: skip
+            first = until(ws, "response.output_text.delta")
+            rid = first[0]["response"]["id"]
+            for i in range(80):  # bad input: answered one by one, nothing steered
+                steer(ws, rid, [{"role": "assistant", "content": f"no {i}"}])
+            got = first + until(ws, *DONE)
+            failed = [e for e in got if e["type"] == "response.steer.failed"]
+            assert len(failed) == 80
+            assert {e["error"]["code"] for e in failed} == {"invalid_input"}
+            assert {e["stream_id"] for e in got} == {"busy"}
+            # numbered in the target's own stream, in order, with its other events
+            assert [e["sequence_number"] for e in got] == list(range(len(got)))
+            assert (got[-1]["response"]["incomplete_details"] or {}).get("reason") != "steered"
+        wait_released(engine)
+
+
+def test_lane_ids_and_the_lane_and_in_flight_limits() -> None:
+    config = ServerConfig(model_name="tiny", max_lanes=2, max_inflight_responses=2)
+    with tiny_server(server=config, step_delay_s=0.02) as (srv, engine):
+        with connect(srv.ws_url) as ws:
+            for bad in ("", "a b", "x" * 257, "lane/1"):
+                create(ws, input="x", stream_id=bad)
+                (err,) = read_response(events(ws))
+                assert (err["error"]["code"], err["error"]["param"]) == (
+                    "invalid_stream_id", "stream_id")  # fmt: skip
+            # three lanes at once with two in flight: the third waits, queued, not refused
+            for lane in ("a", "b", None):
+                create(ws, input=f"lane {lane}", max_output_tokens=6, temperature=0,
+                       **({} if lane is None else {"stream_id": lane}))  # fmt: skip
+            seen: list[dict[str, Any]] = []
+            while sum(e["type"] in DONE for e in seen) < 3:
+                seen.append(recv(ws))
+                running = {e.get("stream_id") for e in seen if e["type"] == "response.created"}
+                ended = {e.get("stream_id") for e in seen if e["type"] in DONE}
+                assert len(running - ended) <= 2, seen[-1]
+            # the default lane does not count against max_lanes; a third named one does
+            create(ws, input="x", stream_id="c")
+            (err,) = read_response(events(ws))
+            assert err["error"]["code"] == "websocket_stream_limit_reached"
+            assert (err["stream_id"], err["error"]["param"]) == ("c", "stream_id")
+            assert completed(ws, input="reuse", stream_id="a", max_output_tokens=2)
         wait_released(engine)

@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-import torch
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
@@ -234,12 +233,9 @@ class LaneMachine(RuleBasedStateMachine):
 
 
 @pytest.fixture
-def lane_server() -> Iterator[Any]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def lane_server(one_torch_thread: None) -> Iterator[Any]:
     with tiny_server(num_gpu_blocks=160, num_host_blocks=64, step_delay_s=0.01) as pair:
         yield pair
-    torch.set_num_threads(threads)
 
 
 def test_lanes_forks_steers_and_disconnects_keep_the_invariants(lane_server: Any) -> None:

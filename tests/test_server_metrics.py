@@ -4,13 +4,11 @@ inter-token histograms, cached-token ratio, engine gauges; tenant labels bounded
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import openai
 import pytest
-import torch
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.sync.client import connect
 
@@ -22,12 +20,7 @@ KEYS = {"sk-alice": "alice", "sk-bob": "bob"}
 PROMPT = "A long shared system prompt for the agent, repeated to fill blocks. " * 6
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

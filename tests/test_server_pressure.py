@@ -10,11 +10,9 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import torch
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("websockets")
@@ -27,12 +25,7 @@ NUM_TURNS = 3
 TOOLS = [{"type": "function", "name": "shell", "parameters": {"type": "object"}}]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest
 
 
 def agent(base_url: str, index: int, outcomes: list[str], errors: list[BaseException]) -> None:

@@ -16,7 +16,6 @@ from typing import Any
 
 import openai
 import pytest
-import torch
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
@@ -34,12 +33,7 @@ POLICY = TenantPolicy(
 GLOBAL_CONNECTIONS = 24
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ from typing import Any
 
 import httpx
 import pytest
-import torch
 from websockets.sync.client import connect
 from ws_raw import RawWebSocket
 
@@ -29,12 +28,7 @@ from pagedkv.serving.testing import engine_check, read_response, tiny_server
 BIG_METADATA = {f"k{i:02d}": "m" * 512 for i in range(16)}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest
 
 
 def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> float:

@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import torch
 
 websockets = pytest.importorskip("websockets")
 
 from websockets.exceptions import ConnectionClosed  # noqa: E402
 from websockets.sync.client import ClientConnection, connect  # noqa: E402
+from ws_helpers import DONE, completed, create, events  # noqa: E402
 
 from pagedkv.serving.response_run import ServerConfig  # noqa: E402
 from pagedkv.serving.testing import (  # noqa: E402
@@ -29,32 +28,7 @@ from pagedkv.serving.testing import (  # noqa: E402
     wait_released,
 )
 
-# a response ends completed, or incomplete when max_output_tokens cut its item off
-DONE = ("response.completed", "response.incomplete")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def events(ws: ClientConnection, timeout: float = 60.0) -> Iterator[dict[str, Any]]:
-    while True:
-        yield json.loads(ws.recv(timeout=timeout))
-
-
-def create(ws: ClientConnection, **fields: Any) -> None:
-    ws.send(json.dumps({"type": "response.create", "model": "tiny", **fields}))
-
-
-def completed(ws: ClientConnection, **fields: Any) -> dict[str, Any]:
-    create(ws, **fields)
-    got = read_response(events(ws))
-    assert got[-1]["type"] in DONE, got[-3:]
-    return got[-1]["response"]
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest
 
 
 def by_lane(ws: ClientConnection, n: int) -> dict[str | None, list[dict[str, Any]]]:

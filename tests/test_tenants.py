@@ -11,7 +11,6 @@ from typing import Any
 import httpx
 import openai
 import pytest
-import torch
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
@@ -22,12 +21,7 @@ KEYS = {"sk-alice-1": "alice", "sk-alice-2": "alice", "sk-bob": "bob"}
 PROMPT = "You are a coding agent in a large repository. " * 12
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest
 
 
 @pytest.fixture(scope="module")

@@ -333,8 +333,9 @@ class ResponseRun:
         if self._steered:  # steered before the engine had the turn
             self.engine.steer(self.session_id, self.response_id)
         while True:
-            for ev in self.late_notes():
-                yield ev
+            if self._notes:
+                for ev in self.late_notes():
+                    yield ev
             event = await inbox.get()
             if event is None or isinstance(event, TurnStarted):
                 continue

@@ -100,12 +100,13 @@ def _evicts_parent(err: ProtocolError | None) -> bool:
     return err is not None and 400 <= err.status < 500 and err.status != 429
 
 
-def _unencodable(text: str) -> bool:
+def _echoable(value: object) -> bool:
+    """Whether a client's value can be sent back as it came (`check_encodable`)."""
     try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return True
-    return False
+        check_encodable(value)
+    except ProtocolError:
+        return False
+    return True
 
 
 def _server_error(message: str) -> ProtocolError:
@@ -491,16 +492,15 @@ class ResponsesSocket:
             try:
                 return parse_steer(event)
             except ProtocolError as err:
+                # echoed in the refusal: only what encodes (checked here, on the parsing
+                # thread for large messages), else ""
                 prev, raw = event.get("previous_response_id"), event.get("input")
-                # echoed in the refusal: only what is text and encodes (checked here, on
-                # the parsing thread for large messages)
-                prev = prev if isinstance(prev, str) and 1 <= len(prev) <= MAX_ID_CHARS else ""
-                try:
-                    check_encodable(prev)
-                    check_encodable(raw)
-                except ProtocolError:
-                    prev, raw = ("" if _unencodable(prev) else prev), ""
-                return BadSteer(prev, raw if isinstance(raw, str | list) else "", err)
+                if not (isinstance(prev, str) and 1 <= len(prev) <= MAX_ID_CHARS
+                        and _echoable(prev)):  # fmt: skip
+                    prev = ""
+                if not (isinstance(raw, str | list) and _echoable(raw)):
+                    raw = ""
+                return BadSteer(prev, raw, err)
         if kind != "response.create":
             shown = kind[:64] if isinstance(kind, str) else kind
             raise ProtocolError(
