@@ -12,6 +12,7 @@ from __future__ import annotations
 from pagedkv.model.config import MODEL_DTYPES, Llama3RopeScaling, LlamaConfig
 from pagedkv.model.forward_batch import ForwardBatch, SeqChunk, build_forward_batch
 from pagedkv.model.llama import LlamaModel, init_random
+from pagedkv.model.protocol import PagedModel, PagedModelConfig
 from pagedkv.model.tokenizer import SPECIAL_TOKENS, VOCAB_SIZE, ByteTokenizer, StreamDecoder
 from pagedkv.model.weights import (
     hf_state_dict,
@@ -31,6 +32,8 @@ __all__ = [
     "Llama3RopeScaling",
     "LlamaConfig",
     "LlamaModel",
+    "PagedModel",
+    "PagedModelConfig",
     "SeqChunk",
     "StreamDecoder",
     "build_forward_batch",

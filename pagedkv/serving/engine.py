@@ -37,7 +37,7 @@ from pagedkv.cache.block_pool import BlockPool
 from pagedkv.cache.errors import OutOfBlocksError
 from pagedkv.cache.hashing import BlockHasher
 from pagedkv.model.forward_batch import SeqChunk, build_forward_batch
-from pagedkv.model.llama import LlamaModel
+from pagedkv.model.protocol import PagedModel
 from pagedkv.model.tokenizer import ByteTokenizer
 from pagedkv.scheduler.cost import CostModel
 from pagedkv.scheduler.errors import OverCapacityError, SessionError
@@ -52,7 +52,14 @@ from pagedkv.serving.engine_types import (
     TurnFailed,
     TurnStarted,
 )
-from pagedkv.serving.generation import CharMasks, OutputProgram, Step, sample_rows
+from pagedkv.serving.generation import (
+    CharMasks,
+    OutputProgram,
+    Step,
+    TokenProgram,
+    make_program,
+    sample_rows,
+)
 from pagedkv.tiers.kv_store import KVStore
 from pagedkv.tiers.tiered import TieredKVCache
 from pagedkv.tiers.transfer import CopyTransferEngine
@@ -84,7 +91,7 @@ class _Job:
     req: EngineRequest
     session: _Session
     emit: EventSink
-    program: OutputProgram | None
+    program: OutputProgram | TokenProgram | None
     phase: str = "waiting"  # waiting -> prefill -> decode -> closing
     pos: int = 0  # tokens of the sequence whose K/V is written
     pending: list[int] = field(default_factory=list)  # appended, not yet computed
@@ -110,7 +117,7 @@ def cache_key_salt(cache_key: str | None) -> bytes:
     return b"prompt_cache_key\x00" + cache_key.encode("utf-8", "surrogatepass")
 
 
-def _cost_model(model: LlamaModel, block_bytes: int, block_size: int, device: str) -> CostModel:
+def _cost_model(model: PagedModel, block_bytes: int, block_size: int, device: str) -> CostModel:
     cfg = model.config
     cuda = torch.device(device).type == "cuda"
     return CostModel(
@@ -138,7 +145,7 @@ class Engine:
 
     def __init__(
         self,
-        model: LlamaModel,
+        model: PagedModel,
         config: EngineConfig | None = None,
         *,
         tokenizer: ByteTokenizer | None = None,
@@ -432,7 +439,7 @@ class Engine:
         if not new and req.output is not None:
             self._reset(s)  # nothing new but logits are needed: resume it whole
             new = target
-        program = None if req.output is None else OutputProgram(req.output, self.tokenizer)
+        program = None if req.output is None else make_program(req.output, self.tokenizer)
         job = _Job(req, s, emit, program)
         s.job = job
         if not new:  # a warm-up of what the session already holds
@@ -555,7 +562,7 @@ class Engine:
         for mask, entries in to_sample.items():
             rows = [row for row, _ in entries]
             temps = [job.req.output.temperature for _, job in entries]  # type: ignore[union-attr]
-            ids = self._masks.ids(mask, logits.device)
+            ids = None if mask == "all" else self._masks.ids(mask, logits.device)
             tokens = sample_rows(logits, rows, ids, temps, self._generator)
             for (_, job), token in zip(entries, tokens, strict=True):
                 assert job.program is not None
@@ -627,6 +634,7 @@ class Engine:
                 else "max_output_tokens"
                 if program.hit_limit
                 else None,
+                () if program is None else program.output_ids,
             )
         )
 

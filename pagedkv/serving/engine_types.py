@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 
 from pagedkv.scheduler.config import SchedulerConfig
 from pagedkv.serving.conversation import Item
-from pagedkv.serving.generation import OutputSpec
+from pagedkv.serving.generation import OutputSpec, TokenSpec
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -73,7 +73,8 @@ class EngineRequest:
             `Engine.open_session`; or, with `ephemeral`, a fresh id for this turn only.
         prompt_tokens: the full rendered conversation (ending with the assistant header
             when generating). The engine works out what the session already holds.
-        output: what to generate; None for a `generate: false` warm-up (prefill only).
+        output: what to generate (`OutputSpec`: a chat item; `TokenSpec`: free tokens);
+            None for a `generate: false` warm-up (prefill only).
         ephemeral: a stateless request: its session is opened for this turn and closed
             after it (its blocks stay in the hash cache if that is on).
         arrival: `time.monotonic()` when the request arrived (TTFT is measured from it).
@@ -89,7 +90,7 @@ class EngineRequest:
     request_id: str
     session_id: str
     prompt_tokens: tuple[int, ...]
-    output: OutputSpec | None
+    output: OutputSpec | TokenSpec | None
     ephemeral: bool = False
     arrival: float = 0.0
     tenant: str | None = None
@@ -128,6 +129,7 @@ class TurnDone(NamedTuple):
     output_tokens: int
     metrics: dict[str, Any]
     incomplete_reason: str | None = None  # "max_output_tokens" (the limit cut it) or "steered"
+    output_ids: tuple[int, ...] = ()  # the sampled token ids (a TokenSpec's whole output)
 
 
 class TurnFailed(NamedTuple):

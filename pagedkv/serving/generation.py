@@ -186,6 +186,11 @@ class OutputProgram:
         return Step([token], chr(token), False)
 
     @property
+    def output_ids(self) -> tuple[int, ...]:
+        """The sampled token ids (framing left out)."""
+        return tuple(self.sampled)
+
+    @property
     def text(self) -> str:
         """The sampled characters so far."""
         return "".join(chr(t) for t in self.sampled)
@@ -199,10 +204,95 @@ class OutputProgram:
         return FunctionCall(self.spec.call_id, self.spec.name, arguments)
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TokenSpec:
+    """Free generation over the whole vocabulary (token ids in, token ids out): what an
+    embedder driving a model through `Engine` directly asks for (no chat framing, no
+    grammar mask).
+
+    Attributes:
+        max_new_tokens: tokens to generate at most (>= 1).
+        temperature: 0 is greedy; otherwise softmax sampling at this temperature.
+        stop_token_ids: generation ends after any of these (it is kept in the output).
+    """
+
+    max_new_tokens: int
+    temperature: float = 0.0
+    stop_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int):
+            raise TypeError(f"max_new_tokens must be an int, got {self.max_new_tokens!r}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not self.temperature >= 0:  # NaN too
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        for t in self.stop_token_ids:
+            if isinstance(t, bool) or not isinstance(t, int) or t < 0:
+                raise ValueError(f"stop_token_ids must be token ids >= 0, got {t!r}")
+
+
+class TokenProgram:
+    """The program of a `TokenSpec`: every token sampled from the full vocabulary (the
+    mask "all"), none forced; the same surface as `OutputProgram` for the engine."""
+
+    def __init__(self, spec: TokenSpec) -> None:
+        self.spec = spec
+        self.sampled: list[int] = []
+        self.done = False
+        self.hit_limit = False
+        self.steered = False
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.sampled)
+
+    def max_tokens(self) -> int:
+        return self.spec.max_new_tokens
+
+    def allowed(self) -> str:
+        return "all"
+
+    def advance(self, token: int | None) -> Step:
+        if self.done:
+            raise RuntimeError("TokenProgram.advance: generation is already complete")
+        assert token is not None
+        self.sampled.append(token)
+        self.hit_limit = len(self.sampled) >= self.spec.max_new_tokens
+        self.done = self.hit_limit or token in self.spec.stop_token_ids
+        if token in self.spec.stop_token_ids:
+            self.hit_limit = False
+        return Step([token], "", self.done)
+
+    @property
+    def can_cut(self) -> bool:
+        return not self.done
+
+    def cut(self) -> Step:
+        if not self.can_cut:
+            raise RuntimeError("TokenProgram.cut: generation is already complete")
+        self.steered = self.done = True
+        return Step([], "", True)
+
+    def item(self) -> None:
+        return None
+
+    @property
+    def output_ids(self) -> tuple[int, ...]:
+        return tuple(self.sampled)
+
+
+def make_program(spec: OutputSpec | TokenSpec, tok: ByteTokenizer) -> OutputProgram | TokenProgram:
+    """The program that generates `spec`."""
+    if isinstance(spec, TokenSpec):
+        return TokenProgram(spec)
+    return OutputProgram(spec, tok)
+
+
 def sample_rows(
     logits: torch.Tensor,
     rows: list[int],
-    allowed: torch.Tensor,
+    allowed: torch.Tensor | None,
     temperatures: list[float],
     generator: torch.Generator,
 ) -> list[int]:
@@ -210,7 +300,8 @@ def sample_rows(
 
     Args:
         logits: fp32 `[B, vocab]` on any device.
-        rows: the rows to sample; allowed: int64 `[n]` ids on logits' device.
+        rows: the rows to sample; allowed: int64 `[n]` ids on logits' device, or None
+            for the whole vocabulary.
         temperatures: one per row.
         generator: a CPU generator (sampling runs on the host over n <= 100 ids).
 
@@ -218,8 +309,11 @@ def sample_rows(
         the chosen token id per row.
     """
     index = torch.tensor(rows, dtype=torch.int64, device=logits.device)
-    sub = logits.index_select(0, index).index_select(1, allowed).float().cpu()  # [R, n]
-    allowed_cpu = allowed.cpu()
+    sub = logits.index_select(0, index)
+    if allowed is not None:
+        sub = sub.index_select(1, allowed)
+    sub = sub.float().cpu()  # [R, n]
+    allowed_cpu = None if allowed is None else allowed.cpu()
     out: list[int] = []
     for r, temp in enumerate(temperatures):
         row = sub[r]
@@ -231,5 +325,5 @@ def sample_rows(
             probs = torch.softmax((row - row.max()) / temp, dim=-1)
             if bool(torch.isfinite(probs).all()) and float(probs.sum()) > 0.0:
                 j = int(torch.multinomial(probs, 1, generator=generator))
-        out.append(int(allowed_cpu[j]))
+        out.append(j if allowed_cpu is None else int(allowed_cpu[j]))
     return out

@@ -1,0 +1,40 @@
+"""What the engine needs of a model: the built-in `LlamaModel` and
+`pagedkv.integrations.hf_model.PagedCausalLM` both are one."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from pagedkv.cache.spec import KVSpec
+from pagedkv.model.forward_batch import ForwardBatch
+from pagedkv.tiers.kv_store import KVStore
+
+
+class PagedModelConfig(Protocol):
+    """The architecture facts the engine and its cost model read."""
+
+    @property
+    def num_layers(self) -> int: ...
+    @property
+    def hidden_size(self) -> int: ...
+    @property
+    def max_position(self) -> int: ...
+    @property
+    def dtype(self) -> str: ...
+    @property
+    def num_params(self) -> int: ...
+    def kv_spec(self, block_size: int = 16) -> KVSpec: ...
+
+
+class PagedModel(Protocol):
+    """A causal LM over the paged KV cache: one call runs one `ForwardBatch` step,
+    writes every new token's K/V into `kv_store` and returns fp32 logits `[B, vocab]`
+    (each sequence's last new token)."""
+
+    @property
+    def config(self) -> PagedModelConfig: ...
+    @property
+    def device(self) -> torch.device: ...
+    def __call__(self, batch: ForwardBatch, kv_store: KVStore) -> torch.Tensor: ...
