@@ -44,9 +44,13 @@ def _configs() -> dict[str, Any]:
             hidden_size=96, num_attention_heads=6, num_key_value_heads=2, **common
         ),
         "mistral": transformers.MistralConfig(
-            hidden_size=64, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
-            sliding_window=None, **common,
-        ),  # fmt: skip
+            hidden_size=64,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=32,
+            sliding_window=None,
+            **common,
+        ),
     }
 
 
@@ -103,9 +107,7 @@ def test_logits_match_eager_for_prefill_extension_and_decode(arch: str) -> None:
         want_b = ref(torch.tensor([b])).logits[0].float()
     # step 1: a's first 17 tokens and b whole; step 2: the rest of a (extension on its
     # cached prefix) with b decoding its last token again as a new position
-    batch = build_forward_batch(
-        [SeqChunk([0, 1], 0, a[:17]), SeqChunk([2], 0, b)], block_size=16
-    )
+    batch = build_forward_batch([SeqChunk([0, 1], 0, a[:17]), SeqChunk([2], 0, b)], block_size=16)
     got = lm(batch, store)
     torch.testing.assert_close(got[0], want_a[16], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(got[1], want_b[-1], atol=1e-4, rtol=1e-4)
@@ -213,7 +215,7 @@ def test_unsupported_attention_features_are_named() -> None:
         vocab_size=VOCAB, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=2, num_key_value_heads=1, head_dim=32,
     )  # fmt: skip
-    with pytest.raises(UnsupportedModelError, match="soft-capping|sliding"):
+    with pytest.raises(UnsupportedModelError, match=r"soft-capping|sliding"):
         check_supported(gemma2)
     eager = transformers.AutoModelForCausalLM.from_config(
         copy.deepcopy(_configs()["llama"]), attn_implementation="eager"

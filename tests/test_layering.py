@@ -25,8 +25,8 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "pagedkv"
 
 # layer -> the layers it may import (besides itself). Two stacks share the bottom:
-# kernels < cache < tiers < scheduler < sim, and kernels < cache < tiers < model < serving;
-# cli sits on both. sim and model never import each other.
+# kernels < cache < tiers < scheduler < sim, and kernels < cache < tiers < model < serving
+# < integrations; cli sits on both. sim and model never import each other.
 ALLOWED: dict[str, frozenset[str]] = {
     "kernels": frozenset(),
     "cache": frozenset(),  # plain ints and bytes: no torch, so no kernels either
@@ -35,14 +35,18 @@ ALLOWED: dict[str, frozenset[str]] = {
     "sim": frozenset({"kernels", "cache", "tiers", "scheduler"}),
     "model": frozenset({"kernels", "cache", "tiers"}),
     "serving": frozenset({"kernels", "cache", "tiers", "scheduler", "model"}),
-    "cli": frozenset({"kernels", "cache", "tiers", "scheduler", "sim", "model", "serving"}),
+    "integrations": frozenset({"kernels", "cache", "tiers", "scheduler", "model", "serving"}),
+    "cli": frozenset(
+        {"kernels", "cache", "tiers", "scheduler", "sim", "model", "serving", "integrations"}
+    ),
 }
 
 # third-party import names the package may use; each is also a distribution declared in
 # pyproject.toml under the same name, `-` read as `_` (checked below)
 THIRD_PARTY = frozenset(
     {"torch", "numpy", "xxhash", "triton", "safetensors", "starlette", "uvicorn",
-     "websockets", "openai", "matplotlib", "tqdm", "prometheus_client", "h11"}
+     "websockets", "openai", "matplotlib", "tqdm", "prometheus_client", "h11",
+     "transformers", "tokenizers"}
 )  # fmt: skip
 
 

@@ -416,4 +416,3 @@ def load_pretrained(
         dtype=dtype or "auto",
     )
     return PagedCausalLM(model.to(device), max_position=max_position)
-

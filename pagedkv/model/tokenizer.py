@@ -20,6 +20,7 @@ from __future__ import annotations
 import codecs
 from collections.abc import Iterable
 from numbers import Integral
+from typing import Protocol
 
 NUM_BYTE_TOKENS = 256
 SPECIAL_TOKENS: tuple[str, ...] = (
@@ -36,6 +37,38 @@ SPECIAL_TOKENS: tuple[str, ...] = (
 VOCAB_SIZE = NUM_BYTE_TOKENS + len(SPECIAL_TOKENS)  # 272
 
 _NEWLINE = [ord("\n")]
+
+
+class ChatTokenizer(Protocol):
+    """What the serving layer needs of a tokenizer: `ByteTokenizer`, or a checkpoint's
+    own (`pagedkv.integrations.hf_tokenizer.ChatMLTokenizer`).
+
+    Conversations render ChatML style, item by item (`render_*`, each a pure function
+    of the item's fields); generated text is sampled only from tokens whose `piece` is
+    made of allowed characters (`ids_made_of`). `exact_render` says whether a generated
+    item re-renders to exactly the tokens it was generated as (always true for bytes;
+    for a merging tokenizer the server remembers the generated ids instead).
+    """
+
+    @property
+    def vocab_size(self) -> int: ...
+    @property
+    def im_end_id(self) -> int: ...
+    @property
+    def tool_call_id(self) -> int: ...
+    @property
+    def prefix_ids(self) -> tuple[int, ...]: ...
+    @property
+    def newline_ids(self) -> tuple[int, ...]: ...
+    @property
+    def exact_render(self) -> bool: ...
+    def encode(self, text: str) -> list[int]: ...
+    def piece(self, token_id: int) -> str: ...
+    def ids_made_of(self, chars: str) -> list[int]: ...
+    def render_item(self, role: str, content: str) -> list[int]: ...
+    def render_function_call(self, call_id: str, name: str, arguments: str) -> list[int]: ...
+    def render_function_call_output(self, call_id: str, output: str) -> list[int]: ...
+    def render_generation_prompt(self, role: str = "assistant") -> list[int]: ...
 
 
 def _check_text(op: str, name: str, value: object) -> str:
@@ -64,6 +97,23 @@ class ByteTokenizer:
     tool_id = NUM_BYTE_TOKENS + 5
     tool_call_id = NUM_BYTE_TOKENS + 6
     tool_result_id = NUM_BYTE_TOKENS + 7
+
+    exact_render = True  # one byte, one token: every text re-encodes to its own ids
+    prefix_ids = (NUM_BYTE_TOKENS + 0,)  # <|bos|>
+    newline_ids = (ord("\n"),)
+
+    def piece(self, token_id: int) -> str:
+        """The text of one token on its own: the character of an ASCII byte, the name of
+        a special token, U+FFFD for a byte that is not a character alone."""
+        if 0 <= token_id < 128:
+            return chr(token_id)
+        if self.is_special(token_id):
+            return SPECIAL_TOKENS[token_id - NUM_BYTE_TOKENS]
+        return "\ufffd"
+
+    def ids_made_of(self, chars: str) -> list[int]:
+        """The ids of the (one-character) tokens whose text is one of `chars`."""
+        return sorted({ord(c) for c in chars if ord(c) < 128})
 
     # ------------------------------------------------------------------ tokens
     def encode(self, text: str) -> list[int]:

@@ -12,16 +12,23 @@ The model's own output renders with the same functions the engine uses while it
 generates: an assistant message is `<|im_start|>assistant\\n{text}<|im_end|>\\n`, and the
 prompt ends with the `<|im_start|>assistant\\n` header, so the tokens a session holds after
 a turn equal the render of the conversation that the next turn will present.
+
+With a merging tokenizer (a checkpoint's BPE, `exact_render` False) the generated ids
+are not what re-encoding the text gives; the engine then remembers, per tenant, the ids
+each item was generated as (`RenderMemo`), and rendering uses them, so a re-sent history
+still renders to the tokens the session holds.
 """
 
 from __future__ import annotations
 
 import json
+import threading
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pagedkv.model.tokenizer import ByteTokenizer
+from pagedkv.model.tokenizer import ChatTokenizer
 
 ROLES = ("user", "assistant", "system", "developer")
 
@@ -97,8 +104,57 @@ def system_text(instructions: str | None, tools: Sequence[FunctionTool]) -> str 
     return "\n\n".join(parts) if parts else None
 
 
-def render_item(tok: ByteTokenizer, item: Item) -> list[int]:
-    """Token ids of one item (a pure function of its fields)."""
+class RenderMemo:
+    """The token ids generated items were generated as, by (scope, item), bounded LRU.
+
+    The scope is the tenant's hash salt (and `prompt_cache_key`), so a tenant can only
+    ever get back the ids of its own outputs. Bounded by entries and by total ids; the
+    oldest go first. Thread-safe (written on the engine thread, read where requests are
+    rendered).
+    """
+
+    def __init__(self, max_entries: int = 4096, max_tokens: int = 4_000_000) -> None:
+        self.max_entries = max_entries
+        self.max_tokens = max_tokens
+        self._items: OrderedDict[tuple[bytes, Item], tuple[int, ...]] = OrderedDict()
+        self._tokens = 0
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def put(self, scope: bytes, item: Item, ids: Sequence[int]) -> None:
+        key = (scope, item)
+        value = tuple(ids)
+        if len(value) > self.max_tokens:
+            return
+        with self._lock:
+            old = self._items.pop(key, None)
+            if old is not None:
+                self._tokens -= len(old)
+            self._items[key] = value
+            self._tokens += len(value)
+            while len(self._items) > self.max_entries or self._tokens > self.max_tokens:
+                _, dropped = self._items.popitem(last=False)
+                self._tokens -= len(dropped)
+
+    def get(self, scope: bytes, item: Item) -> tuple[int, ...] | None:
+        with self._lock:
+            value = self._items.get((scope, item))
+            if value is not None:
+                self._items.move_to_end((scope, item))
+            return value
+
+
+def render_item(
+    tok: ChatTokenizer, item: Item, memo: RenderMemo | None = None, scope: bytes = b""
+) -> list[int]:
+    """Token ids of one item (a pure function of its fields, and of what `memo` holds
+    for it in `scope`: the ids it was generated as)."""
+    if memo is not None:
+        known = memo.get(scope, item)
+        if known is not None:
+            return list(known)
     if isinstance(item, Message):
         return tok.render_item(item.role, item.text)
     if isinstance(item, FunctionCall):
@@ -109,24 +165,26 @@ def render_item(tok: ByteTokenizer, item: Item) -> list[int]:
 
 
 def render_prompt(
-    tok: ByteTokenizer,
+    tok: ChatTokenizer,
     *,
     instructions: str | None,
     tools: Sequence[FunctionTool],
     items: Iterable[Item],
     generation_prompt: bool = True,
+    memo: RenderMemo | None = None,
+    scope: bytes = b"",
 ) -> list[int]:
     """`<|bos|>`, the system item (if any), every item, then the assistant header.
 
     Without `generation_prompt` (a `generate: false` warm-up) the header is left off, so
     the next turn's prompt extends these tokens exactly.
     """
-    ids = [tok.bos_id]
+    ids = list(tok.prefix_ids)
     system = system_text(instructions, tools)
     if system is not None:
         ids += tok.render_item("system", system)
     for item in items:
-        ids += render_item(tok, item)
+        ids += render_item(tok, item, memo, scope)
     if generation_prompt:
         ids += tok.render_generation_prompt("assistant")
     return ids

@@ -38,10 +38,11 @@ from pagedkv.cache.errors import OutOfBlocksError
 from pagedkv.cache.hashing import BlockHasher
 from pagedkv.model.forward_batch import SeqChunk, build_forward_batch
 from pagedkv.model.protocol import PagedModel
-from pagedkv.model.tokenizer import ByteTokenizer
+from pagedkv.model.tokenizer import ByteTokenizer, ChatTokenizer
 from pagedkv.scheduler.cost import CostModel
 from pagedkv.scheduler.errors import OverCapacityError, SessionError
 from pagedkv.scheduler.scheduler import SessionScheduler, TurnPlan, TurnReady, TurnRefused
+from pagedkv.serving.conversation import RenderMemo
 from pagedkv.serving.engine_types import (
     EngineConfig,
     EngineRequest,
@@ -148,11 +149,13 @@ class Engine:
         model: PagedModel,
         config: EngineConfig | None = None,
         *,
-        tokenizer: ByteTokenizer | None = None,
+        tokenizer: ChatTokenizer | None = None,
     ) -> None:
         self.config = config = config or EngineConfig()
         self.model = model
-        self.tokenizer = tokenizer or ByteTokenizer()
+        self.tokenizer: ChatTokenizer = tokenizer or ByteTokenizer()
+        # a merging tokenizer: remember the ids generated items were generated as
+        self.render_memo = None if self.tokenizer.exact_render else RenderMemo()
         self.device = torch.device(config.device)
         if self.device.type == "cuda" and self.device.index is None:  # "cuda": the current
             self.device = torch.device("cuda", torch.cuda.current_device())
@@ -262,6 +265,12 @@ class Engine:
             "mean_batch_tokens": self.num_step_tokens / max(self.num_steps, 1),
             "mean_batch_seqs": self.num_step_seqs / max(self.num_steps, 1),
         }
+
+    def render_scope(self, tenant: str | None, extra_keys: bytes = b"") -> bytes:
+        """The `RenderMemo` scope of a tenant's turns under one cache key (its
+        `cache_key_salt`): what a tenant generated is remembered for that tenant only."""
+        name = (tenant or self.config.tenant).encode("utf-8", "surrogatepass")
+        return name + b"\x00" + extra_keys
 
     def run_until_idle(self, max_steps: int = 100_000) -> int:
         """Drive the engine on the calling thread until no turn has work left, or
@@ -612,6 +621,11 @@ class Engine:
             self._close(s.session_id)
         prompt = len(job.req.prompt_tokens)
         program = job.program
+        if self.render_memo is not None and isinstance(program, OutputProgram):
+            item = program.item()
+            header = self.tokenizer.render_generation_prompt("assistant")
+            scope = self.render_scope(s.tenant, s.extra_keys)
+            self.render_memo.put(scope, item, [*header, *program.appended])
         arrival = job.req.arrival
         metrics = {
             "ttft_s": None if job.t_first is None else job.t_first - arrival,

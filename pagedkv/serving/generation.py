@@ -26,7 +26,7 @@ from typing import NamedTuple
 
 import torch
 
-from pagedkv.model.tokenizer import ByteTokenizer
+from pagedkv.model.tokenizer import ChatTokenizer
 from pagedkv.serving.conversation import FunctionCall, Item, Message
 
 _TEXT_CHARS = "".join(chr(c) for c in range(32, 127)) + "\n"
@@ -74,10 +74,10 @@ class Step(NamedTuple):
 class CharMasks:
     """The allowed token ids of the sampled spans, per device (built once each)."""
 
-    def __init__(self, tok: ByteTokenizer) -> None:
-        self.text_ids = [ord(c) for c in _TEXT_CHARS]
+    def __init__(self, tok: ChatTokenizer) -> None:
+        self.text_ids = tok.ids_made_of(_TEXT_CHARS)
         self.text_stop_ids = [*self.text_ids, tok.im_end_id]
-        self.arg_stop_ids = [*(ord(c) for c in _ARG_CHARS), tok.im_end_id]
+        self.arg_stop_ids = [*tok.ids_made_of(_ARG_CHARS), tok.im_end_id]
         self._cache: dict[tuple[str, str], torch.Tensor] = {}
 
     def ids(self, name: str, device: torch.device) -> torch.Tensor:
@@ -98,7 +98,7 @@ class OutputProgram:
     for a forced step) and returns the `Step`.
     """
 
-    def __init__(self, spec: OutputSpec, tok: ByteTokenizer) -> None:
+    def __init__(self, spec: OutputSpec, tok: ChatTokenizer) -> None:
         self.spec = spec
         self.tok = tok
         self.sampled: list[int] = []  # the sampled characters (text or argument value)
@@ -107,6 +107,7 @@ class OutputProgram:
         self.hit_limit = False  # stopped at max_output_tokens rather than by choice
         self.steered = False  # cut short by `cut()` (a steer)
         self._started = False
+        self.appended: list[int] = []  # every token appended for the item, in order
 
     def max_tokens(self) -> int:
         """The most tokens this item can append after the prompt: the forced header of a
@@ -134,6 +135,7 @@ class OutputProgram:
             self._advance_call(token) if self.spec.is_function_call else self._advance_text(token)
         )
         self.num_tokens += len(step.tokens)
+        self.appended += step.tokens
         self.done = step.done
         return step
 
@@ -145,19 +147,19 @@ class OutputProgram:
 
     def cut(self) -> Step:
         """End the message here, at a token boundary, which is always a safe one: every
-        sampled token is one printable ASCII character, so the text so far is complete
-        UTF-8 and re-renders to exactly the tokens appended. The closing tokens are
-        forced, as when the item stops by choice."""
+        sampled token's text is whole printable ASCII characters, so the text so far is
+        complete UTF-8. The closing tokens are forced, as when the item stops by choice."""
         if not self.can_cut:
             raise RuntimeError("OutputProgram.cut: only an unfinished message can be cut")
         self.steered = True
         self.done = True
         closing = self._close()
         self.num_tokens += len(closing)
+        self.appended += closing
         return Step(closing, "", True)
 
     def _close(self) -> list[int]:
-        return [self.tok.im_end_id, ord("\n")]
+        return [self.tok.im_end_id, *self.tok.newline_ids]
 
     def _advance_text(self, token: int | None) -> Step:
         assert token is not None
@@ -166,7 +168,7 @@ class OutputProgram:
         self.sampled.append(token)
         done = len(self.sampled) >= self.spec.max_output_tokens
         self.hit_limit = done
-        return Step([token, *self._close()] if done else [token], chr(token), done)
+        return Step([token, *self._close()] if done else [token], self.tok.piece(token), done)
 
     def _advance_call(self, token: int | None) -> Step:
         spec = self.spec
@@ -182,8 +184,9 @@ class OutputProgram:
         self.sampled.append(token)
         if len(self.sampled) >= spec.max_output_tokens:
             self.hit_limit = True
-            return Step([token, *closing, *self._close()], chr(token) + '"}', True)
-        return Step([token], chr(token), False)
+            piece = self.tok.piece(token)
+            return Step([token, *closing, *self._close()], piece + '"}', True)
+        return Step([token], self.tok.piece(token), False)
 
     @property
     def output_ids(self) -> tuple[int, ...]:
@@ -193,7 +196,7 @@ class OutputProgram:
     @property
     def text(self) -> str:
         """The sampled characters so far."""
-        return "".join(chr(t) for t in self.sampled)
+        return "".join(self.tok.piece(t) for t in self.sampled)
 
     def item(self) -> Item:
         """The finished output item, exactly as it re-renders."""
@@ -282,7 +285,7 @@ class TokenProgram:
         return tuple(self.sampled)
 
 
-def make_program(spec: OutputSpec | TokenSpec, tok: ByteTokenizer) -> OutputProgram | TokenProgram:
+def make_program(spec: OutputSpec | TokenSpec, tok: ChatTokenizer) -> OutputProgram | TokenProgram:
     """The program that generates `spec`."""
     if isinstance(spec, TokenSpec):
         return TokenProgram(spec)

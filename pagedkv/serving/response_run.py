@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from pagedkv.serving.conversation import Item, render_prompt
-from pagedkv.serving.engine import Engine
+from pagedkv.serving.engine import Engine, cache_key_salt
 from pagedkv.serving.engine_types import (
     EngineEvent,
     EngineRequest,
@@ -234,6 +234,8 @@ class ResponseRun:
             tools=req.tools,
             items=self.items,
             generation_prompt=req.generate,
+            memo=engine.render_memo,
+            scope=engine.render_scope(tenant, cache_key_salt(req.prompt_cache_key)),
         )
         reserve = 0  # the output item's tokens: framing, call id, name, key, sampled text
         if self.spec is not None:
