@@ -15,18 +15,17 @@ from typing import Any
 
 import pytest
 import torch
+import transformers
 
-transformers = pytest.importorskip("transformers")
-
-from pagedkv.integrations.hf_model import (  # noqa: E402
+transformers = from pagedkv.integrations.hf_model import (
     PagedCausalLM,
     UnsupportedModelError,
     check_supported,
     from_config,
 )
-from pagedkv.integrations.session import PagedLM  # noqa: E402
-from pagedkv.model.forward_batch import SeqChunk, build_forward_batch  # noqa: E402
-from pagedkv.tiers.kv_store import KVStore  # noqa: E402
+from pagedkv.integrations.session import PagedLM
+from pagedkv.model.forward_batch import SeqChunk, build_forward_batch
+from pagedkv.tiers.kv_store import KVStore
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

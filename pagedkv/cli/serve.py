@@ -2,7 +2,8 @@
 
     pagedkv serve                         # demo model, random weights, 127.0.0.1:8000
     pagedkv serve --model llama_1b --device cuda --gpu-memory-fraction 0.5
-    pagedkv serve --checkpoint ./Llama-3.2-1B --device cuda
+    pagedkv serve --checkpoint ./Llama-3.2-1B --device cuda   # on the built-in Llama runner
+    pagedkv serve --model ./Qwen2.5-0.5B-Instruct              # any HF checkpoint directory
 
 Clients: `OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")`, then
 `client.responses.connect()` or `client.responses.create(...)`.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 from typing import Any
 
 PRESETS = ("tiny", "demo", "llama_1b")
@@ -61,11 +63,33 @@ def port_number(text: str) -> int:
     return value
 
 
+def model_choice(text: str) -> str:
+    """argparse type: a preset name, or a Hugging Face checkpoint directory."""
+    if text in PRESETS:
+        return text
+    path = Path(text)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise argparse.ArgumentTypeError(f"{text} is a directory without a config.json")
+        return text
+    raise argparse.ArgumentTypeError(
+        f"{text!r} is neither a preset ({', '.join(PRESETS)}) nor a checkpoint directory"
+    )
+
+
+def is_checkpoint_dir(model: str) -> bool:
+    """Whether a `--model` value names a checkpoint directory rather than a preset."""
+    return model not in PRESETS
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """Model and device options shared by `serve`, `demo` and the benchmark."""
     g = p.add_argument_group("model")
-    g.add_argument("--model", choices=PRESETS, default="demo",
-                   help="built-in preset with seeded random weights (default: demo, ~3M params)")  # fmt: skip
+    g.add_argument("--model", type=model_choice, default="demo",
+                   help=f"a built-in preset with seeded random weights ({', '.join(PRESETS)}; "
+                        "default: demo, ~3M params), or a local Hugging Face checkpoint "
+                        "directory (config, safetensors, tokenizer.json with ChatML tokens) "
+                        "run through transformers on pagedkv's attention")  # fmt: skip
     g.add_argument("--checkpoint", default=None,
                    help="a Hugging Face Llama checkpoint directory instead of a preset")  # fmt: skip
     g.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
@@ -177,6 +201,12 @@ def build_model_from_args(args: argparse.Namespace, *, min_position: int = 0) ->
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if is_checkpoint_dir(args.model):
+        from pagedkv.integrations.hf_model import load_pretrained
+
+        dtype = None if args.dtype is None else getattr(torch, args.dtype)
+        return load_pretrained(args.model, device=args.device, dtype=dtype,
+                               max_position=args.max_position)  # fmt: skip
     overrides: dict[str, Any] = {}
     if args.dtype:
         overrides["dtype"] = args.dtype
@@ -189,6 +219,26 @@ def build_model_from_args(args: argparse.Namespace, *, min_position: int = 0) ->
             overrides["max_position"] = max_position
     return build_model(args.model, checkpoint=args.checkpoint, device=args.device,
                        seed=args.seed, **overrides)  # fmt: skip
+
+
+def build_tokenizer_from_args(args: argparse.Namespace, model: Any) -> Any:
+    """The checkpoint's own tokenizer for a `--model DIR` (None: the byte tokenizer).
+
+    Raises:
+        UnsupportedModelError: it lacks the ChatML tokens, or has ids the model lacks.
+    """
+    if not is_checkpoint_dir(args.model):
+        return None
+    from pagedkv.integrations.hf_model import UnsupportedModelError
+    from pagedkv.integrations.hf_tokenizer import ChatMLTokenizer
+
+    tok = ChatMLTokenizer.from_pretrained(args.model)
+    if tok.vocab_size > model.config.vocab_size:
+        raise UnsupportedModelError(
+            f"the tokenizer has {tok.vocab_size} tokens but the model only "
+            f"{model.config.vocab_size} embeddings"
+        )
+    return tok
 
 
 def engine_config_from_args(
@@ -254,7 +304,9 @@ def run(args: argparse.Namespace) -> int:
     # uvicorn's "trace" is below Python logging's DEBUG
     py_level = "DEBUG" if args.log_level == "trace" else args.log_level.upper()
     logging.basicConfig(level=py_level, format="%(levelname)s %(name)s: %(message)s")
-    name = args.served_model_name or (args.checkpoint or args.model)
+    name = args.served_model_name or args.checkpoint
+    if name is None:
+        name = Path(args.model).name if is_checkpoint_dir(args.model) else args.model
     try:
         auth = load_authenticator(args.api_keys_file, admin_key=args.admin_key)
         policy = load_policy(
@@ -281,9 +333,13 @@ def run(args: argparse.Namespace) -> int:
         )
     except ValueError as err:
         raise UsageError(str(err)) from None
-    model = build_model_from_args(args)
+    try:
+        model = build_model_from_args(args)
+        tokenizer = build_tokenizer_from_args(args, model)
+    except (OSError, ValueError) as err:  # a checkpoint it cannot serve, named
+        raise UsageError(f"--model {args.model}: {err}") from None
     config = engine_config_from_args(args, model, scheduler_caps=scheduler_caps(policy))
-    engine = Engine(model, config)
+    engine = Engine(model, config, tokenizer=tokenizer)
     cfg = model.config
     print(
         f"pagedkv serve: {name} ({cfg.num_params / 1e6:.1f} M params, {cfg.dtype}, "
