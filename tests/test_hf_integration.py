@@ -17,7 +17,7 @@ import pytest
 import torch
 import transformers
 
-transformers = from pagedkv.integrations.hf_model import (
+from pagedkv.integrations.hf_model import (
     PagedCausalLM,
     UnsupportedModelError,
     check_supported,
