@@ -54,17 +54,41 @@ def paged_prefill_sdpa(
             k = k.repeat_interleave(group, dim=1)
             v = v.repeat_interleave(group, dim=1)
         prefix = seq_len - query_len
-        # new token i (position prefix + i) sees keys 0 .. prefix + i: a bottom-right
-        # aligned causal mask [query_len, seq_len]
-        rows = torch.arange(query_len).unsqueeze(1)
-        cols = torch.arange(seq_len).unsqueeze(0)
-        mask = cols <= rows + prefix
+        mask = None
+        causal = prefix == 0 and query_len > 1  # the fused kernel's own causal path
+        if prefix and query_len > 1:
+            # new token i (position prefix + i) sees keys 0 .. prefix + i: a bottom-right
+            # aligned causal mask [query_len, seq_len]
+            rows = torch.arange(query_len).unsqueeze(1)
+            cols = torch.arange(seq_len).unsqueeze(0)
+            mask = cols <= rows + prefix
+        # 4-D [1, H, L, D]: the layout torch's fused CPU (flash) kernel takes; 3-D inputs
+        # fall back to a kernel about 3x slower
         res = F.scaled_dot_product_attention(
-            q[q0:q1].transpose(0, 1),  # [Hq, Lq, D]
-            k.transpose(0, 1),  # [Hq, S, D]
-            v.transpose(0, 1),
+            q[q0:q1].transpose(0, 1).unsqueeze(0),  # [1, Hq, Lq, D]
+            k.transpose(0, 1).unsqueeze(0),  # [1, Hq, S, D]
+            v.transpose(0, 1).unsqueeze(0),
             attn_mask=mask,
+            is_causal=causal,
             scale=scale,
-        )  # [Hq, Lq, D]
+        )[0]  # [Hq, Lq, D]
         out[q0:q1] = res.transpose(0, 1)
     return out
+
+
+def paged_decode_sdpa(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    scale: float,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`paged_decode` for CPU tensors: q `[B, Hq, D]`, one new token per sequence (the
+    last of its `seq_lens[b]` positions, already stored), attending to all of them."""
+    query_start_loc = torch.arange(q.shape[0] + 1, dtype=torch.int32)
+    return paged_prefill_sdpa(
+        q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale=scale, out=out
+    )

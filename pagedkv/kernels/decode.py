@@ -29,7 +29,13 @@ from pagedkv.kernels._triton import (
     interpreting,
     resolve_backend,
 )
-from pagedkv.kernels._validate import check_attention_args, check_lse_out, check_scale
+from pagedkv.kernels._validate import (
+    check_attention_args,
+    check_lse_out,
+    check_scale,
+    check_table_values,
+)
+from pagedkv.kernels.cpu_attention import paged_decode_sdpa
 from pagedkv.kernels.reference import paged_decode_reference
 
 MAX_SPLITS = 256
@@ -221,7 +227,8 @@ def paged_decode(
         max_seq_len: optional host-known upper bound of `seq_lens` for sizing the splits
             (default: the table capacity). An underestimate is still correct, only slower.
         num_splits: force the split count (tests, benchmarks); default planned.
-        backend: "auto" (Triton on CUDA, torch reference on CPU), "triton" or "torch".
+        backend: "auto" (Triton on CUDA; on CPU torch's fused SDPA over the gathered
+            pages, or the reference when the lse is asked for), "triton" or "torch".
 
     Returns:
         out, or (out, lse) when `return_lse`.
@@ -262,6 +269,13 @@ def paged_decode(
             f"dtype={workspace.dtype}, device={workspace.device}, shape={tuple(workspace.shape)}"
         )
     if resolve_backend(op, backend, q.device) == "torch":
+        if backend == "auto" and q.device.type == "cpu" and not return_lse and lse is None:
+            # CPU tensors: the fused SDPA path (the reference stays the oracle for "torch")
+            ones = torch.ones(dims.num_seqs, dtype=torch.int32)  # one new token each
+            check_table_values(op, block_tables, seq_lens, dims.cache, query_lens=ones)
+            return paged_decode_sdpa(
+                q, k_cache, v_cache, block_tables, seq_lens, scale=sm_scale, out=out
+            )
         return paged_decode_reference(
             q, k_cache, v_cache, block_tables, seq_lens,
             scale=sm_scale, out=out, return_lse=return_lse, lse=lse,
