@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Download (here, where PyPI is reachable) the wheels the GPU machine's image lacks, at
 # the versions constraints.txt pins, for its Python 3.12 on x86_64 Linux: pagedkv's own
-# xxhash, and for the `agent` stage the serving stack and the openai client. The image
+# xxhash, for the `agent` stage the serving stack and the openai client, for the `hf`
+# stage transformers. The image
 # already has torch, triton, numpy, anyio, httpx, h11, click, tqdm, typing-extensions
 # and uvloop, so only the rest is fetched, without dependencies. Then carry `gpu_wheels`
 # with the run call; gpu_suite.sh installs them, and pagedkv, into a private directory:
@@ -11,7 +12,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 DEST="${1:-gpu_wheels}"
 NAMES=(xxhash safetensors openai starlette uvicorn websockets pydantic pydantic_core jiter
-       distro sniffio typing-inspection annotated-types annotated-doc)
+       distro sniffio typing-inspection annotated-types annotated-doc
+       # the `hf` stage: transformers and what it needs beyond the image
+       transformers tokenizers huggingface_hub kernels regex PyYAML packaging filelock fsspec
+       hf-xet httpx2 typer rich shellingham markdown-it-py mdurl Pygments)
 SPECS=()
 for name in "${NAMES[@]}"; do
   # constraints.txt spells names as pip freeze does; compare them normalised (PEP 503)

@@ -31,13 +31,13 @@ PY="${PYTHON:-python3}"  # the device image's python3 holds PyTorch
 QUICK=""
 DRY=0
 STAGES=()
-ALL_STAGES=(resources kernel-tests kernel-bench model offload agent)
+ALL_STAGES=(resources kernel-tests kernel-bench model offload agent hf)
 for arg in "$@"; do
   case "$arg" in
     --quick) QUICK="--quick" ;;
     --dry-run) DRY=1 ;;
     kernels) STAGES+=(kernel-tests kernel-bench) ;;
-    resources|kernel-tests|kernel-bench|model|offload|agent) STAGES+=("$arg") ;;
+    resources|kernel-tests|kernel-bench|model|offload|agent|hf) STAGES+=("$arg") ;;
     *) echo "gpu_suite: unknown argument '$arg' (stages: ${ALL_STAGES[*]} kernels; options: --quick --dry-run)" >&2; exit 2 ;;
   esac
 done
@@ -91,6 +91,8 @@ stage_commands() {
       echo "bench_offload.txt${t}$RUN benchmarks/bench_offload.py --json $OUT/bench_offload.json" ;;
     agent)
       echo "bench_agent_loop.txt${t}$RUN benchmarks/bench_agent_loop.py --model llama_1b --device cuda --dtype bfloat16 --sessions 16 --repeats 1 --json $OUT/bench_agent_loop.json" ;;
+    hf)
+      echo "bench_hf_agent_loop.txt${t}$RUN benchmarks/bench_hf_agent_loop.py --size qwen2-0.5b --device cuda --dtype bfloat16 --system-tokens 4096 --tool-tokens 1024 --repeats 2 --json $OUT/bench_hf_agent_loop.json" ;;
   esac
 }
 
@@ -131,6 +133,10 @@ fi
 
 for stage in "${STAGES[@]}"; do
   echo "== gpu_suite stage $stage"
+  if [ "$stage" = hf ] && ! $RUN -c "import transformers, tokenizers" 2>/dev/null; then
+    echo "hf stage: transformers/tokenizers missing (run benchmarks/fetch_gpu_wheels.sh here and carry gpu_wheels)"
+    status=1; continue
+  fi
   if [ "$stage" = agent ] && ! $RUN -c "import openai, starlette, uvicorn, websockets" 2>/dev/null; then
     echo "agent stage: openai/starlette/uvicorn/websockets missing (run benchmarks/fetch_gpu_wheels.sh here and carry gpu_wheels)"
     status=1

@@ -11,7 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SUITE = ROOT / "benchmarks" / "gpu_suite.sh"
-STAGES = ("resources", "kernel-tests", "kernel-bench", "model", "offload", "agent")
+STAGES = ("resources", "kernel-tests", "kernel-bench", "model", "offload", "agent", "hf")
 
 
 def run_suite(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
