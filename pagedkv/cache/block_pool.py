@@ -89,6 +89,11 @@ class BlockPool:
         self._check_id(block_id)
         return self._key[block_id]
 
+    def content_of(self, block_id: int) -> bytes:
+        """The content an indexed block was registered with (b"" when not indexed)."""
+        self._check_id(block_id)
+        return self._content[block_id] if self._key[block_id] is not None else b""
+
     def can_allocate(self, num: int) -> bool:
         """Whether `allocate(num)` would succeed. Changes nothing."""
         return 0 <= num <= self.num_available

@@ -62,6 +62,7 @@ from pagedkv.serving.generation import (
     sample_rows,
 )
 from pagedkv.tiers.kv_store import KVStore
+from pagedkv.tiers.remote import RedisStore, RemoteKVTier
 from pagedkv.tiers.tiered import TieredKVCache
 from pagedkv.tiers.transfer import CopyTransferEngine
 
@@ -174,7 +175,17 @@ class Engine:
             transfer = CopyTransferEngine(self.kv_store, self.host_store)
         else:
             self.host_store = None
-        self.cache = TieredKVCache(gpu, host, transfer)
+        self.remote: RemoteKVTier | None = None
+        if config.remote_url is not None:
+            assert self.host_store is not None
+            self.remote = RemoteKVTier(
+                RedisStore(config.remote_url, timeout_s=config.remote_timeout_s,
+                           connect_timeout_s=config.remote_timeout_s),
+                self.host_store,
+                namespace=config.remote_namespace,
+                ttl_s=config.remote_ttl_s,
+            )  # fmt: skip
+        self.cache = TieredKVCache(gpu, host, transfer, remote=self.remote)
         self.scheduler = SessionScheduler(
             self.cache,
             config.scheduler,
@@ -204,12 +215,14 @@ class Engine:
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Close every session and stop the engine thread."""
-        if self._thread is None:
-            return
-        self._commands.put(("stop", None))
-        self._thread.join(timeout)
-        self._thread = None
+        """Close every session and stop the engine thread (and the remote tier's writer,
+        after it sent what is queued)."""
+        if self._thread is not None:
+            self._commands.put(("stop", None))
+            self._thread.join(timeout)
+            self._thread = None
+        if self.remote is not None:
+            self.remote.close()
 
     def open_session(self, session_id: str, *, tenant: str | None = None) -> None:
         """Open a client session (one per WebSocket connection) of `tenant` (default:
@@ -261,6 +274,7 @@ class Engine:
             "host_blocks": None
             if host is None
             else {"total": host.num_blocks, "in_use": host.num_in_use, "cached": host.num_cached},
+            "remote": None if self.remote is None else self.remote.stats.as_dict(),
             "steps": self.num_steps,
             "mean_batch_tokens": self.num_step_tokens / max(self.num_steps, 1),
             "mean_batch_seqs": self.num_step_seqs / max(self.num_steps, 1),

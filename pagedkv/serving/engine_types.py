@@ -31,6 +31,12 @@ class EngineConfig:
         tenant: the tenant of every session (hash chains are salted per tenant).
         step_delay_s: a test hook: sleep this long in the engine thread before every
             forward step (simulates a slow model; the server must stay responsive).
+        remote_url: a Redis/Valkey URL (`redis://host:port/db`) for the shared remote KV
+            tier under the host tier (None: none). Replicas that share it need the same
+            `hash_secret` and `remote_namespace`, and a host tier.
+        remote_namespace: the key namespace on the remote store.
+        remote_ttl_s: expiry of each block written to the remote store.
+        remote_timeout_s: socket timeout of each remote call (a slow store is a miss).
     """
 
     block_size: int = 16
@@ -44,8 +50,20 @@ class EngineConfig:
     hash_secret: bytes | None = None
     tenant: str = "default"
     step_delay_s: float = 0.0
+    remote_url: str | None = None
+    remote_namespace: str = "default"
+    remote_ttl_s: float | None = 3600.0
+    remote_timeout_s: float = 0.1
 
     def __post_init__(self) -> None:
+        if self.remote_url is not None:
+            if not self.num_host_blocks:
+                raise ValueError("EngineConfig.remote_url needs a host tier (num_host_blocks > 0)")
+            if self.hash_secret is None:
+                raise ValueError(
+                    "EngineConfig.remote_url needs hash_secret: replicas find each other's "
+                    "blocks only under the same secret"
+                )
         for name in ("block_size", "num_gpu_blocks", "max_batch_tokens", "prefill_chunk_tokens"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

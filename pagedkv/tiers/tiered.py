@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pagedkv.cache.block_manager import BlockManager, SeqId
 from pagedkv.cache.errors import InvariantError, OutOfBlocksError
 from pagedkv.cache.hashing import TokenInput, as_token_array
+from pagedkv.tiers.remote import RemoteKVTier
 from pagedkv.tiers.results import Backup, Location, PrefixPlan, PrefixProbe, TransferResult
 from pagedkv.tiers.transfer import TransferEngine, TransferHandle
 
@@ -51,8 +52,19 @@ class TieredKVCache:
     """
 
     def __init__(
-        self, gpu: BlockManager, host: BlockManager | None, engine: TransferEngine | None
+        self,
+        gpu: BlockManager,
+        host: BlockManager | None,
+        engine: TransferEngine | None,
+        *,
+        remote: RemoteKVTier | None = None,
     ) -> None:
+        if remote is not None and host is None:
+            raise ValueError("TieredKVCache: a remote tier restores through a host tier")
+        if remote is not None and remote.host_store.num_blocks < host.pool.num_blocks:  # type: ignore[union-attr]
+            raise ValueError(
+                "TieredKVCache: the remote tier's host store is smaller than the host pool"
+            )
         if host is not None:
             if host.hasher is not gpu.hasher:
                 raise ValueError("TieredKVCache: the GPU and host managers must share a hasher")
@@ -78,6 +90,7 @@ class TieredKVCache:
         self.gpu = gpu
         self.host = host
         self.engine = engine
+        self.remote = remote
         self.block_size = gpu.block_size
         self._pending: dict[SeqId, _Pending] = {}
 
@@ -180,9 +193,27 @@ class TieredKVCache:
                 if block_id is None:
                     break
                 host_ids.append(block_id)
+            if host_ids:
+                self.host.pool.acquire_matched(host_ids)
+            start = k1 + len(host_ids)
+            if self.remote is not None and start < limit:
+                # the rest of the chain from the shared store, into the host tier
+                end = min(limit, start + self.remote.max_fetch_blocks)
+                got = self.remote.fetch_into_host(
+                    self.host.pool,
+                    table.hashes[start:end],
+                    [table.block_content(i) for i in range(start, end)],
+                )
+                fetched: list[int] = []
+                for i in range(start, start + got):
+                    block_id = match(table.hashes[i], table.block_content(i))
+                    if block_id is None:
+                        break
+                    fetched.append(block_id)
+                self.host.pool.acquire_matched(fetched)
+                host_ids += fetched
         if host_ids:
             assert self.host is not None
-            self.host.pool.acquire_matched(host_ids)
             positions = list(range(k1, k1 + len(host_ids)))
             pending = _Pending(
                 seq_id,
@@ -503,6 +534,8 @@ class TieredKVCache:
             self.gpu.mark_computed(p.seq_id, valid)
             if p.seq_id in self.host:  # restore of an offloaded sequence
                 self.host.free_sequence(p.seq_id)
+        if self.remote is not None and p.handle.direction == "offload" and p.handle.dst_ids:
+            self._write_behind(p, failed)
         result = TransferResult(
             seq_id=p.seq_id,
             direction=p.handle.direction,
@@ -515,6 +548,26 @@ class TieredKVCache:
         if p.free_after:
             self.free(p.seq_id)
         return result
+
+    def _write_behind(self, p: _Pending, failed: list[int]) -> None:
+        """Queue the full blocks an offload or backup just put on the host for the
+        remote tier (their bytes are snapshot now, while they are certainly valid)."""
+        assert self.remote is not None and self.host is not None
+        good = len(p.positions) if not failed else p.positions.index(failed[0])
+        ids: list[int] = []
+        hashes: list[bytes] = []
+        contents: list[bytes] = []
+        for j in range(good):
+            key = self.host.pool.key_of(p.handle.dst_ids[j])
+            if key is None:  # a partial last block, or not indexed: not shareable
+                continue
+            content = self.host.pool.content_of(p.handle.dst_ids[j])
+            ids.append(p.handle.dst_ids[j])
+            assert isinstance(key, bytes)
+            hashes.append(key)
+            contents.append(content)
+        if ids:
+            self.remote.write_behind(ids, hashes, contents)
 
     # ------------------------------------------------------------------ checks
     def check_invariants(self, *, deep: bool = True) -> None:

@@ -1,0 +1,446 @@
+"""The remote tier: full KV blocks in a shared store (Redis / Valkey) under GPU and host.
+
+Several replicas of a server share one store, so a client that lands on another
+replica (its own died, or a reconnect went elsewhere) finds its prefix there instead of
+recomputing it. The store is behind `RemoteStore` (`get_many` / `set_many`), so another
+backend (LMCache, Mooncake Store) can stand in; `RedisStore` is the one built here, on
+the `redis` client (a standalone server, Valkey, or a cluster client: every call is a
+non-transactional pipeline, which redis-py splits per cluster node).
+
+Keys are the tenant-salted chain hashes (hex) under a namespace naming the KV layout,
+so tenants never share and neither do models. A value is one block for every layer:
+
+    b"PKV1" | u32 content length | u64 payload length | content | payload | xxh3-64
+
+where `content` is the block's hash-chain content (parent hash + token ids) and the
+payload the block's bytes in the host store's layout. A hit is verified: magic, lengths,
+checksum and content must all match, so a collision, a truncated or a corrupted value is
+a miss, never wrong KV.
+
+Writes go behind: when the host tier receives full blocks (an offload or a backup
+completes) their bytes are snapshot on the caller's thread and queued; one writer
+thread sends them in pipelined batches. The queue is bounded (`max_pending_blocks`):
+when it is full, or the store is down, blocks are dropped and counted, never queued
+without bound. Reads ask for the blocks that continue a prompt's chain past what GPU
+and host hold, in one round trip for a batch, keep the longest verified run, and write
+it into free host blocks as cached blocks: the normal host-to-GPU restore takes it from
+there. A read that fails or times out counts as a miss; after a failure the store is
+not asked again for a backoff (doubling up to `max_backoff_s`), then the client
+reconnects by itself on the next call.
+
+Sizing: Redis's own `maxmemory` with `maxmemory-policy allkeys-lru` bounds the store,
+and `ttl_s` (SET PX) expires blocks nobody reads. One block is about
+`KVSpec.bytes_per_block` + 100 bytes (docs/serving.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import struct
+import threading
+import time
+import warnings
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import xxhash
+
+from pagedkv.cache.block_pool import BlockPool
+from pagedkv.tiers.kv_store import KVStore
+
+log = logging.getLogger("pagedkv.tiers.remote")
+
+MAGIC = b"PKV1"
+_HEADER = struct.Struct("<4sIQ")  # magic, content length, payload length
+_CHECKSUM = 8
+
+
+class RemoteUnavailable(Exception):
+    """The remote store could not answer (down, timed out, refused)."""
+
+
+class RemoteStore(ABC):
+    """A key-value store of bytes, shared by replicas."""
+
+    @abstractmethod
+    def get_many(self, keys: Sequence[bytes]) -> list[bytes | None]:
+        """The values of `keys` (None for a missing key), in one round trip.
+
+        Raises:
+            RemoteUnavailable: the store did not answer.
+        """
+
+    @abstractmethod
+    def set_many(self, items: Sequence[tuple[bytes, bytes]], ttl_s: float | None) -> None:
+        """Store every (key, value), expiring after `ttl_s` (None: never), in one round trip.
+
+        Raises:
+            RemoteUnavailable: the store did not answer.
+        """
+
+    def close(self) -> None:  # noqa: B027 - optional
+        """Release connections."""
+
+
+class RedisStore(RemoteStore):
+    """`RemoteStore` on the `redis` client: Redis, Valkey, or a cluster.
+
+    Args:
+        url: `redis://host:port/db` (or `rediss://`, `unix://`); ignored with `client`.
+        client: an existing `redis.Redis` or `redis.RedisCluster`.
+        cluster: build a `RedisCluster` from `url` instead.
+        timeout_s: socket timeout of every command (a slow store is a miss, fast).
+        connect_timeout_s: connect timeout.
+    """
+
+    def __init__(
+        self,
+        url: str = "redis://127.0.0.1:6379/0",
+        *,
+        client: Any = None,
+        cluster: bool = False,
+        timeout_s: float = 0.1,
+        connect_timeout_s: float = 0.1,
+    ) -> None:
+        import redis
+
+        self._errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
+        if client is None:
+            options = dict(socket_timeout=timeout_s, socket_connect_timeout=connect_timeout_s)
+            if cluster:
+                client = redis.RedisCluster.from_url(url, **options)
+            else:
+                client = redis.Redis.from_url(url, retry_on_timeout=False, **options)
+        self.client = client
+
+    def get_many(self, keys: Sequence[bytes]) -> list[bytes | None]:
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            for key in keys:
+                pipe.get(key)
+            values = pipe.execute()
+        except self._errors as exc:
+            raise RemoteUnavailable(f"{type(exc).__name__}: {exc}") from None
+        return [v if isinstance(v, bytes) else None for v in values]
+
+    def set_many(self, items: Sequence[tuple[bytes, bytes]], ttl_s: float | None) -> None:
+        px = None if ttl_s is None else max(int(ttl_s * 1000), 1)
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            for key, value in items:
+                pipe.set(key, value, px=px)
+            pipe.execute()
+        except self._errors as exc:
+            raise RemoteUnavailable(f"{type(exc).__name__}: {exc}") from None
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class MemoryStore(RemoteStore):
+    """A `RemoteStore` in this process's memory (unit tests, single-process runs); with
+    `fail` set, every call raises `RemoteUnavailable` (fault injection)."""
+
+    def __init__(self) -> None:
+        self.data: dict[bytes, bytes] = {}
+        self.fail = False
+        self.round_trips = 0
+        self._lock = threading.Lock()
+
+    def get_many(self, keys: Sequence[bytes]) -> list[bytes | None]:
+        with self._lock:
+            self.round_trips += 1
+            if self.fail:
+                raise RemoteUnavailable("MemoryStore: failing on purpose")
+            return [self.data.get(k) for k in keys]
+
+    def set_many(self, items: Sequence[tuple[bytes, bytes]], ttl_s: float | None) -> None:
+        with self._lock:
+            self.round_trips += 1
+            if self.fail:
+                raise RemoteUnavailable("MemoryStore: failing on purpose")
+            self.data.update(items)
+
+
+@dataclass
+class RemoteStats:
+    """Counters of one `RemoteKVTier` (monotonic)."""
+
+    blocks_queued: int = 0  # snapshot and queued for writing
+    blocks_written: int = 0
+    blocks_dropped: int = 0  # not written: queue full, store down, or a failed write
+    write_errors: int = 0  # failed write batches
+    bytes_written: int = 0
+    reads: int = 0  # read round trips
+    read_errors: int = 0  # failed or timed-out reads (each a miss)
+    reads_skipped: int = 0  # lookups not sent while the store was backed off
+    blocks_hit: int = 0  # verified blocks copied into the host tier
+    blocks_missed: int = 0  # asked for and absent
+    blocks_corrupt: int = 0  # present but failing verification (treated as misses)
+    bytes_read: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+class RemoteKVTier:
+    """Moves full blocks between a host `KVStore` and a `RemoteStore` (see the module
+    docstring). Reads run on the caller's (engine) thread; writes on a writer thread.
+
+    Args:
+        store: the shared store.
+        host_store: the host tier's KV tensor (CPU).
+        namespace: keys are `pkv1:{namespace}:{layout}:{hash hex}`; replicas that should
+            share blocks use the same namespace (and the same hash secret).
+        ttl_s: expiry of each written block (None: Redis's maxmemory policy only).
+        max_pending_blocks: blocks snapshot and waiting for the writer, at most.
+        write_batch: blocks per pipelined write.
+        max_fetch_blocks: blocks asked for in one read round trip.
+        backoff_s, max_backoff_s: after a failure the store is left alone this long,
+            doubling per further failure up to the maximum.
+        clock: for the backoff (tests inject one).
+    """
+
+    def __init__(
+        self,
+        store: RemoteStore,
+        host_store: KVStore,
+        *,
+        namespace: str = "default",
+        ttl_s: float | None = 3600.0,
+        max_pending_blocks: int = 1024,
+        write_batch: int = 64,
+        max_fetch_blocks: int = 64,
+        backoff_s: float = 0.25,
+        max_backoff_s: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if host_store.device.type != "cpu":
+            raise ValueError(
+                f"RemoteKVTier: the host store must be on the CPU, got {host_store.device}"
+            )
+        for name, value in (("max_pending_blocks", max_pending_blocks), ("write_batch", write_batch),
+                            ("max_fetch_blocks", max_fetch_blocks)):  # fmt: skip
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"RemoteKVTier: {name} must be an int >= 1, got {value!r}")
+        self.store = store
+        self.host_store = host_store
+        spec = host_store.spec
+        layout = (
+            f"{spec.num_layers}x{spec.num_kv_heads}x{spec.head_dim}x{spec.block_size}:{spec.dtype}"
+        )
+        self._prefix = f"pkv1:{namespace}:{layout}:".encode()
+        self._block_bytes = host_store.kv[0].numel() * host_store.kv.element_size()
+        self.ttl_s = ttl_s
+        self.write_batch = write_batch
+        self.max_fetch_blocks = max_fetch_blocks
+        self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
+        self._clock = clock
+        self._down_until = 0.0
+        self._backoff = backoff_s
+        self.stats = RemoteStats()
+        self._stats_lock = threading.Lock()
+        self._queue: queue.Queue[tuple[bytes, bytes] | None] = queue.Queue(max_pending_blocks)
+        self._idle = threading.Event()
+        self._idle.set()
+        self._closed = False
+        self._writer = threading.Thread(target=self._write_loop, name="pagedkv-remote-writer",
+                                        daemon=True)  # fmt: skip
+        self._writer.start()
+
+    # ------------------------------------------------------------------ encoding
+    def key(self, block_hash: bytes) -> bytes:
+        return self._prefix + block_hash.hex().encode()
+
+    def _block_view(self, block_id: int) -> torch.Tensor:
+        return self.host_store.kv[block_id].reshape(-1).view(torch.uint8)
+
+    def encode(self, block_id: int, content: bytes) -> bytes:
+        """The value of host block `block_id` with hash-chain `content` (a snapshot)."""
+        payload = self._block_view(block_id).numpy().tobytes()
+        body = _HEADER.pack(MAGIC, len(content), len(payload)) + content + payload
+        return body + xxhash.xxh3_64_digest(body)
+
+    def decode(self, value: bytes, content: bytes) -> memoryview | None:
+        """The payload of a value if it verifies for `content`, else None."""
+        head = _HEADER.size
+        if len(value) < head + _CHECKSUM:
+            return None
+        magic, n_content, n_payload = _HEADER.unpack_from(value)
+        if (
+            magic != MAGIC
+            or n_payload != self._block_bytes
+            or len(value) != head + n_content + n_payload + _CHECKSUM
+        ):
+            return None
+        view = memoryview(value)
+        if xxhash.xxh3_64_digest(view[:-_CHECKSUM]) != value[-_CHECKSUM:]:
+            return None
+        if view[head : head + n_content] != content:
+            return None
+        return view[head + n_content : -_CHECKSUM]
+
+    # ------------------------------------------------------------------ writes
+    def write_behind(self, block_ids: Sequence[int], hashes: Sequence[bytes],
+                     contents: Sequence[bytes]) -> int:  # fmt: skip
+        """Snapshot these host blocks now and queue them for the store; returns how many
+        were queued (the rest are dropped and counted: queue full or store down)."""
+        queued = 0
+        down = self._is_down()
+        for block_id, block_hash, content in zip(block_ids, hashes, contents, strict=True):
+            if down:
+                break
+            item = (self.key(block_hash), self.encode(block_id, content))
+            try:
+                self._idle.clear()
+                self._queue.put_nowait(item)
+            except queue.Full:
+                break
+            queued += 1
+        with self._stats_lock:
+            self.stats.blocks_queued += queued
+            self.stats.blocks_dropped += len(block_ids) - queued
+        return queued
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until every queued block was sent (or dropped). True if it drained."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._queue.empty() and self._idle.wait(0.01) and self._queue.empty():
+                return True
+        return False
+
+    def _write_loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            batch = [item]
+            while len(batch) < self.write_batch:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self._send(batch)
+                    return
+                batch.append(nxt)
+            self._send(batch)
+            if self._queue.empty():
+                self._idle.set()
+
+    def _send(self, batch: list[tuple[bytes, bytes]]) -> None:
+        if self._is_down():
+            with self._stats_lock:
+                self.stats.blocks_dropped += len(batch)
+            return
+        try:
+            self.store.set_many(batch, self.ttl_s)
+        except RemoteUnavailable as exc:
+            self._failed("write", exc)
+            with self._stats_lock:
+                self.stats.write_errors += 1
+                self.stats.blocks_dropped += len(batch)
+            return
+        except Exception:  # a bug in a store: never kill the writer
+            log.exception("remote tier: write failed")
+            with self._stats_lock:
+                self.stats.write_errors += 1
+                self.stats.blocks_dropped += len(batch)
+            return
+        self._ok()
+        with self._stats_lock:
+            self.stats.blocks_written += len(batch)
+            self.stats.bytes_written += sum(len(v) for _, v in batch)
+
+    # ------------------------------------------------------------------ reads
+    def fetch_into_host(
+        self, pool: BlockPool, hashes: Sequence[bytes], contents: Sequence[bytes]
+    ) -> int:
+        """Look up the blocks of a chain segment (`hashes`/`contents`, the blocks that
+        continue what the caller already holds; at most `max_fetch_blocks` of them, in
+        one round trip), copy the longest verified run into host blocks of `pool` that
+        nobody uses (free or cached; the run is cut to fit), cached and findable by hash,
+        and return its length. The caller must hold (acquire) any cached host blocks it
+        means to keep, since these allocations may reclaim unreferenced ones.
+
+        Never raises for the store's faults: a failure is a miss, counted.
+        """
+        start, end = 0, min(len(hashes), self.max_fetch_blocks)
+        if end <= start:
+            return 0
+        if self._is_down():
+            with self._stats_lock:
+                self.stats.reads_skipped += 1
+            return 0
+        keys = [self.key(h) for h in hashes[start:end]]
+        try:
+            values = self.store.get_many(keys)
+        except RemoteUnavailable as exc:
+            self._failed("read", exc)
+            with self._stats_lock:
+                self.stats.reads += 1
+                self.stats.read_errors += 1
+            return 0
+        self._ok()
+        payloads: list[memoryview] = []
+        missed = corrupt = 0
+        for i, value in enumerate(values):
+            if value is None:
+                missed = 1
+                break
+            payload = self.decode(value, contents[start + i])
+            if payload is None:
+                corrupt = 1
+                break
+            payloads.append(payload)
+        run = min(len(payloads), pool.num_available)
+        ids = pool.allocate(run) if run else []
+        with warnings.catch_warnings():  # read-only buffers: torch only reads them here
+            warnings.simplefilter("ignore", UserWarning)
+            for block_id, payload in zip(ids, payloads, strict=False):
+                self._block_view(block_id).copy_(torch.frombuffer(payload, dtype=torch.uint8))
+        kept: list[int] = []
+        for j, block_id in enumerate(ids):
+            if pool.register(block_id, hashes[start + j], contents[start + j]):
+                kept.append(block_id)
+            else:  # the host already indexes this hash: stop the run at its copy
+                break
+        pool.release(ids[::-1])  # registered ones stay findable as cached blocks
+        with self._stats_lock:
+            self.stats.reads += 1
+            self.stats.blocks_hit += len(kept)
+            self.stats.blocks_missed += missed
+            self.stats.blocks_corrupt += corrupt
+            self.stats.bytes_read += sum(len(v) for v in values[: len(payloads)] if v)
+        return len(kept)
+
+    # ------------------------------------------------------------------ health
+    def _is_down(self) -> bool:
+        return self._clock() < self._down_until
+
+    def _failed(self, what: str, exc: Exception) -> None:
+        self._down_until = self._clock() + self._backoff
+        log.warning("remote tier: %s failed (%s); leaving the store alone for %.2f s",
+                    what, exc, self._backoff)  # fmt: skip
+        self._backoff = min(self._backoff * 2, self.max_backoff_s)
+
+    def _ok(self) -> None:
+        self._backoff = self.backoff_s
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the writer (queued blocks are sent first, up to `timeout`)."""
+        if self._closed:
+            return
+        self._closed = True
+        self.flush(timeout)
+        with contextlib.suppress(queue.Full):
+            self._queue.put(None, timeout=timeout)
+        self._writer.join(timeout)
+        self.store.close()
