@@ -123,6 +123,17 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="offload sessions idle this long (seconds; default: only under pressure)")  # fmt: skip
     g.add_argument("--no-prefix-cache", action="store_true",
                    help="switch the content-hash prefix cache off (pure stateless HTTP)")  # fmt: skip
+    g = p.add_argument_group("remote tier (KV blocks shared by replicas through Redis/Valkey)")
+    g.add_argument("--remote-url", default=None,
+                   help="redis://host:port/db of the shared store (default: none)")  # fmt: skip
+    g.add_argument("--remote-namespace", default="default",
+                   help="key namespace on the store (replicas that share use the same)")  # fmt: skip
+    g.add_argument("--remote-ttl", type=positive_float, default=3600.0,
+                   help="seconds each block lives in the store (default 3600)")  # fmt: skip
+    g.add_argument("--hash-secret-file", default=None,
+                   help="a file whose bytes key the block hashes (1-64 bytes; the same on "
+                        "every replica; default: $PAGEDKV_HASH_SECRET, else random per "
+                        "process). Needed with --remote-url")  # fmt: skip
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -241,6 +252,30 @@ def build_tokenizer_from_args(args: argparse.Namespace, model: Any) -> Any:
     return tok
 
 
+def hash_secret_from_args(args: argparse.Namespace) -> bytes | None:
+    """The block-hash secret: `--hash-secret-file`, else $PAGEDKV_HASH_SECRET, else None.
+
+    Raises:
+        ValueError: the file cannot be read, or the secret is not 1-64 bytes.
+    """
+    import os
+
+    path = getattr(args, "hash_secret_file", None)
+    if path is not None:
+        try:
+            secret = Path(path).read_bytes().strip()
+        except OSError as err:
+            raise ValueError(f"--hash-secret-file {path}: {err.strerror or err}") from None
+    else:
+        env = os.environ.get("PAGEDKV_HASH_SECRET")
+        if not env:
+            return None
+        secret = env.encode()
+    if not 1 <= len(secret) <= 64:
+        raise ValueError(f"the hash secret must be 1-64 bytes, got {len(secret)}")
+    return secret
+
+
 def engine_config_from_args(
     args: argparse.Namespace,
     model: Any,
@@ -275,7 +310,12 @@ def engine_config_from_args(
         backup_idle=True,  # with a host tier: idle sessions' blocks written back early
         **(scheduler_caps or {}),
     )
+    remote_url = getattr(args, "remote_url", None)
     fields: dict[str, Any] = dict(
+        remote_url=remote_url,
+        remote_namespace=getattr(args, "remote_namespace", "default"),
+        remote_ttl_s=getattr(args, "remote_ttl", 3600.0),
+        hash_secret=hash_secret_from_args(args),
         block_size=args.block_size,
         num_gpu_blocks=num_gpu,
         num_host_blocks=num_host,
@@ -338,8 +378,14 @@ def run(args: argparse.Namespace) -> int:
         tokenizer = build_tokenizer_from_args(args, model)
     except (OSError, ValueError) as err:  # a checkpoint it cannot serve, named
         raise UsageError(f"--model {args.model}: {err}") from None
-    config = engine_config_from_args(args, model, scheduler_caps=scheduler_caps(policy))
-    engine = Engine(model, config, tokenizer=tokenizer)
+    try:
+        config = engine_config_from_args(args, model, scheduler_caps=scheduler_caps(policy))
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    try:
+        engine = Engine(model, config, tokenizer=tokenizer)
+    except (ImportError, ValueError) as err:  # e.g. a malformed --remote-url
+        raise UsageError(str(err)) from None
     cfg = model.config
     print(
         f"pagedkv serve: {name} ({cfg.num_params / 1e6:.1f} M params, {cfg.dtype}, "
@@ -347,6 +393,9 @@ def run(args: argparse.Namespace) -> int:
         f"host {config.num_host_blocks}, prefix cache {'off' if args.no_prefix_cache else 'on'}"
     )
     print(f"  WebSocket ws://{args.host}:{args.port}/v1/responses, HTTP POST same path")
+    if config.remote_url is not None:
+        print(f"  remote KV tier {config.remote_url} (namespace {config.remote_namespace!r}, "
+              f"blocks expire after {config.remote_ttl_s:.0f} s)")  # fmt: skip
     if auth.requires_keys:
         tenants = len({c.tenant for c in auth.keys.values()})
         print(f"  {len(auth.keys)} API keys, {tenants} tenants; other keys get 401")
