@@ -257,3 +257,81 @@ def test_redis_killed_and_restarted_loses_nothing_but_cache(redis_server: RedisP
     for r in (a, b):
         r.cache.check_invariants()
         r.remote.close()
+
+
+# ---------------------------------------------------------------- state machine
+from hypothesis import strategies as st  # noqa: E402
+from hypothesis.stateful import initialize, rule  # noqa: E402
+from test_tiered_state import TieredMachine  # noqa: E402
+
+
+class RemoteTieredMachine(TieredMachine):
+    """The GPU/host machine of `test_tiered_state` with a remote tier under the host,
+    shared with a second "replica" whose lookups must verify too: the remote store
+    fails, loses everything (a restart) and has values corrupted at random. The
+    inherited invariants check every computed GPU token, every offloaded host block and
+    every findable block byte for byte, so a block restored from the store that did not
+    verify would show."""
+
+    @initialize(num_gpu=st.integers(4, 14), num_host=st.integers(2, 14))
+    def setup(self, num_gpu: int, num_host: int) -> None:
+        super().setup(num_gpu, num_host)
+        self.store = MemoryStore()
+        self.remote = RemoteKVTier(self.store, self.host, clock=self.clock, backoff_s=0.5,
+                                   max_backoff_s=1.0)  # fmt: skip
+        self.cache.remote = self.remote
+
+    def teardown(self) -> None:
+        if hasattr(self, "remote"):
+            self.remote.close()
+
+    @rule(failing=st.booleans())
+    def remote_faults(self, failing: bool) -> None:
+        self.store.fail = failing
+
+    @rule()
+    def remote_restart(self) -> None:
+        self.remote.flush()
+        self.store.data.clear()
+
+    @rule(data=st.data(), offset=st.integers(0, 10_000))
+    def remote_corrupt(self, data: st.DataObject, offset: int) -> None:
+        self.remote.flush()
+        if self.store.data:
+            key = data.draw(st.sampled_from(sorted(self.store.data)))
+            value = bytearray(self.store.data[key])
+            value[offset % len(value)] ^= 0x5A
+            self.store.data[key] = bytes(value)
+
+    @rule()
+    def remote_flush(self) -> None:
+        assert self.remote.flush()
+
+    @rule(data=st.data(), extra=st.lists(st.integers(0, 3), max_size=6), wait=st.booleans())
+    def elsewhere_reconnect(self, data: st.DataObject, extra: list[int], wait: bool) -> None:
+        """Offload a session (written behind), lose every cached copy of it on this
+        replica (GPU and host reclaimed), and reconnect with its history: what comes
+        back now comes from the remote store, verified, or is recomputed."""
+        seqs = [s for s in self._seqs_at("gpu") if self._computed(s)]
+        if not seqs:
+            return
+        seq = data.draw(st.sampled_from(seqs))
+        tenant, hist = self.model[seq]
+        try:
+            self.cache.offload(seq)
+        except Exception:
+            return
+        r = self.cache.wait(seq)
+        if r is not None:
+            self._settle([r])
+        self.remote.flush()
+        if self.cache.location(seq) == "host":
+            self.cache.drop_offloaded(seq)
+            del self.model[seq]
+        self.reclaim_gpu()
+        for block_id in self.cache.host.pool.evict(self.cache.host.pool.num_cached):
+            self.host.kv[block_id] = float("nan")
+        self.begin(tenant, hist + extra, wait)
+
+
+TestRemoteTieredMachine = RemoteTieredMachine.TestCase
