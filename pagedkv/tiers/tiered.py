@@ -19,13 +19,16 @@ Metadata only: the bytes move in the `TransferEngine` (real or simulated).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from pagedkv.cache.block_manager import BlockManager, SeqId
 from pagedkv.cache.errors import InvariantError, OutOfBlocksError
 from pagedkv.cache.hashing import TokenInput, as_token_array
-from pagedkv.tiers.remote import RemoteKVTier
 from pagedkv.tiers.results import Backup, Location, PrefixPlan, PrefixProbe, TransferResult
 from pagedkv.tiers.transfer import TransferEngine, TransferHandle
+
+if TYPE_CHECKING:  # the remote tier needs torch; the metadata layer does not
+    from pagedkv.tiers.remote import RemoteKVTier
 
 
 @dataclass(eq=False)
