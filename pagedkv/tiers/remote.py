@@ -35,7 +35,6 @@ and `ttl_s` (SET PX) expires blocks nobody reads. One block is about
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import queue
 import struct
@@ -47,6 +46,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import xxhash
 
@@ -58,6 +58,9 @@ log = logging.getLogger("pagedkv.tiers.remote")
 MAGIC = b"PKV1"
 _HEADER = struct.Struct("<4sIQ")  # magic, content length, payload length
 _CHECKSUM = 8
+
+
+Value = bytes | memoryview  # what is written (memoryview: no extra copy of a block)
 
 
 class RemoteUnavailable(Exception):
@@ -76,7 +79,7 @@ class RemoteStore(ABC):
         """
 
     @abstractmethod
-    def set_many(self, items: Sequence[tuple[bytes, bytes]], ttl_s: float | None) -> None:
+    def set_many(self, items: Sequence[tuple[bytes, Value]], ttl_s: float | None) -> None:
         """Store every (key, value), expiring after `ttl_s` (None: never), in one round trip.
 
         Raises:
@@ -128,7 +131,7 @@ class RedisStore(RemoteStore):
             raise RemoteUnavailable(f"{type(exc).__name__}: {exc}") from None
         return [v if isinstance(v, bytes) else None for v in values]
 
-    def set_many(self, items: Sequence[tuple[bytes, bytes]], ttl_s: float | None) -> None:
+    def set_many(self, items: Sequence[tuple[bytes, Value]], ttl_s: float | None) -> None:
         px = None if ttl_s is None else max(int(ttl_s * 1000), 1)
         try:
             pipe = self.client.pipeline(transaction=False)
@@ -159,12 +162,12 @@ class MemoryStore(RemoteStore):
                 raise RemoteUnavailable("MemoryStore: failing on purpose")
             return [self.data.get(k) for k in keys]
 
-    def set_many(self, items: Sequence[tuple[bytes, bytes]], ttl_s: float | None) -> None:
+    def set_many(self, items: Sequence[tuple[bytes, Value]], ttl_s: float | None) -> None:
         with self._lock:
             self.round_trips += 1
             if self.fail:
                 raise RemoteUnavailable("MemoryStore: failing on purpose")
-            self.data.update(items)
+            self.data.update((k, bytes(v)) for k, v in items)
 
 
 @dataclass
@@ -246,9 +249,12 @@ class RemoteKVTier:
         self._backoff = backoff_s
         self.stats = RemoteStats()
         self._stats_lock = threading.Lock()
-        self._queue: queue.Queue[tuple[bytes, bytes] | None] = queue.Queue(max_pending_blocks)
-        self._idle = threading.Event()
-        self._idle.set()
+        # batches of (key, value); the bound is on blocks, kept by `_pending`
+        self.max_pending_blocks = max_pending_blocks
+        self._queue: queue.SimpleQueue[list[tuple[bytes, Value]] | None] = queue.SimpleQueue()
+        self._pending = 0  # blocks queued and not yet sent or dropped
+        self._pending_lock = threading.Lock()
+        self._drained = threading.Condition(self._pending_lock)
         self._closed = False
         self._writer = threading.Thread(target=self._write_loop, name="pagedkv-remote-writer",
                                         daemon=True)  # fmt: skip
@@ -261,11 +267,18 @@ class RemoteKVTier:
     def _block_view(self, block_id: int) -> torch.Tensor:
         return self.host_store.kv[block_id].reshape(-1).view(torch.uint8)
 
-    def encode(self, block_id: int, content: bytes) -> bytes:
-        """The value of host block `block_id` with hash-chain `content` (a snapshot)."""
-        payload = self._block_view(block_id).numpy().tobytes()
-        body = _HEADER.pack(MAGIC, len(content), len(payload)) + content + payload
-        return body + xxhash.xxh3_64_digest(body)
+    def encode(self, block_id: int, content: bytes) -> memoryview:
+        """The value of host block `block_id` with hash-chain `content`: a snapshot (the
+        block's bytes are copied once, straight into the value's buffer)."""
+        head, n_content, n_payload = _HEADER.size, len(content), self._block_bytes
+        buf = bytearray(head + n_content + n_payload + _CHECKSUM)
+        _HEADER.pack_into(buf, 0, MAGIC, n_content, n_payload)
+        buf[head : head + n_content] = content
+        dst = np.frombuffer(buf, dtype=np.uint8, count=n_payload, offset=head + n_content)
+        dst[:] = self._block_view(block_id).numpy()
+        view = memoryview(buf)
+        view[-_CHECKSUM:] = xxhash.xxh3_64_digest(view[:-_CHECKSUM])
+        return view
 
     def decode(self, value: bytes, content: bytes) -> memoryview | None:
         """The payload of a value if it verifies for `content`, else None."""
@@ -291,51 +304,38 @@ class RemoteKVTier:
                      contents: Sequence[bytes]) -> int:  # fmt: skip
         """Snapshot these host blocks now and queue them for the store; returns how many
         were queued (the rest are dropped and counted: queue full or store down)."""
-        queued = 0
-        down = self._is_down()
-        for block_id, block_hash, content in zip(block_ids, hashes, contents, strict=True):
-            if down:
-                break
-            item = (self.key(block_hash), self.encode(block_id, content))
-            try:
-                self._idle.clear()
-                self._queue.put_nowait(item)
-            except queue.Full:
-                break
-            queued += 1
+        with self._pending_lock:
+            room = 0 if self._is_down() else self.max_pending_blocks - self._pending
+            take = max(min(room, len(block_ids)), 0)
+            self._pending += take
+        items: list[tuple[bytes, Value]] = [
+            (self.key(h), self.encode(b, c))
+            for b, h, c in zip(block_ids[:take], hashes[:take], contents[:take], strict=True)
+        ]
+        for start in range(0, take, self.write_batch):  # full pipelines, one put each
+            self._queue.put(items[start : start + self.write_batch])
         with self._stats_lock:
-            self.stats.blocks_queued += queued
-            self.stats.blocks_dropped += len(block_ids) - queued
-        return queued
+            self.stats.blocks_queued += take
+            self.stats.blocks_dropped += len(block_ids) - take
+        return take
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until every queued block was sent (or dropped). True if it drained."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self._queue.empty() and self._idle.wait(0.01) and self._queue.empty():
-                return True
-        return False
+        with self._drained:
+            return self._drained.wait_for(lambda: self._pending == 0, timeout)
 
     def _write_loop(self) -> None:
         while True:
-            item = self._queue.get()
-            if item is None:
+            batch = self._queue.get()
+            if batch is None:
                 return
-            batch = [item]
-            while len(batch) < self.write_batch:
-                try:
-                    nxt = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    self._send(batch)
-                    return
-                batch.append(nxt)
             self._send(batch)
-            if self._queue.empty():
-                self._idle.set()
+            with self._drained:
+                self._pending -= len(batch)
+                if self._pending == 0:
+                    self._drained.notify_all()
 
-    def _send(self, batch: list[tuple[bytes, bytes]]) -> None:
+    def _send(self, batch: list[tuple[bytes, Value]]) -> None:
         if self._is_down():
             with self._stats_lock:
                 self.stats.blocks_dropped += len(batch)
@@ -440,7 +440,6 @@ class RemoteKVTier:
             return
         self._closed = True
         self.flush(timeout)
-        with contextlib.suppress(queue.Full):
-            self._queue.put(None, timeout=timeout)
+        self._queue.put(None)
         self._writer.join(timeout)
         self.store.close()
