@@ -116,6 +116,21 @@ def test_another_replica_restores_the_prefix_from_the_store() -> None:
         r.remote.close()
 
 
+def test_a_long_prefix_is_read_in_batches_until_the_run_ends() -> None:
+    store = MemoryStore()
+    a, b = Replica(store), Replica(store, max_fetch_blocks=2)
+    a.serve("s", TOKENS, torch.Generator().manual_seed(9))
+    assert a.remote.flush()
+    trips = store.round_trips
+    plan = b.cache.begin_sequence("s", [*TOKENS, 1, 2], tenant="t")
+    assert plan.num_host_cached_tokens == 20
+    assert store.round_trips == trips + 3  # 2 + 2 + 1 blocks, then the sixth was missing
+    b.cache.wait_all()
+    assert torch.equal(b.gpu_kv("s", 5), a.host_kv("s", 5))
+    for r in (a, b):
+        r.remote.close()
+
+
 def test_the_run_stops_at_the_first_missing_or_corrupt_block() -> None:
     store = MemoryStore()
     a, b = Replica(store), Replica(store)

@@ -199,9 +199,11 @@ class TieredKVCache:
             if host_ids:
                 self.host.pool.acquire_matched(host_ids)
             start = k1 + len(host_ids)
-            if self.remote is not None and start < limit:
-                # the rest of the chain from the shared store, into the host tier
+            while self.remote is not None and start < limit:
+                # the rest of the chain from the shared store, into the host tier, one
+                # round trip per `max_fetch_blocks` until the run ends
                 end = min(limit, start + self.remote.max_fetch_blocks)
+                want = end - start
                 got = self.remote.fetch_into_host(
                     self.host.pool,
                     table.hashes[start:end],
@@ -215,6 +217,9 @@ class TieredKVCache:
                     fetched.append(block_id)
                 self.host.pool.acquire_matched(fetched)
                 host_ids += fetched
+                start += len(fetched)
+                if len(fetched) < want:
+                    break
         if host_ids:
             assert self.host is not None
             positions = list(range(k1, k1 + len(host_ids)))
