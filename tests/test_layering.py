@@ -46,7 +46,7 @@ ALLOWED: dict[str, frozenset[str]] = {
 THIRD_PARTY = frozenset(
     {"torch", "numpy", "xxhash", "triton", "safetensors", "starlette", "uvicorn",
      "websockets", "openai", "matplotlib", "tqdm", "prometheus_client", "h11",
-     "transformers", "tokenizers", "redis"}
+     "transformers", "tokenizers", "redis", "httpx"}
 )  # fmt: skip
 
 

@@ -21,7 +21,12 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 # subcommand modules, in the order `--help` lists them
-SUBCOMMANDS: tuple[str, ...] = ("pagedkv.cli.demo", "pagedkv.cli.simulate", "pagedkv.cli.serve")
+SUBCOMMANDS: tuple[str, ...] = (
+    "pagedkv.cli.demo",
+    "pagedkv.cli.simulate",
+    "pagedkv.cli.serve",
+    "pagedkv.cli.route",
+)
 
 EXIT_USAGE = 2
 

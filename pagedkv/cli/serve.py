@@ -12,6 +12,7 @@ Clients: `OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")`, then
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -348,7 +349,13 @@ def run(args: argparse.Namespace) -> int:
     if name is None:
         name = Path(args.model).name if is_checkpoint_dir(args.model) else args.model
     try:
-        auth = load_authenticator(args.api_keys_file, admin_key=args.admin_key)
+        hash_secret = hash_secret_from_args(args)
+        # replicas sharing a hash secret also agree on which tenant a bare token is
+        auth_secret = None
+        if hash_secret is not None:
+            auth_secret = hashlib.blake2b(hash_secret, person=b"pagedkv-auth").digest()
+        auth = load_authenticator(args.api_keys_file, admin_key=args.admin_key,
+                                  secret=auth_secret)  # fmt: skip
         policy = load_policy(
             args.api_keys_file,
             TenantLimits(

@@ -240,9 +240,12 @@ def load_authenticator(
     *,
     admin_key: str | None = None,
     environ: Mapping[str, str] | None = None,
+    secret: bytes | None = None,
 ) -> Authenticator:
     """The server's authenticator from a keys file, `PAGEDKV_API_KEYS`,
-    `PAGEDKV_ADMIN_KEY` and `admin_key` (see the module docstring).
+    `PAGEDKV_ADMIN_KEY` and `admin_key` (see the module docstring). `secret` keys the
+    digests (default: random per process); replicas that must map a bearer token to the
+    same tenant without a keys file pass the same one.
 
     Raises:
         ValueError: a malformed keys file or variable, naming what is wrong (the keys
@@ -281,6 +284,6 @@ def load_authenticator(
         if extra:
             admins.append(extra)
     try:
-        return Authenticator.from_keys(keys, admin_keys=tuple(admins))
+        return Authenticator.from_keys(keys, admin_keys=tuple(admins), secret=secret)
     except ValueError as err:
         raise ValueError(f"API keys: {err}") from None

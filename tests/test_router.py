@@ -1,0 +1,182 @@
+"""Two `pagedkv serve` replicas behind `pagedkv route`, sharing a real redis-server: a
+10-turn agent session over the real `openai` SDK loses its replica (SIGKILL) after turn
+5; the client reconnects with its full history and turn 6 is served by the other
+replica from the remote tier (>= 90% cached_tokens). Plus the ring's bounded loads."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from redis_helpers import RedisProcess
+
+from pagedkv.serving.router import Replica, ReplicaRing, routing_key
+from pagedkv.serving.testing import read_response
+
+ROOT = Path(__file__).resolve().parent.parent
+PAGEDKV = [sys.executable, "-c", "import sys; from pagedkv.cli.main import main; sys.exit(main())"]
+INSTRUCTIONS = "You are a careful agent. Use the tools, then answer briefly. " * 20
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(url, timeout=1.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert proc.poll() is None, (proc.stdout.read().decode() if proc.stdout else "")[-3000:]
+        assert time.monotonic() < deadline, f"{url} did not come up"
+        time.sleep(0.2)
+
+
+def test_the_ring_spreads_a_hot_key_under_its_load_bound() -> None:
+    replicas = [Replica(f"http://r{i}") for i in range(4)]
+    ring = ReplicaRing(replicas, load_factor=1.25)
+    key = routing_key("Bearer hot", {"input": "the same conversation"}, b"s")
+    first = ring.pick(key)
+    assert first is not None and ring.pick(key) is first  # affinity
+    for _ in range(40):  # one hot key opens 40 connections
+        r = ring.pick(key)
+        assert r is not None
+        r.load += 1
+    loads = sorted(r.load for r in replicas)
+    assert max(loads) <= -(-1.25 * 40 // 4) + 1 and min(loads) > 0, loads
+    first.healthy = False
+    other = ring.pick(key)
+    assert other is not None and other is not first
+    assert all(ring.pick(key, exclude=[r]) is not r for r in replicas)
+    for r in replicas:
+        r.healthy = False
+    assert ring.pick(key) is None
+    # the conversation key: same for every turn (first item), other tenants differ
+    k1 = routing_key("Bearer a", {"input": [{"role": "user", "content": "x"}, "y"]}, b"s")
+    k2 = routing_key("Bearer a", {"input": [{"role": "user", "content": "x"}]}, b"s")
+    k3 = routing_key("Bearer b", {"input": [{"role": "user", "content": "x"}]}, b"s")
+    assert k1 == k2 != k3
+
+
+class Fleet:
+    def __init__(self, tmp: Path, redis_url: str) -> None:
+        secret = tmp / "secret"
+        secret.write_bytes(b"fleet-secret")
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        self.ports = [free_port(), free_port()]
+        self.replicas = []
+        for port in self.ports:
+            cmd = [*PAGEDKV, "serve", "--model", "tiny", "--port", str(port),
+                   "--num-gpu-blocks", "512", "--threads", "1", "--log-level", "warning",
+                   "--remote-url", redis_url, "--hash-secret-file", str(secret),
+                   "--max-output-tokens", "8"]  # fmt: skip
+            self.replicas.append(subprocess.Popen(cmd, cwd=ROOT, env=env,
+                                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT))  # fmt: skip
+        self.port = free_port()
+        cmd = [*PAGEDKV, "route", "--port", str(self.port), "--health-interval", "0.2",
+               "--log-level", "warning"]  # fmt: skip
+        for port in self.ports:
+            cmd += ["--replica", f"http://127.0.0.1:{port}"]
+        self.router = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                       stderr=subprocess.STDOUT)  # fmt: skip
+        for port, proc in zip(self.ports, self.replicas, strict=True):
+            wait_http(f"http://127.0.0.1:{port}/v1/models", proc)
+        wait_http(f"http://127.0.0.1:{self.port}/v1/models", self.router)
+
+    def stats(self) -> dict[str, Any]:
+        return httpx.get(f"http://127.0.0.1:{self.port}/v1/router/stats", timeout=5).json()
+
+    def stop(self) -> str:
+        out = []
+        for proc in [self.router, *self.replicas]:
+            if proc.poll() is None:
+                proc.terminate()
+            try:
+                out.append(proc.communicate(timeout=30)[0].decode())
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                out.append(proc.communicate()[0].decode())
+        return "\n".join(out)
+
+
+def _turn(conn: Any, **request: Any) -> Any:
+    conn.response.create(model="tiny", instructions=INSTRUCTIONS, max_output_tokens=8,
+                         temperature=0, **request)  # fmt: skip
+    events = read_response(conn)
+    last = events[-1]
+    assert last.type in ("response.completed", "response.incomplete"), last
+    return last.response
+
+
+def test_a_session_survives_its_replica_through_the_remote_tier(tmp_path: Path) -> None:
+    import openai
+    import redis
+
+    server = RedisProcess(tmp_path).start()
+    fleet = Fleet(tmp_path, server.url)
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{fleet.port}/v1", api_key="agent",
+                               max_retries=0)  # fmt: skip
+        history: list[dict[str, str]] = []
+        prev = None
+        with client.responses.connect() as conn:
+            for turn in range(5):
+                msg = {"role": "user", "content": f"tool result {turn}: ok"}
+                resp = (
+                    _turn(conn, input=[msg], previous_response_id=prev)
+                    if prev
+                    else _turn(conn, input=[msg])
+                )
+                prev = resp.id
+                history += [msg, {"role": "assistant", "content": resp.output_text}]
+            held = resp.usage.input_tokens + resp.usage.output_tokens
+            loads = {r["url"]: r["load"] for r in fleet.stats()["replicas"]}
+            victim_url = next(u for u, n in loads.items() if n == 1)
+            victim = fleet.replicas[
+                [f"http://127.0.0.1:{p}" for p in fleet.ports].index(victim_url)
+            ]
+            # the session's full blocks are written behind after each turn
+            keys = redis.Redis.from_url(server.url)
+            deadline = time.monotonic() + 10
+            while keys.dbsize() < held // 16 - 1 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert keys.dbsize() >= held // 16 - 1, (keys.dbsize(), held)
+            victim.send_signal(signal.SIGKILL)
+            victim.wait(timeout=10)
+            with pytest.raises(Exception):  # noqa: B017 - the SDK surfaces the drop its own way
+                msg = {"role": "user", "content": "tool result 5: ok"}
+                _turn(conn, input=[msg], previous_response_id=prev)
+        # the client reconnects with its full history: the other replica serves turn 6
+        with client.responses.connect() as conn:
+            msg = {"role": "user", "content": "tool result 5: ok"}
+            resp = _turn(conn, input=[*history, msg])
+            cached = resp.usage.input_tokens_details.cached_tokens
+            assert cached >= 0.9 * resp.usage.input_tokens, (cached, resp.usage.input_tokens)
+            print(f"turn 6 on the other replica: {cached} of {resp.usage.input_tokens} cached")
+            history += [msg, {"role": "assistant", "content": resp.output_text}]
+            prev = resp.id
+            for turn in range(6, 10):
+                msg = {"role": "user", "content": f"tool result {turn}: ok"}
+                resp = _turn(conn, input=[msg], previous_response_id=prev)
+                prev = resp.id
+                assert resp.usage.input_tokens_details.cached_tokens >= resp.usage.input_tokens - 40
+        served = {r["url"]: r for r in fleet.stats()["replicas"]}
+        assert not served[victim_url]["healthy"]
+        keys.close()
+    finally:
+        out = fleet.stop()
+        server.stop()
+    assert "Traceback" not in out, out[-4000:]
