@@ -72,22 +72,24 @@ def test_the_ring_spreads_a_hot_key_under_its_load_bound() -> None:
 
 
 class Fleet:
-    def __init__(self, tmp: Path, redis_url: str) -> None:
+    def __init__(self, tmp: Path, redis_url: str | None, *, replicas: int = 2,
+                 router_args: tuple[str, ...] = ()) -> None:  # fmt: skip
         secret = tmp / "secret"
         secret.write_bytes(b"fleet-secret")
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        self.ports = [free_port(), free_port()]
+        remote = [] if redis_url is None else ["--remote-url", redis_url]
+        self.ports = [free_port() for _ in range(replicas)]
         self.replicas = []
         for port in self.ports:
             cmd = [*PAGEDKV, "serve", "--model", "tiny", "--port", str(port),
                    "--num-gpu-blocks", "512", "--threads", "1", "--log-level", "warning",
-                   "--remote-url", redis_url, "--hash-secret-file", str(secret),
+                   *remote, "--hash-secret-file", str(secret),
                    "--max-output-tokens", "8"]  # fmt: skip
             self.replicas.append(subprocess.Popen(cmd, cwd=ROOT, env=env,
                                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT))  # fmt: skip
         self.port = free_port()
         cmd = [*PAGEDKV, "route", "--port", str(self.port), "--health-interval", "0.2",
-               "--log-level", "warning"]  # fmt: skip
+               "--log-level", "warning", *router_args]  # fmt: skip
         for port in self.ports:
             cmd += ["--replica", f"http://127.0.0.1:{port}"]
         self.router = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
@@ -179,4 +181,43 @@ def test_a_session_survives_its_replica_through_the_remote_tier(tmp_path: Path) 
     finally:
         out = fleet.stop()
         server.stop()
+    assert "Traceback" not in out, out[-4000:]
+
+
+def test_the_router_answers_bad_input_and_dead_replicas_without_tracebacks(
+    tmp_path: Path,
+) -> None:
+    from websockets.sync.client import connect
+
+    fleet = Fleet(tmp_path, None, replicas=1, router_args=("--max-message-bytes", "4096"))
+    base = f"http://127.0.0.1:{fleet.port}"
+    try:
+        big = httpx.post(base + "/v1/responses", content=b"x" * 10_000, timeout=10)
+        assert big.status_code == 413 and big.json()["error"]["code"] == "message_too_large"
+        bad = httpx.post(base + "/v1/responses", content=b"{not json", timeout=10)
+        assert bad.status_code == 400  # the replica's own answer, passed back
+        ok = httpx.post(
+            base + "/v1/responses",
+            json={"model": "tiny", "input": "hi", "max_output_tokens": 2},
+            timeout=30,
+        )
+        assert ok.status_code == 200 and ok.json()["status"] in ("completed", "incomplete")
+        with connect(f"ws://127.0.0.1:{fleet.port}/v1/responses", max_size=None) as ws:
+            ws.send(b"\x00binary")  # the replica answers a binary frame with an error
+            assert '"error"' in ws.recv(timeout=10)
+        with connect(f"ws://127.0.0.1:{fleet.port}/v1/responses", max_size=None) as ws:
+            ws.send("x" * 6000)  # over the limit (beyond 2x uvicorn closes with 1009 alone)
+            assert "message_too_large" in ws.recv(timeout=10)
+        fleet.replicas[0].send_signal(signal.SIGKILL)
+        fleet.replicas[0].wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while True:
+            down = httpx.post(base + "/v1/responses", json={"model": "tiny", "input": "hi"},
+                              timeout=10)  # fmt: skip
+            if down.status_code == 503 or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert down.status_code == 503 and down.json()["error"]["code"] == "no_replica"
+    finally:
+        out = fleet.stop()
     assert "Traceback" not in out, out[-4000:]
