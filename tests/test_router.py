@@ -73,7 +73,8 @@ def test_the_ring_spreads_a_hot_key_under_its_load_bound() -> None:
 
 class Fleet:
     def __init__(self, tmp: Path, redis_url: str | None, *, replicas: int = 2,
-                 router_args: tuple[str, ...] = ()) -> None:  # fmt: skip
+                 router_args: tuple[str, ...] = (),
+                 replica_args: tuple[str, ...] = ()) -> None:  # fmt: skip
         secret = tmp / "secret"
         secret.write_bytes(b"fleet-secret")
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -84,7 +85,7 @@ class Fleet:
             cmd = [*PAGEDKV, "serve", "--model", "tiny", "--port", str(port),
                    "--num-gpu-blocks", "512", "--threads", "1", "--log-level", "warning",
                    *remote, "--hash-secret-file", str(secret),
-                   "--max-output-tokens", "8"]  # fmt: skip
+                   "--max-output-tokens", "8", *replica_args]  # fmt: skip
             self.replicas.append(subprocess.Popen(cmd, cwd=ROOT, env=env,
                                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT))  # fmt: skip
         self.port = free_port()
@@ -218,6 +219,34 @@ def test_the_router_answers_bad_input_and_dead_replicas_without_tracebacks(
                 break
             time.sleep(0.1)
         assert down.status_code == 503 and down.json()["error"]["code"] == "no_replica"
+    finally:
+        out = fleet.stop()
+    assert "Traceback" not in out, out[-4000:]
+
+
+def test_api_keys_and_refusals_pass_through_the_router(tmp_path: Path) -> None:
+    import json
+
+    import openai
+    from websockets.sync.client import connect
+
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps({"keys": [{"key": "sk-a", "tenant": "acme"}]}))
+    fleet = Fleet(tmp_path, None, replicas=1, replica_args=("--api-keys-file", str(keys)))
+    base = f"http://127.0.0.1:{fleet.port}/v1"
+    try:
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=base, api_key="sk-wrong", max_retries=0).responses.create(
+                model="tiny", input="hi", max_output_tokens=2
+            )
+        good = openai.OpenAI(base_url=base, api_key="sk-a", max_retries=0)
+        resp = good.responses.create(model="tiny", input="hi", max_output_tokens=2)
+        assert resp.usage.output_tokens >= 1
+        with connect(f"ws://127.0.0.1:{fleet.port}/v1/responses",
+                     additional_headers={"Authorization": "Bearer sk-wrong"}) as ws:  # fmt: skip
+            ws.send(json.dumps({"type": "response.create", "model": "tiny", "input": "hi"}))
+            event = json.loads(ws.recv(timeout=10))
+            assert event["type"] == "error" and event["error"]["code"] == "invalid_api_key"
     finally:
         out = fleet.stop()
     assert "Traceback" not in out, out[-4000:]
