@@ -221,3 +221,47 @@ def test_unsupported_attention_features_are_named() -> None:
     )
     with pytest.raises(UnsupportedModelError, match="attn_implementation='pagedkv'"):
         PagedCausalLM(eager)
+
+
+def test_models_that_would_run_wrong_are_refused_up_front() -> None:
+    tiny = dict(vocab_size=VOCAB, hidden_size=64, num_attention_heads=4)
+    bloom = transformers.BloomConfig(n_layer=1, **{"n_head": 4, "hidden_size": 64,
+                                                   "vocab_size": VOCAB})  # fmt: skip
+    # BLOOM computes attention itself (no attention interface): packed sequences would
+    # see each other and nothing would reach the pool
+    with pytest.raises(UnsupportedModelError, match="computes attention itself"):
+        from_config(bloom, max_position=256)
+    with pytest.raises(UnsupportedModelError, match="differential attention"):
+        check_supported(transformers.DiffLlamaConfig(num_hidden_layers=1, **tiny))
+    with pytest.raises(UnsupportedModelError, match="attention sinks"):
+        check_supported(transformers.GptOssConfig(num_hidden_layers=1, **tiny))
+    with pytest.raises(UnsupportedModelError, match="NoPE"):
+        check_supported(transformers.Llama4TextConfig(num_hidden_layers=1, **tiny))
+
+
+def test_a_second_attention_call_for_a_layer_in_one_step_is_refused() -> None:
+    from pagedkv.integrations.hf_model import PagedStep, paged_attention_forward
+
+    lm, _ref = _pair("llama")
+    store = KVStore(lm.config.kv_spec(16), 4)
+    step = PagedStep(build_forward_batch([SeqChunk([0], 0, [1, 2, 3])], block_size=16), store)
+    attn = lm.hf.model.layers[0].self_attn
+    q = torch.randn(1, 4, 3, 16)
+    kv = torch.randn(1, 2, 3, 16)
+    paged_attention_forward(attn, q, kv, kv, None, pagedkv=step)
+    before = store.kv.clone()
+    with pytest.raises(UnsupportedModelError, match="twice for layer 0"):
+        paged_attention_forward(attn, q, kv * 2, kv * 2, None, pagedkv=step)
+    torch.testing.assert_close(store.kv, before, equal_nan=True)  # nothing overwritten
+
+
+def test_stop_ids_and_prompt_ids_are_checked_not_coerced() -> None:
+    import numpy as np
+
+    lm, _ref = _pair("llama")
+    paged = PagedLM(lm, num_gpu_blocks=8, num_host_blocks=0)
+    for bad in ([2.9], ["5"], [VOCAB], [True]):
+        with pytest.raises(ValueError, match="stop_token_ids"):
+            paged.generate([[1, 2]], max_new_tokens=2, stop_token_ids=bad)
+    out = paged.generate([[np.int64(1), np.int32(2)]], max_new_tokens=2)[0]
+    assert len(out.tokens) == 2

@@ -216,6 +216,8 @@ def build_model_from_args(args: argparse.Namespace, *, min_position: int = 0) ->
     if is_checkpoint_dir(args.model):
         from pagedkv.integrations.hf_model import load_pretrained
 
+        if args.checkpoint is not None:
+            raise ValueError("give a checkpoint directory as --model DIR or --checkpoint, not both")
         dtype = None if args.dtype is None else getattr(torch, args.dtype)
         return load_pretrained(args.model, device=args.device, dtype=dtype,
                                max_position=args.max_position)  # fmt: skip

@@ -32,7 +32,7 @@ head sizes (MLA), encoder-decoder and non-causal models, and a step run without 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,12 +54,14 @@ class UnsupportedModelError(ValueError):
     message); running it on the paged kernels would be silently wrong."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class PagedStep:
-    """What one forward step's attention layers read: the packed batch and the pool."""
+    """What one forward step's attention layers read: the packed batch and the pool;
+    `layers` records which layers ran (each must run exactly once per step)."""
 
     batch: ForwardBatch
     kv_store: KVStore
+    layers: set[int] = field(default_factory=set)
 
 
 def paged_attention_forward(
@@ -117,6 +119,12 @@ def paged_attention_forward(
         raise UnsupportedModelError(
             f"{type(module).__name__} has no integer layer_idx to pick its cache layer"
         )
+    if layer in step.layers:  # a second call would overwrite the layer's stored K/V
+        raise UnsupportedModelError(
+            f"{type(module).__name__} calls attention twice for layer {layer} in one step "
+            "(differential or cross attention) and is not supported by pagedkv"
+        )
+    step.layers.add(layer)
     if query.dim() != 4 or query.shape[0] != 1:
         raise ValueError(
             f"pagedkv attention: query must be [1, Hq, T, D] (one packed row), got "
@@ -194,6 +202,16 @@ class HFModelSpec:
         )
 
 
+# architectures whose attention pagedkv cannot run exactly although their configs look
+# plain: named here rather than found out by a wrong answer
+_REFUSED_TYPES = {
+    "gpt_oss": "attention sinks",
+    "llama4": "NoPE temperature tuning over packed positions",
+    "llama4_text": "NoPE temperature tuning over packed positions",
+    "diffllama": "differential attention (two attention calls per layer)",
+}
+
+
 def _text_config(config: Any) -> Any:
     get = getattr(config, "get_text_config", None)
     return get() if callable(get) else config
@@ -210,13 +228,13 @@ def check_supported(config: Any, *, max_position: int | None = None) -> tuple[in
     cfg = _text_config(config)
     name = getattr(cfg, "model_type", type(cfg).__name__)
 
-    def refuse(feature: str) -> UnsupportedModelError:
-        return UnsupportedModelError(f"{name}: {feature} is not supported by pagedkv")
+    def refuse(feature: str, hint: str = "") -> UnsupportedModelError:
+        return UnsupportedModelError(f"{name}: {feature} is not supported by pagedkv{hint}")
 
     if getattr(cfg, "is_encoder_decoder", False):
         raise refuse("an encoder-decoder architecture")
-    if getattr(cfg, "is_decoder", True) is False and hasattr(cfg, "is_causal"):
-        raise refuse("a non-causal model")
+    if name in _REFUSED_TYPES:
+        raise refuse(_REFUSED_TYPES[name])
     for attr in ("kv_lora_rank", "q_lora_rank"):
         if getattr(cfg, attr, None):
             raise refuse(f"latent attention ({attr}={getattr(cfg, attr)})")
@@ -231,17 +249,18 @@ def check_supported(config: Any, *, max_position: int | None = None) -> tuple[in
     num_kv = getattr(cfg, "num_key_value_heads", None) or num_heads
     if num_heads % num_kv:
         raise refuse(f"num_attention_heads={num_heads} not a multiple of num_kv_heads={num_kv}")
-    for attr in ("attn_logit_softcapping", "attention_chunk_size"):
-        if getattr(cfg, attr, None):
-            feature = {"attn_logit_softcapping": "attention logit soft-capping"}.get(
-                attr, "chunked attention"
-            )
-            raise refuse(f"{feature} ({attr}={getattr(cfg, attr)})")
-    layer_types = getattr(cfg, "layer_types", None) or ()
-    others = sorted({t for t in layer_types if t != "full_attention"})
+    if getattr(cfg, "attn_logit_softcapping", None):
+        raise refuse(f"attention logit soft-capping (attn_logit_softcapping="
+                     f"{cfg.attn_logit_softcapping})")  # fmt: skip
     context = getattr(cfg, "max_position_embeddings", None) or 0
     if max_position is not None:
         context = min(context, max_position) if context else max_position
+    chunk = getattr(cfg, "attention_chunk_size", None)
+    if chunk and not (context and context <= chunk):  # a chunk covering the context is full
+        raise refuse(f"chunked attention (attention_chunk_size={chunk} < context {context})",
+                     f"; pass max_position <= {chunk} to run it as full attention")  # fmt: skip
+    layer_types = getattr(cfg, "layer_types", None) or ()
+    others = sorted({t for t in layer_types if t != "full_attention"})
     window = getattr(cfg, "sliding_window", None)
     if getattr(cfg, "use_sliding_window", True) is False:
         window = None
@@ -249,8 +268,8 @@ def check_supported(config: Any, *, max_position: int | None = None) -> tuple[in
         raise refuse(f"layer types {others}")
     if window is not None and (others or not layer_types) and window < context:
         raise refuse(
-            f"sliding-window attention (sliding_window={window} < context {context}); "
-            f"pass max_position <= {window} to run it as full attention"
+            f"sliding-window attention (sliding_window={window} < context {context})",
+            f"; pass max_position <= {window} to run it as full attention",
         )
     return num_heads, num_kv, head_dim
 
@@ -284,6 +303,15 @@ class PagedCausalLM:
             )
         if max_position is not None and max_position < 1:
             raise ValueError(f"max_position must be >= 1, got {max_position}")
+        if not getattr(type(model), "_supports_attention_backend", False):
+            raise UnsupportedModelError(
+                f"{type(model).__name__} computes attention itself (it does not use "
+                "transformers' attention interface), so it cannot run on pagedkv"
+            )
+        if any(hasattr(m, "sinks") for m in model.modules()):
+            raise UnsupportedModelError(
+                f"{type(model).__name__}: attention sinks are not supported"
+            )
         num_heads, num_kv, head_dim = check_supported(config, max_position=max_position)
         cfg = _text_config(config)
         context = int(getattr(cfg, "max_position_embeddings", None) or max_position or 0)
@@ -355,13 +383,20 @@ class PagedCausalLM:
             last = torch.arange(batch.num_seqs, device=self.device)
         else:
             last = batch.query_start_loc[1:].long() - 1  # [B]
+        step = PagedStep(batch, kv_store)
         out = self.hf(
             input_ids=batch.input_ids[None],
             position_ids=batch.positions[None],
             use_cache=False,
             logits_to_keep=last,
-            pagedkv=PagedStep(batch, kv_store),
+            pagedkv=step,
         )
+        if len(step.layers) != self.config.num_layers:  # attention that bypassed the pool
+            raise UnsupportedModelError(
+                f"{self.config.model_type}: {len(step.layers)} of {self.config.num_layers} "
+                "layers ran pagedkv's attention in this step; the model computes attention "
+                "itself and is not supported"
+            )
         logits: torch.Tensor = out.logits[0].float()  # [B, vocab]
         return logits
 
@@ -406,13 +441,28 @@ def load_pretrained(
     root = Path(path)
     if not (root / "config.json").is_file():
         raise FileNotFoundError(f"{root} is not a Hugging Face checkpoint (no config.json)")
-    config = AutoConfig.from_pretrained(root, local_files_only=True)
+    try:
+        config = AutoConfig.from_pretrained(root, local_files_only=True)
+    except (OSError, ValueError, KeyError) as err:
+        raise UnsupportedModelError(f"{root}: cannot read the config: {err}") from None
     check_supported(config, max_position=max_position)
-    model: nn.Module = AutoModelForCausalLM.from_pretrained(
-        root,
-        config=config,
-        attn_implementation=ATTN_IMPLEMENTATION,
-        local_files_only=True,
-        dtype=dtype or "auto",
-    )
+    if max_position is None and not getattr(_text_config(config), "max_position_embeddings", None):
+        raise UnsupportedModelError(
+            f"{getattr(config, 'model_type', '?')}: no max_position_embeddings in the config; "
+            "pass max_position"
+        )
+    try:
+        model: nn.Module = AutoModelForCausalLM.from_pretrained(
+            root,
+            config=config,
+            attn_implementation=ATTN_IMPLEMENTATION,
+            local_files_only=True,
+            dtype=dtype or "auto",
+        )
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
+        # e.g. a class without the attention interface (KeyError 'pagedkv'), bad weights
+        raise UnsupportedModelError(
+            f"{root}: transformers cannot load it with attn_implementation="
+            f"{ATTN_IMPLEMENTATION!r}: {type(err).__name__}: {err}"
+        ) from None
     return PagedCausalLM(model.to(device), max_position=max_position)

@@ -61,8 +61,14 @@ class ChatMLTokenizer:
     exact_render = False
 
     def __init__(self, tokenizer: Tokenizer, *, bos_token: str | None = None) -> None:
-        tok = Tokenizer.from_str(tokenizer.to_str())
-        tok.encode_special_tokens = True  # client text never forges framing
+        # every added token becomes special, then `encode_special_tokens` makes client
+        # text never turn into any of them: Qwen's own file marks <tool_call> and
+        # <tool_response> non-special, which would let a user forge the framing
+        spec = json.loads(tokenizer.to_str())
+        for entry in spec.get("added_tokens") or ():
+            entry["special"] = True
+        tok = Tokenizer.from_str(json.dumps(spec))
+        tok.encode_special_tokens = True
         tok.no_padding()
         tok.no_truncation()
         self._tok = tok
@@ -116,12 +122,16 @@ class ChatMLTokenizer:
                 token = token.get("content")
             if isinstance(token, str) and config.get("add_bos_token", False):
                 bos = token
-        return cls(Tokenizer.from_file(str(file)), bos_token=bos)
+        try:
+            tokenizer = Tokenizer.from_file(str(file))
+        except Exception as err:  # the binding raises a bare Exception on a bad file
+            raise UnsupportedModelError(f"{file}: not a tokenizers file: {err}") from None
+        return cls(tokenizer, bos_token=bos)
 
     def _all_pieces(self) -> list[str]:
         """Each token's text on its own, read after an anchor token so tokenizers that
         drop a leading space at the start of a text (metaspace) keep it here."""
-        anchor = self._tok.encode("a").ids[-1:] or [0]
+        anchor = self._tok.encode("a", add_special_tokens=False).ids[-1:] or [0]
         head = self._tok.decode(anchor, skip_special_tokens=False)
         seqs = [[*anchor, t] for t in range(self.vocab_size)]
         texts = self._tok.decode_batch(seqs, skip_special_tokens=False)
@@ -134,7 +144,10 @@ class ChatMLTokenizer:
     def encode(self, text: str) -> list[int]:
         """The ids of `text` (special-token text stays text)."""
         _check_text("encode", "text", text)
-        return list(self._tok.encode(text, add_special_tokens=False).ids)
+        try:
+            return list(self._tok.encode(text, add_special_tokens=False).ids)
+        except TypeError:  # the binding refuses a str it cannot encode as UTF-8
+            raise ValueError("encode: text holds a lone surrogate (not valid Unicode)") from None
 
     def decode(self, ids: list[int]) -> str:
         return str(self._tok.decode(list(ids), skip_special_tokens=False))

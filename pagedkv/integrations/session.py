@@ -19,6 +19,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from numbers import Integral
 from typing import Any
 
 from torch import nn
@@ -149,10 +150,17 @@ class PagedLM:
                 Nothing is submitted then.
             GenerationError: the engine refused or failed a prompt (the others finish).
         """
+        stops = tuple(stop_token_ids)
+        vocab = self.vocab_size
+        for t in stops:
+            if isinstance(t, bool) or not isinstance(t, Integral) or not 0 <= t < vocab:
+                raise ValueError(f"stop_token_ids: {t!r} is not a token id in [0, {vocab})")
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+            raise ValueError(f"temperature must be a number, got {temperature!r}")
         spec = TokenSpec(
             max_new_tokens=max_new_tokens,
             temperature=float(temperature),
-            stop_token_ids=tuple(int(t) for t in stop_token_ids),
+            stop_token_ids=tuple(int(t) for t in stops),
         )
         prompts = [self._check_prompt(i, p, max_new_tokens) for i, p in enumerate(prompts)]
         targets = list(sessions) if sessions is not None else [None] * len(prompts)
@@ -211,10 +219,11 @@ class PagedLM:
             raise ValueError(f"prompt {index} is empty")
         vocab = self.vocab_size
         for pos, t in enumerate(ids):
-            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
+            if isinstance(t, bool) or not isinstance(t, Integral) or not 0 <= t < vocab:
                 raise ValueError(
                     f"prompt {index}: ids[{pos}]={t!r} is not a token id in [0, {vocab})"
                 )
+        ids = [int(t) for t in ids]
         limit = self.model.config.max_position
         if len(ids) + max_new > limit:
             raise ValueError(

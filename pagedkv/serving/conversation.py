@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import threading
+from array import array
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -105,45 +106,82 @@ def system_text(instructions: str | None, tools: Sequence[FunctionTool]) -> str 
 
 
 class RenderMemo:
-    """The token ids generated items were generated as, by (scope, item), bounded LRU.
+    """The token ids generated items were generated as, by (scope, item), bounded.
 
     The scope is the tenant's hash salt (and `prompt_cache_key`), so a tenant can only
-    ever get back the ids of its own outputs. Bounded by entries and by total ids; the
-    oldest go first. Thread-safe (written on the engine thread, read where requests are
-    rendered).
+    ever get back the ids of its own outputs. Bounded by entries and by bytes (4 per id
+    plus the item's text); ids are stored packed (`array("i")`). Over a bound the oldest
+    entry of the scope holding the most bytes goes first, so one tenant that floods it
+    evicts its own entries, not everyone's. Thread-safe (written on the engine thread,
+    read where requests are rendered).
     """
 
-    def __init__(self, max_entries: int = 4096, max_tokens: int = 4_000_000) -> None:
+    def __init__(self, max_entries: int = 4096, max_bytes: int = 64 * 1024 * 1024) -> None:
         self.max_entries = max_entries
-        self.max_tokens = max_tokens
-        self._items: OrderedDict[tuple[bytes, Item], tuple[int, ...]] = OrderedDict()
-        self._tokens = 0
+        self.max_bytes = max_bytes
+        self._scopes: dict[bytes, OrderedDict[Item, array[int]]] = {}
+        self._scope_bytes: dict[bytes, int] = {}
+        self._entries = 0
+        self._bytes = 0
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
-        return len(self._items)
+        return self._entries
+
+    @property
+    def num_bytes(self) -> int:
+        return self._bytes
+
+    @staticmethod
+    def _cost(item: Item, ids: array[int]) -> int:
+        text = sum(len(v) for v in vars_of(item))
+        return 4 * len(ids) + text + 64
 
     def put(self, scope: bytes, item: Item, ids: Sequence[int]) -> None:
-        key = (scope, item)
-        value = tuple(ids)
-        if len(value) > self.max_tokens:
+        value = array("i", ids)
+        cost = self._cost(item, value)
+        if cost > self.max_bytes:
             return
         with self._lock:
-            old = self._items.pop(key, None)
+            entries = self._scopes.setdefault(scope, OrderedDict())
+            old = entries.pop(item, None)
             if old is not None:
-                self._tokens -= len(old)
-            self._items[key] = value
-            self._tokens += len(value)
-            while len(self._items) > self.max_entries or self._tokens > self.max_tokens:
-                _, dropped = self._items.popitem(last=False)
-                self._tokens -= len(dropped)
+                self._drop_cost(scope, self._cost(item, old))
+            entries[item] = value
+            self._entries += 1
+            self._bytes += cost
+            self._scope_bytes[scope] = self._scope_bytes.get(scope, 0) + cost
+            while self._entries > self.max_entries or self._bytes > self.max_bytes:
+                victim = max(self._scope_bytes, key=self._scope_bytes.__getitem__)
+                dropped_item, dropped = self._scopes[victim].popitem(last=False)
+                self._drop_cost(victim, self._cost(dropped_item, dropped))
 
-    def get(self, scope: bytes, item: Item) -> tuple[int, ...] | None:
+    def _drop_cost(self, scope: bytes, cost: int) -> None:
+        self._entries -= 1
+        self._bytes -= cost
+        left = self._scope_bytes[scope] - cost
+        if self._scopes[scope]:
+            self._scope_bytes[scope] = left
+        else:
+            del self._scope_bytes[scope], self._scopes[scope]
+
+    def get(self, scope: bytes, item: Item) -> list[int] | None:
         with self._lock:
-            value = self._items.get((scope, item))
-            if value is not None:
-                self._items.move_to_end((scope, item))
-            return value
+            entries = self._scopes.get(scope)
+            value = None if entries is None else entries.get(item)
+            if value is None:
+                return None
+            entries.move_to_end(item)  # type: ignore[union-attr]
+            return value.tolist()
+
+
+def vars_of(item: Item) -> list[str]:
+    """The text fields of an item (what a memo entry costs besides its ids)."""
+    if isinstance(item, Message):
+        return [item.role, item.text]
+    if isinstance(item, FunctionCall):
+        return [item.call_id, item.name, item.arguments]
+    return [item.call_id, item.output]
 
 
 def render_item(
