@@ -131,3 +131,15 @@ def test_each_app_has_its_own_registry() -> None:
     a.connection_opened()
     assert value(samples(a.render().decode()), "pagedkv_open_connections") == 1
     assert value(samples(b.render().decode()), "pagedkv_open_connections") == 0
+
+
+def test_remote_tier_counters_are_exported() -> None:
+    m = ServerMetrics()
+    m.update({"remote": {"blocks_written": 7, "blocks_dropped": 2, "blocks_hit": 5,
+                         "read_errors": 1, "write_errors": 3}})  # fmt: skip
+    got = samples(m.render().decode())
+    assert value(got, "pagedkv_remote_blocks_total", event="written") == 7
+    assert value(got, "pagedkv_remote_blocks_total", event="dropped") == 2
+    assert value(got, "pagedkv_remote_blocks_total", event="hit") == 5
+    assert value(got, "pagedkv_remote_errors_total", op="read") == 1
+    assert value(got, "pagedkv_remote_errors_total", op="write") == 3

@@ -104,6 +104,21 @@ class _EngineCollector(Collector):
                 c = CounterMetricFamily(name, doc)
                 c.add_metric([], float(sched[key]))
                 yield c
+        remote = s.get("remote")
+        if remote:  # the remote tier's counters, one family with an `event` label
+            c = CounterMetricFamily(
+                "pagedkv_remote_blocks",
+                "remote-tier blocks by event (queued, written, dropped, hit, missed, corrupt)",
+                labels=["event"],
+            )
+            for event in ("queued", "written", "dropped", "hit", "missed", "corrupt"):
+                c.add_metric([event], float(remote.get(f"blocks_{event}", 0)))
+            yield c
+            c = CounterMetricFamily("pagedkv_remote_errors", "failed remote-tier calls",
+                                    labels=["op"])  # fmt: skip
+            c.add_metric(["read"], float(remote.get("read_errors", 0)))
+            c.add_metric(["write"], float(remote.get("write_errors", 0)))
+            yield c
 
 
 class ServerMetrics:
