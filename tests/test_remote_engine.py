@@ -100,3 +100,25 @@ def test_a_dead_store_fails_no_request_and_serves_no_wrong_token(
     a.run_until_idle()
     assert_no_leaks(a)
     a.stop()
+
+
+def test_another_model_of_the_same_shape_never_reads_the_blocks(
+    model: LlamaModel, redis_server: RedisProcess
+) -> None:
+    a = _replica(model, redis_server.url)
+    other = init_random(LlamaConfig.tiny(), seed=4)  # same shape, other weights
+    b = _replica(other, redis_server.url)
+    ra, rb = Recorder(a), Recorder(b)
+    prompt = text_prompt("the same words for two models " * 6)
+    a.open_session("s")
+    first = ra.submit("s", prompt, greedy(4))
+    a.run_until_idle()
+    ra.done(first)
+    assert a.remote is not None and a.remote.flush() and a.remote.stats.blocks_written > 0
+    rid = rb.submit("t", prompt, greedy(4), ephemeral=True)
+    b.run_until_idle()
+    started = next(e for e in rb.events[rid] if isinstance(e, TurnStarted))
+    assert started.cached_tokens == 0  # the namespace holds a fingerprint of the weights
+    assert rb.done(rid).item == reference(other, prompt, greedy(4))[1]
+    for e in (a, b):
+        e.stop()

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import xxhash
 
 from pagedkv.cache.block_manager import BlockManager
 from pagedkv.cache.block_pool import BlockPool
@@ -119,6 +120,24 @@ def cache_key_salt(cache_key: str | None) -> bytes:
     return b"prompt_cache_key\x00" + cache_key.encode("utf-8", "surrogatepass")
 
 
+def model_fingerprint(model: object) -> str:
+    """A short fingerprint of a model's weights: the names, shapes and dtypes of every
+    parameter and, for each, its first and last 256 values (cheap at any size, different
+    for two checkpoints or seeds of one architecture)."""
+    module = getattr(model, "hf", model)  # a PagedCausalLM wraps the transformers model
+    named = getattr(module, "named_parameters", None)
+    h = xxhash.xxh3_128()
+    if callable(named):
+        for name, param in named():
+            flat = param.detach().reshape(-1)
+            h.update(f"{name}:{tuple(param.shape)}:{param.dtype}".encode())
+            for part in (flat[:256], flat[-256:]):
+                h.update(part.float().cpu().numpy().tobytes())
+    else:
+        h.update(repr(getattr(model, "config", type(model))).encode())
+    return h.hexdigest()[:16]
+
+
 def _cost_model(model: PagedModel, block_bytes: int, block_size: int, device: str) -> CostModel:
     cfg = model.config
     cuda = torch.device(device).type == "cuda"
@@ -178,12 +197,17 @@ class Engine:
         self.remote: RemoteKVTier | None = None
         if config.remote_url is not None:
             assert self.host_store is not None
+            assert config.hash_secret is not None
             self.remote = RemoteKVTier(
                 RedisStore(config.remote_url, timeout_s=config.remote_timeout_s,
                            connect_timeout_s=config.remote_timeout_s),
                 self.host_store,
-                namespace=config.remote_namespace,
+                # blocks are KV of these weights: another model (or revision) of the same
+                # shape must never read them
+                namespace=f"{config.remote_namespace}:{model_fingerprint(model)}",
+                secret=config.hash_secret,
                 ttl_s=config.remote_ttl_s,
+                read_deadline_s=2.5 * config.remote_timeout_s,
             )  # fmt: skip
         self.cache = TieredKVCache(gpu, host, transfer, remote=self.remote)
         self.scheduler = SessionScheduler(

@@ -10,7 +10,7 @@ non-transactional pipeline, which redis-py splits per cluster node).
 Keys are the tenant-salted chain hashes (hex) under a namespace naming the KV layout,
 so tenants never share and neither do models. A value is one block for every layer:
 
-    b"PKV1" | u32 content length | u64 payload length | content | payload | xxh3-64
+    b"PKV1" | u32 content length | u64 payload length | content | payload | xxh3-128
 
 where `content` is the block's hash-chain content (parent hash + token ids) and the
 payload the block's bytes in the host store's layout. A hit is verified: magic, lengths,
@@ -35,6 +35,8 @@ and `ttl_s` (SET PX) expires blocks nobody reads. One block is about
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import logging
 import queue
 import struct
@@ -57,7 +59,7 @@ log = logging.getLogger("pagedkv.tiers.remote")
 
 MAGIC = b"PKV1"
 _HEADER = struct.Struct("<4sIQ")  # magic, content length, payload length
-_CHECKSUM = 8
+_CHECKSUM = 16  # xxh3-128, seeded by the hash secret
 
 
 Value = bytes | memoryview  # what is written (memoryview: no extra copy of a block)
@@ -112,7 +114,9 @@ class RedisStore(RemoteStore):
     ) -> None:
         import redis
 
-        self._errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
+        # any failure of the client is the store's (a non-Redis server on the URL makes
+        # redis-py raise AttributeError, ...): a miss, never a failed turn
+        self._errors: tuple[type[BaseException], ...] = (Exception,)
         if client is None:
             options = dict(socket_timeout=timeout_s, socket_connect_timeout=connect_timeout_s)
             if cluster:
@@ -199,7 +203,12 @@ class RemoteKVTier:
         store: the shared store.
         host_store: the host tier's KV tensor (CPU).
         namespace: keys are `pkv1:{namespace}:{layout}:{hash hex}`; replicas that should
-            share blocks use the same namespace (and the same hash secret).
+            share blocks use the same namespace (and the same hash secret). The engine
+            puts a fingerprint of the model's weights in it, so models never share.
+        secret: seeds the values' checksum (the engine passes its hash secret).
+        max_pending_bytes: the same bound in bytes.
+        read_deadline_s: a read that has not answered by then is a miss (the call goes on
+            off the caller's thread; no other read starts until it ends).
         ttl_s: expiry of each written block (None: Redis's maxmemory policy only).
         max_pending_blocks: blocks snapshot and waiting for the writer, at most.
         write_batch: blocks per pipelined write.
@@ -215,8 +224,11 @@ class RemoteKVTier:
         host_store: KVStore,
         *,
         namespace: str = "default",
+        secret: bytes = b"",
         ttl_s: float | None = 3600.0,
         max_pending_blocks: int = 1024,
+        max_pending_bytes: int = 256 * 1024 * 1024,
+        read_deadline_s: float = 0.25,
         write_batch: int = 64,
         max_fetch_blocks: int = 64,
         backoff_s: float = 0.25,
@@ -238,6 +250,13 @@ class RemoteKVTier:
             f"{spec.num_layers}x{spec.num_kv_heads}x{spec.head_dim}x{spec.block_size}:{spec.dtype}"
         )
         self._prefix = f"pkv1:{namespace}:{layout}:".encode()
+        self._seed = int.from_bytes(xxhash.xxh3_64_digest(b"pagedkv-remote\x00" + secret), "little")
+        self.max_pending_bytes = max_pending_bytes
+        self.read_deadline_s = read_deadline_s
+        self._reader = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix="pagedkv-remote-reader"
+        )
+        self._inflight_read: concurrent.futures.Future[list[bytes | None]] | None = None
         self._block_bytes = host_store.kv[0].numel() * host_store.kv.element_size()
         self.ttl_s = ttl_s
         self.write_batch = write_batch
@@ -277,7 +296,7 @@ class RemoteKVTier:
         dst = np.frombuffer(buf, dtype=np.uint8, count=n_payload, offset=head + n_content)
         dst[:] = self._block_view(block_id).numpy()
         view = memoryview(buf)
-        view[-_CHECKSUM:] = xxhash.xxh3_64_digest(view[:-_CHECKSUM])
+        view[-_CHECKSUM:] = xxhash.xxh3_128_digest(view[:-_CHECKSUM], seed=self._seed)
         return view
 
     def decode(self, value: bytes, content: bytes) -> memoryview | None:
@@ -293,7 +312,7 @@ class RemoteKVTier:
         ):
             return None
         view = memoryview(value)
-        if xxhash.xxh3_64_digest(view[:-_CHECKSUM]) != value[-_CHECKSUM:]:
+        if xxhash.xxh3_128_digest(view[:-_CHECKSUM], seed=self._seed) != value[-_CHECKSUM:]:
             return None
         if view[head : head + n_content] != content:
             return None
@@ -304,14 +323,22 @@ class RemoteKVTier:
                      contents: Sequence[bytes]) -> int:  # fmt: skip
         """Snapshot these host blocks now and queue them for the store; returns how many
         were queued (the rest are dropped and counted: queue full or store down)."""
+        per_block = _HEADER.size + self._block_bytes + _CHECKSUM + 100
         with self._pending_lock:
             room = 0 if self._is_down() else self.max_pending_blocks - self._pending
+            room = min(room, self.max_pending_bytes // per_block - self._pending)
             take = max(min(room, len(block_ids)), 0)
             self._pending += take
-        items: list[tuple[bytes, Value]] = [
-            (self.key(h), self.encode(b, c))
-            for b, h, c in zip(block_ids[:take], hashes[:take], contents[:take], strict=True)
-        ]
+        try:
+            items: list[tuple[bytes, Value]] = [
+                (self.key(h), self.encode(b, c))
+                for b, h, c in zip(block_ids[:take], hashes[:take], contents[:take], strict=True)
+            ]
+        except BaseException:
+            with self._drained:
+                self._pending -= take
+                self._drained.notify_all()
+            raise
         for start in range(0, take, self.write_batch):  # full pipelines, one put each
             self._queue.put(items[start : start + self.write_batch])
         with self._stats_lock:
@@ -379,10 +406,18 @@ class RemoteKVTier:
             with self._stats_lock:
                 self.stats.reads_skipped += 1
             return 0
+        if self._inflight_read is not None and not self._inflight_read.done():
+            with self._stats_lock:  # an earlier read is still stuck: do not pile up
+                self.stats.reads_skipped += 1
+            return 0
         keys = [self.key(h) for h in hashes[start:end]]
+        fut = self._reader.submit(self.store.get_many, keys)
+        self._inflight_read = fut
         try:
-            values = self.store.get_many(keys)
-        except RemoteUnavailable as exc:
+            values = fut.result(timeout=self.read_deadline_s)
+        except Exception as exc:  # RemoteUnavailable, past the deadline, a store's bug
+            if isinstance(exc, concurrent.futures.TimeoutError):
+                exc = RemoteUnavailable(f"no answer within {self.read_deadline_s} s")
             self._failed("read", exc)
             with self._stats_lock:
                 self.stats.reads += 1
@@ -442,4 +477,6 @@ class RemoteKVTier:
         self.flush(timeout)
         self._queue.put(None)
         self._writer.join(timeout)
-        self.store.close()
+        self._reader.shutdown(wait=False, cancel_futures=True)
+        with contextlib.suppress(Exception):
+            self.store.close()
