@@ -5,6 +5,7 @@ replica from the remote tier (>= 90% cached_tokens). Plus the ring's bounded loa
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -250,3 +251,91 @@ def test_api_keys_and_refusals_pass_through_the_router(tmp_path: Path) -> None:
     finally:
         out = fleet.stop()
     assert "Traceback" not in out, out[-4000:]
+
+
+def _serve_in_thread(app: Any, port: int) -> Any:
+    import threading
+
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return server, thread
+
+
+def test_router_headers_silent_replicas_and_broken_handshakes(tmp_path: Path) -> None:
+    """Fake replicas: one echoes the headers it got and answers WebSocket, one hangs on
+    POST and drops every WebSocket upgrade. Hop-by-hop headers, the headers `Connection`
+    names and client `X-Forwarded-For` never reach a replica; a silent replica fails the
+    request after the read timeout and is marked down; a failed handshake fails over."""
+    import asyncio as aio
+
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route, WebSocketRoute
+    from websockets.sync.client import connect
+
+    from pagedkv.serving.router import RouterConfig, create_router_app
+
+    async def models(request: Any) -> Any:
+        return JSONResponse({"data": [{"id": "fake"}]})
+
+    async def echo(request: Any) -> Any:
+        return JSONResponse({"headers": dict(request.headers)})
+
+    async def hang(request: Any) -> Any:
+        await aio.sleep(30)
+        return JSONResponse({})
+
+    async def ws_ok(ws: Any) -> None:
+        await ws.accept()
+        await ws.send_text(await ws.receive_text())
+        await ws.close()
+
+    async def ws_drop(ws: Any) -> None:
+        raise RuntimeError("broken replica")  # the upgrade is answered 500
+
+    good = Starlette(routes=[Route("/v1/models", models), Route("/v1/responses", echo, methods=["POST"]),
+                             WebSocketRoute("/v1/responses", ws_ok)])  # fmt: skip
+    bad = Starlette(routes=[Route("/v1/models", models), Route("/v1/responses", hang, methods=["POST"]),
+                            WebSocketRoute("/v1/responses", ws_drop)])  # fmt: skip
+    ports = [free_port(), free_port(), free_port()]
+    servers = [_serve_in_thread(good, ports[0]), _serve_in_thread(bad, ports[1])]
+    cfg = RouterConfig(read_timeout_s=1.0, health_interval_s=30.0)
+    router = create_router_app(
+        [f"http://127.0.0.1:{ports[0]}", f"http://127.0.0.1:{ports[1]}"], cfg
+    )
+    servers.append(_serve_in_thread(router, ports[2]))
+    base = f"http://127.0.0.1:{ports[2]}"
+    try:
+        state = router.state.router
+        results = set()
+        for i in range(12):  # keys spread over both replicas
+            resp = httpx.post(base + "/v1/responses", json={"input": f"conv {i}"}, timeout=10,
+                              headers={"Connection": "keep-alive, X-Internal", "X-Internal": "s",
+                                       "X-Forwarded-For": "6.6.6.6", "Authorization": "Bearer k"})  # fmt: skip
+            results.add(resp.status_code)
+            if resp.status_code == 200:
+                got = resp.json()["headers"]
+                assert "x-internal" not in got and "x-forwarded-for" not in got
+                assert got["authorization"] == "Bearer k"
+                assert len(resp.headers.get_list("date")) == 1
+                assert len(resp.headers.get_list("server")) == 1
+        assert 502 in results or not state.replicas[1].healthy  # the silent one timed out
+        assert not state.replicas[1].healthy
+        assert all(r.load == 0 for r in state.replicas)
+        state.replicas[1].healthy = True  # back in rotation: its handshakes drop
+        for i in range(6):
+            with connect(f"ws://127.0.0.1:{ports[2]}/v1/responses") as ws:
+                ws.send(json.dumps({"input": f"ws conv {i}"}))
+                got = json.loads(ws.recv(timeout=10))
+                assert got.get("input") == f"ws conv {i}", got
+        assert all(r.load == 0 for r in state.replicas)
+    finally:
+        for server, thread in servers:
+            server.should_exit = True
+            thread.join(timeout=10)

@@ -46,6 +46,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 log = logging.getLogger("pagedkv.serving.router")
 
+_OWN_HEADERS = {"date", "server", "content-encoding"}  # the router's server sets these
 _HOP_HEADERS = {"host", "content-length", "connection", "keep-alive", "transfer-encoding",
                 "upgrade", "te", "trailer", "proxy-authorization", "proxy-connection"}  # fmt: skip
 
@@ -73,6 +74,8 @@ class RouterConfig:
         vnodes: ring points per replica.
         health_interval_s, health_timeout_s: polling of `/v1/models`.
         connect_timeout_s: connecting to a replica.
+        read_timeout_s: the longest a replica may stay silent on an HTTP request (headers
+            or the next chunk) before the request fails and the replica is marked down.
         max_message_bytes: largest WebSocket message or HTTP body proxied.
     """
 
@@ -81,6 +84,7 @@ class RouterConfig:
     health_interval_s: float = 1.0
     health_timeout_s: float = 1.0
     connect_timeout_s: float = 2.0
+    read_timeout_s: float = 120.0
     max_message_bytes: int = 8 * 1024 * 1024
 
     def __post_init__(self) -> None:
@@ -167,7 +171,7 @@ class Router:
         self.ring = ReplicaRing(self.replicas, cfg.load_factor, cfg.vnodes)
         self.secret = os.urandom(16)
         self.client = httpx.AsyncClient(
-            timeout=httpx.Timeout(None, connect=cfg.connect_timeout_s),
+            timeout=httpx.Timeout(cfg.read_timeout_s, connect=cfg.connect_timeout_s),
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
         )
         self._health: asyncio.Task[None] | None = None
@@ -259,15 +263,17 @@ class Router:
                 r.load -= 1
                 self.down(r, "connect failed")
                 continue
-            except httpx.HTTPError as err:
+            except httpx.HTTPError as err:  # incl. a replica silent past read_timeout_s
                 r.load -= 1
                 self.down(r, type(err).__name__)
-                return _error(502, "replica_failed", "the replica failed mid-request")
-            return StreamingResponse(
-                self._relay(upstream, r), status_code=upstream.status_code,
-                headers={k: v for k, v in upstream.headers.items()
-                         if k.lower() not in _HOP_HEADERS and k.lower() != "content-encoding"},
-            )  # fmt: skip
+                return _error(502, "replica_failed", "the replica failed to answer")
+            out = StreamingResponse(self._relay(upstream, r), status_code=upstream.status_code)
+            out.raw_headers = [  # every value kept (set-cookie ...); ours: date, server
+                (k.encode("latin-1"), v.encode("latin-1"))
+                for k, v in upstream.headers.multi_items()
+                if k.lower() not in _HOP_HEADERS | _OWN_HEADERS
+            ]
+            return out
 
     async def _relay(self, upstream: httpx.Response, r: Replica) -> AsyncIterator[bytes]:
         try:
@@ -282,7 +288,7 @@ class Router:
     # ------------------------------------------------------------------ WebSocket
     async def websocket(self, ws: WebSocket) -> None:
         from websockets.asyncio.client import connect
-        from websockets.exceptions import ConnectionClosed, InvalidStatus
+        from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
         await ws.accept()
         try:
@@ -316,14 +322,19 @@ class Router:
                                          max_size=2 * self.config.max_message_bytes,
                                          open_timeout=self.config.connect_timeout_s,
                                          ping_interval=None)  # fmt: skip
-            except InvalidStatus as err:  # the replica refused the handshake (auth, quota)
+            except InvalidStatus as err:
                 status = err.response.status_code
+                if status >= 500:  # the replica's own failure: try the next one
+                    self.down(r, f"handshake answered {status}")
+                    continue
+                # the replica refused the caller (auth, quota): its answer is the answer
                 code = "invalid_api_key" if status == 401 else "refused"
                 await _ws_error(ws, code, f"the server refused the connection ({status})",
                                 close=1008)  # fmt: skip
                 return
-            except (OSError, asyncio.TimeoutError, ConnectionClosed) as err:
-                self.down(r, type(err).__name__)
+            except (OSError, EOFError, asyncio.TimeoutError, ConnectionClosed,
+                    InvalidHandshake) as err:  # fmt: skip
+                self.down(r, type(err).__name__)  # dropped or garbled handshake: next one
                 continue
             break
         r.load += 1
@@ -344,6 +355,12 @@ class Router:
                 if msg["type"] == "websocket.disconnect":
                     return
                 payload = msg.get("text") if msg.get("text") is not None else msg.get("bytes")
+                size = (len(payload.encode("utf-8", "surrogatepass")) if isinstance(payload, str)
+                        else len(payload or b""))  # fmt: skip
+                if size > self.config.max_message_bytes:
+                    await _ws_error(ws, "message_too_large", "the message is too large",
+                                    close=1009)  # fmt: skip
+                    return
                 await upstream.send(payload)
 
         async def replica_to_client() -> str:
@@ -379,8 +396,19 @@ class Router:
                 up.result()
 
 
-def _forward(headers: Any) -> dict[str, str]:
-    return {k: v for k, v in headers.items() if k.lower() not in _HOP_HEADERS}
+def _forward(headers: Any) -> list[tuple[str, str]]:
+    """The client's headers a replica gets: no hop-by-hop ones (nor those `Connection`
+    names), and no `X-Forwarded-*` / `Forwarded` a client could use to pose as another
+    address."""
+    named = {t.strip().lower() for v in headers.getlist("connection") for t in v.split(",")}
+    return [
+        (k, v)
+        for k, v in headers.items()
+        if k.lower() not in _HOP_HEADERS
+        and k.lower() not in named
+        and not k.lower().startswith("x-forwarded-")
+        and k.lower() != "forwarded"
+    ]
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
