@@ -7,10 +7,12 @@ backend (LMCache, Mooncake Store) can stand in; `RedisStore` is the one built he
 the `redis` client (a standalone server, Valkey, or a cluster client: every call is a
 non-transactional pipeline, which redis-py splits per cluster node).
 
-Keys are the tenant-salted chain hashes (hex) under a namespace naming the KV layout,
-so tenants never share and neither do models. A value is one block for every layer:
+Keys are the tenant-salted chain hashes (hex) under a namespace naming the KV layout
+(and, from the engine, a fingerprint of the weights), so tenants never share and
+neither do models. A value is one block for every layer:
 
     b"PKV1" | u32 content length | u64 payload length | content | payload | xxh3-128
+                                                                           (seeded)
 
 where `content` is the block's hash-chain content (parent hash + token ids) and the
 payload the block's bytes in the host store's layout. A hit is verified: magic, lengths,
