@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             client = redis.Redis.from_url(server.url, socket_timeout=10)
             tier = RemoteKVTier(RedisStore(client=client), host, ttl_s=None, write_batch=batch,
-                                max_pending_blocks=n, max_fetch_blocks=batch)  # fmt: skip
+                                max_pending_blocks=n, max_fetch_blocks=batch,
+                                max_pending_bytes=1 << 40, read_deadline_s=30.0)  # fmt: skip
             value_bytes = len(tier.encode(0, contents[0]))
             raw_values = [os.urandom(value_bytes) for _ in range(min(n, 64))]
             raw_keys = [f"raw:{i}".encode() for i in range(n)]

@@ -209,8 +209,9 @@ class RemoteKVTier:
             puts a fingerprint of the model's weights in it, so models never share.
         secret: seeds the values' checksum (the engine passes its hash secret).
         max_pending_bytes: the same bound in bytes.
-        read_deadline_s: a read that has not answered by then is a miss (the call goes on
-            off the caller's thread; no other read starts until it ends).
+        read_deadline_s: a read that has not answered by then (plus its bytes at 250 MB/s)
+            is a miss (the call goes on off the caller's thread; no other read starts
+            until it ends).
         ttl_s: expiry of each written block (None: Redis's maxmemory policy only).
         max_pending_blocks: blocks snapshot and waiting for the writer, at most.
         write_batch: blocks per pipelined write.
@@ -416,7 +417,10 @@ class RemoteKVTier:
         fut = self._reader.submit(self.store.get_many, keys)
         self._inflight_read = fut
         try:
-            values = fut.result(timeout=self.read_deadline_s)
+            # the deadline grows with what is asked for (at 250 MB/s), so a big batch of
+            # big blocks is not cut short by a budget meant for the round trip
+            budget = self.read_deadline_s + len(keys) * self._block_bytes / 250e6
+            values = fut.result(timeout=budget)
         except Exception as exc:  # RemoteUnavailable, past the deadline, a store's bug
             if isinstance(exc, concurrent.futures.TimeoutError):
                 exc = RemoteUnavailable(f"no answer within {self.read_deadline_s} s")
