@@ -259,8 +259,10 @@ class RemoteKVTier:
         self._reader = concurrent.futures.ThreadPoolExecutor(
             1, thread_name_prefix="pagedkv-remote-reader"
         )
-        self._inflight_read: concurrent.futures.Future[list[bytes | None]] | None = None
+        self._inflight_read: concurrent.futures.Future[tuple[int, int, int, int]] | None = None
         self._block_bytes = host_store.kv[0].numel() * host_store.kv.element_size()
+        # where the reader puts verified blocks (max_fetch_blocks x one block)
+        self._staging = torch.empty((max_fetch_blocks, self._block_bytes), dtype=torch.uint8)
         self.ttl_s = ttl_s
         self.write_batch = write_batch
         self.max_fetch_blocks = max_fetch_blocks
@@ -390,6 +392,28 @@ class RemoteKVTier:
             self.stats.bytes_written += sum(len(v) for _, v in batch)
 
     # ------------------------------------------------------------------ reads
+    def _read(self, keys: list[bytes], contents: list[bytes]) -> tuple[int, int, int, int]:
+        """On the reader thread: fetch, verify, and copy the verified run into the
+        staging buffer (so the values are allocated and freed on this thread, and a read
+        past its deadline only ever writes the buffer, which nobody reads until it ends).
+        Returns (verified blocks, missed, corrupt, bytes read)."""
+        values = self.store.get_many(keys)
+        verified = missed = corrupt = nbytes = 0
+        with warnings.catch_warnings():  # read-only buffers: torch only reads them here
+            warnings.simplefilter("ignore", UserWarning)
+            for i, value in enumerate(values):
+                if value is None:
+                    missed = 1
+                    break
+                payload = self.decode(value, contents[i])
+                if payload is None:
+                    corrupt = 1
+                    break
+                self._staging[i].copy_(torch.frombuffer(payload, dtype=torch.uint8))
+                verified += 1
+                nbytes += len(value)
+        return verified, missed, corrupt, nbytes
+
     def fetch_into_host(
         self, pool: BlockPool, hashes: Sequence[bytes], contents: Sequence[bytes]
     ) -> int:
@@ -414,13 +438,13 @@ class RemoteKVTier:
                 self.stats.reads_skipped += 1
             return 0
         keys = [self.key(h) for h in hashes[start:end]]
-        fut = self._reader.submit(self.store.get_many, keys)
+        fut = self._reader.submit(self._read, keys, list(contents[start:end]))
         self._inflight_read = fut
         try:
             # the deadline grows with what is asked for (at 250 MB/s), so a big batch of
             # big blocks is not cut short by a budget meant for the round trip
             budget = self.read_deadline_s + len(keys) * self._block_bytes / 250e6
-            values = fut.result(timeout=budget)
+            verified, missed, corrupt, nbytes = fut.result(timeout=budget)
         except Exception as exc:  # RemoteUnavailable, past the deadline, a store's bug
             if isinstance(exc, concurrent.futures.TimeoutError):
                 exc = RemoteUnavailable(f"no answer within {self.read_deadline_s} s")
@@ -430,23 +454,11 @@ class RemoteKVTier:
                 self.stats.read_errors += 1
             return 0
         self._ok()
-        payloads: list[memoryview] = []
-        missed = corrupt = 0
-        for i, value in enumerate(values):
-            if value is None:
-                missed = 1
-                break
-            payload = self.decode(value, contents[start + i])
-            if payload is None:
-                corrupt = 1
-                break
-            payloads.append(payload)
-        run = min(len(payloads), pool.num_available)
+        # the reader is done with the staging buffer (no read is in flight now)
+        run = min(verified, pool.num_available)
         ids = pool.allocate(run) if run else []
-        with warnings.catch_warnings():  # read-only buffers: torch only reads them here
-            warnings.simplefilter("ignore", UserWarning)
-            for block_id, payload in zip(ids, payloads, strict=False):
-                self._block_view(block_id).copy_(torch.frombuffer(payload, dtype=torch.uint8))
+        for j, block_id in enumerate(ids):
+            self._block_view(block_id).copy_(self._staging[j])
         kept: list[int] = []
         for j, block_id in enumerate(ids):
             if pool.register(block_id, hashes[start + j], contents[start + j]):
@@ -459,7 +471,7 @@ class RemoteKVTier:
             self.stats.blocks_hit += len(kept)
             self.stats.blocks_missed += missed
             self.stats.blocks_corrupt += corrupt
-            self.stats.bytes_read += sum(len(v) for v in values[: len(payloads)] if v)
+            self.stats.bytes_read += nbytes
         return len(kept)
 
     # ------------------------------------------------------------------ health
