@@ -14,7 +14,8 @@ import pytest
 REDIS_SERVER = shutil.which("redis-server")
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (for servers the tests start)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -27,7 +28,7 @@ class RedisProcess:
     def __init__(self, workdir: Path, *, maxmemory: str = "64mb") -> None:
         if REDIS_SERVER is None:
             pytest.fail("redis-server is not installed (apt-get install -y redis-server)")
-        self.port = _free_port()
+        self.port = free_port()
         self.workdir = workdir
         self.maxmemory = maxmemory
         self.proc: subprocess.Popen[bytes] | None = None

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from hf_helpers import make_checkpoint, make_tokenizer
+from redis_helpers import free_port
 
 from pagedkv.integrations.hf_model import UnsupportedModelError
 from pagedkv.integrations.hf_tokenizer import ChatMLTokenizer
@@ -20,14 +21,6 @@ from pagedkv.serving.testing import read_response
 ROOT = Path(__file__).resolve().parent.parent
 # the console script's entry point (`python -m pagedkv.cli.main` would import it twice)
 PAGEDKV = [sys.executable, "-c", "import sys; from pagedkv.cli.main import main; sys.exit(main())"]
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_the_tokenizer_keeps_framing_out_of_client_text() -> None:

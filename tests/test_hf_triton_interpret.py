@@ -10,9 +10,6 @@ from __future__ import annotations
 import copy
 import functools
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +18,7 @@ if not torch.cuda.is_available():  # effective only if set before triton is impo
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import transformers
+from interpret_helpers import interpreter_active, rerun_interpreted
 
 import pagedkv.integrations.hf_model as hf_model
 from pagedkv import kernels
@@ -31,12 +29,6 @@ _CHILD = "PAGEDKV_TEST_HF_INTERPRET_CHILD"
 BLOCK_SIZE = 4
 
 
-def _interpreter_active() -> bool:
-    import triton.language.standard as std
-
-    return type(std.sigmoid).__name__ == "InterpretedFunction"
-
-
 @pytest.mark.skipif(
     not kernels.HAS_TRITON or torch.cuda.is_available(),
     reason="needs triton, and no CUDA (on a GPU the kernels run compiled)",
@@ -44,18 +36,8 @@ def _interpreter_active() -> bool:
 def test_triton_kernels_under_a_transformers_model_match_eager(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    if not _interpreter_active():
-        assert not os.environ.get(_CHILD), "TRITON_INTERPRET=1 had no effect in the child"
-        env = {**os.environ, "TRITON_INTERPRET": "1", _CHILD: "1"}
-        proc = subprocess.run(
-            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-            cwd=Path(__file__).resolve().parents[1],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    if not interpreter_active():
+        rerun_interpreted(__file__, _CHILD)
         return
     for name in ("store_kv", "paged_prefill", "paged_decode"):
         monkeypatch.setattr(

@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import functools
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 if not torch.cuda.is_available():  # as tests/kernels_helpers.py (effective if set first)
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from interpret_helpers import interpreter_active, rerun_interpreted
 
 import pagedkv.model.llama
 from pagedkv import kernels
@@ -56,15 +55,6 @@ def run_script(model: LlamaModel) -> list[torch.Tensor]:
 _CHILD = "PAGEDKV_TEST_MODEL_INTERPRET_CHILD"
 
 
-def _interpreter_active() -> bool:
-    """Whether Triton was imported under its interpreter. It decides once, when
-    `triton.language` is imported, so a test module collected earlier that imported
-    `kernels` without TRITON_INTERPRET=1 leaves it compiled-only for this process."""
-    import triton.language.standard as std
-
-    return type(std.sigmoid).__name__ == "InterpretedFunction"
-
-
 @pytest.mark.skipif(
     not kernels.HAS_TRITON or torch.cuda.is_available(),
     reason="needs triton, and no CUDA (on a GPU the gpu-marked model tests run instead)",
@@ -72,18 +62,8 @@ def _interpreter_active() -> bool:
 def test_triton_kernels_through_the_model_match_the_references(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    if not _interpreter_active():
-        assert not os.environ.get(_CHILD), "TRITON_INTERPRET=1 had no effect in the child"
-        env = {**os.environ, "TRITON_INTERPRET": "1", _CHILD: "1"}
-        proc = subprocess.run(
-            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-            cwd=Path(__file__).resolve().parents[1],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    if not interpreter_active():
+        rerun_interpreted(__file__, _CHILD)
         return
     cfg = LlamaConfig.tiny(rope_scaling=Llama3RopeScaling(factor=8.0, original_max_position=64))
     want = run_script(init_random(cfg, seed=1))

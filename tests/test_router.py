@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
-from redis_helpers import RedisProcess
+from redis_helpers import RedisProcess, free_port
 
 from pagedkv.serving.router import Replica, ReplicaRing, routing_key
 from pagedkv.serving.testing import read_response
@@ -25,12 +24,6 @@ from pagedkv.serving.testing import read_response
 ROOT = Path(__file__).resolve().parent.parent
 PAGEDKV = [sys.executable, "-c", "import sys; from pagedkv.cli.main import main; sys.exit(main())"]
 INSTRUCTIONS = "You are a careful agent. Use the tools, then answer briefly. " * 20
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 90.0) -> None:

@@ -42,6 +42,7 @@ from torch import nn
 from pagedkv.cache.spec import KVSpec
 from pagedkv.kernels import paged_decode, paged_prefill, store_kv
 from pagedkv.model.forward_batch import ForwardBatch
+from pagedkv.model.protocol import check_kv_store
 from pagedkv.tiers.kv_store import TORCH_DTYPES, KVStore
 
 ATTN_IMPLEMENTATION = "pagedkv"
@@ -339,18 +340,9 @@ class PagedCausalLM:
 
     def check_kv_store(self, kv_store: KVStore) -> None:
         """Raise `ValueError` unless `kv_store` has this model's layers, heads, dtype, device."""
-        spec, cfg = kv_store.spec, self.config
-        got = (spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.dtype)
-        want = (cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, cfg.dtype)
-        if got != want:
-            raise ValueError(
-                "PagedCausalLM: kv_store must have (num_layers, num_kv_heads, head_dim, "
-                f"dtype) = {want}, got {got}"
-            )
-        if kv_store.device != self.device:
-            raise ValueError(
-                f"PagedCausalLM: kv_store must be on {self.device}, got {kv_store.device}"
-            )
+        cfg = self.config
+        check_kv_store("PagedCausalLM", cfg, cfg.num_kv_heads, cfg.head_dim, self.device,
+                       kv_store)  # fmt: skip
 
     @torch.inference_mode()
     def __call__(self, batch: ForwardBatch, kv_store: KVStore) -> torch.Tensor:

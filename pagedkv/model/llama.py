@@ -23,6 +23,7 @@ from torch import nn
 from pagedkv.kernels import paged_decode, paged_prefill, store_kv
 from pagedkv.model.config import Llama3RopeScaling, LlamaConfig
 from pagedkv.model.forward_batch import ForwardBatch
+from pagedkv.model.protocol import check_kv_store
 from pagedkv.tiers.kv_store import KVStore
 
 
@@ -227,19 +228,8 @@ class LlamaModel(nn.Module):
 
     def check_kv_store(self, kv_store: KVStore) -> None:
         """Raise `ValueError` unless `kv_store` has this model's layers, heads, dtype, device."""
-        spec, cfg = kv_store.spec, self.config
-        got = (spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.dtype)
-        want = (cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, cfg.dtype)
-        if got != want:
-            raise ValueError(
-                "LlamaModel: kv_store must have (num_layers, num_kv_heads, head_dim, dtype) = "
-                f"{want}, got {got}"
-            )
-        if kv_store.device != self.device:
-            raise ValueError(
-                f"LlamaModel: kv_store must be on the model's device {self.device}, got "
-                f"{kv_store.device}"
-            )
+        cfg = self.config
+        check_kv_store("LlamaModel", cfg, cfg.num_kv_heads, cfg.head_dim, self.device, kv_store)
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, kv_store: KVStore) -> torch.Tensor:

@@ -38,3 +38,19 @@ class PagedModel(Protocol):
     @property
     def device(self) -> torch.device: ...
     def __call__(self, batch: ForwardBatch, kv_store: KVStore) -> torch.Tensor: ...
+
+
+def check_kv_store(owner: str, config: PagedModelConfig, num_kv_heads: int, head_dim: int,
+                   device: torch.device, kv_store: KVStore) -> None:  # fmt: skip
+    """Raise `ValueError` unless `kv_store` has the model's layers, heads, dtype, device."""
+    spec = kv_store.spec
+    got = (spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.dtype)
+    want = (config.num_layers, num_kv_heads, head_dim, config.dtype)
+    if got != want:
+        raise ValueError(
+            f"{owner}: kv_store must have (num_layers, num_kv_heads, head_dim, dtype) = "
+            f"{want}, got {got}"
+        )
+    if kv_store.device != device:
+        raise ValueError(f"{owner}: kv_store must be on the model's device {device}, got "
+                         f"{kv_store.device}")  # fmt: skip
