@@ -90,6 +90,18 @@ def _int_at_least(low: int) -> Callable[[str], int]:
 
 
 _TTL_OFF = -1.0
+# --replicas defaults: the agent workload's size and block size, and the GPU memory
+# (a fraction of the workload's peak open-session KV, over all replicas together)
+CLUSTER_SESSIONS_PER_REPLICA = 40
+CLUSTER_TOKENS_PER_BLOCK = 64
+CLUSTER_FRACTION_OF_PEAK = 0.25
+_CLUSTER_DEFAULTS = {
+    "routing": "all",
+    "remote": "ours",
+    "remote_gb": 2000.0,
+    "remote_gbps": 10.0,
+    "remote_latency_us": 300.0,
+}
 
 
 def _ttl(text: str) -> float:
@@ -193,10 +205,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     s = p.add_argument_group("policies")
     s.add_argument(
         "--policies",
-        default="stateless,prefix,prefix+host,ours,ideal",
         metavar="LIST",
         help="comma-separated policies to compare: stateless, prefix, prefix+host, ours, "
-        "pinned, ideal, or 'all' (default: all but pinned)",
+        "pinned, ideal, or 'all' (default: all but pinned); with --replicas, the one "
+        "policy every replica runs (default ours)",
     )
     s.add_argument(
         "--max-pinned",
@@ -211,6 +223,58 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         metavar="S",
         help="ours: offload a session idle this many seconds ahead of need; 'off' to "
         "offload only under pressure (default 45)",
+    )
+    w.add_argument(
+        "--per-request-connections",
+        action="store_true",
+        help="every follow-up turn arrives on a new connection (HTTP clients re-sending "
+        "the history), so the server, or the router, meets every turn anew",
+    )
+    c = p.add_argument_group(
+        "replicas (compare routing policies over N servers; sizes are per replica)"
+    )
+    c.add_argument(
+        "--replicas",
+        type=_int_at_least(1),
+        default=1,
+        metavar="N",
+        help="replay on N replicas behind a router (default 1: one server). With N > 1 "
+        "the agent workload defaults to 40*N sessions at 64 tokens/block and the GPU to a "
+        "quarter of the peak open-session KV across all replicas",
+    )
+    c.add_argument(
+        "--routing",
+        default="all",
+        metavar="LIST",
+        help="routing policies to compare: round-robin, affinity, kv-aware, ours, or 'all' "
+        "(default); a pooled replica with N times everything is always the reference",
+    )
+    c.add_argument(
+        "--remote",
+        choices=("ours", "all", "none"),
+        default="ours",
+        help="which routing policies get the shared remote KV tier (default: ours)",
+    )
+    c.add_argument(
+        "--remote-gb",
+        type=_positive_float,
+        default=2000.0,
+        metavar="GB",
+        help="remote tier memory (Redis maxmemory over the cluster), in GB (default 2000)",
+    )
+    c.add_argument(
+        "--remote-gbps",
+        type=_positive_float,
+        default=10.0,
+        metavar="GB/s",
+        help="remote tier bandwidth per replica and direction, in GB/s (default 10)",
+    )
+    c.add_argument(
+        "--remote-latency-us",
+        type=_non_negative_float,
+        default=300.0,
+        metavar="US",
+        help="remote tier round trip, in microseconds (default 300)",
     )
     o = p.add_argument_group("output")
     o.add_argument("--json", metavar="PATH", help="write the full report as JSON")
@@ -254,10 +318,15 @@ def _check_output(path: str | None, what: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run `pagedkv simulate`; returns the exit status."""
-    from pagedkv.sim.policies import DEFAULT_IDLE_TTL_S, parse_policies
+    from pagedkv.sim.policies import DEFAULT_IDLE_TTL_S, DEFAULT_POLICIES, parse_policies
 
+    if args.replicas > 1:
+        return _simulate_cluster(args)
+    for flag in ("routing", "remote", "remote_gb", "remote_gbps", "remote_latency_us"):
+        if getattr(args, flag) != _CLUSTER_DEFAULTS[flag]:
+            raise UsageError(f"--{flag.replace('_', '-')} needs --replicas N with N > 1")
     try:
-        policies = parse_policies(args.policies)
+        policies = parse_policies(args.policies or ",".join(DEFAULT_POLICIES))
     except ValueError as err:
         raise UsageError(f"--policies: {err}") from None
     if args.trace is not None:
@@ -287,7 +356,7 @@ def _load_workload(args: argparse.Namespace) -> Any:
             extra["tokens_per_block"] = args.tokens_per_block
         if args.subagent_rate is not None:
             extra["subagent_rate"] = args.subagent_rate
-        return generate_agent_workload(
+        workload = generate_agent_workload(
             AgentWorkloadConfig(
                 num_sessions=args.sessions,
                 seed=args.seed,
@@ -295,12 +364,16 @@ def _load_workload(args: argparse.Namespace) -> Any:
                 **extra,
             )
         )
-    try:
-        return load_workload(args.trace)
-    except TraceFormatError as err:
-        raise UsageError(str(err)) from None
-    except OSError as err:
-        raise UsageError(f"cannot read trace {args.trace!r}: {err.strerror or err}") from None
+    else:
+        try:
+            workload = load_workload(args.trace)
+        except TraceFormatError as err:
+            raise UsageError(str(err)) from None
+        except OSError as err:
+            raise UsageError(f"cannot read trace {args.trace!r}: {err.strerror or err}") from None
+    if args.per_request_connections:
+        workload = workload.per_request_connections()
+    return workload
 
 
 def _simulate(args: argparse.Namespace, policies: Any, idle_ttl: float | None) -> int:
@@ -326,16 +399,7 @@ def _simulate(args: argparse.Namespace, policies: Any, idle_ttl: float | None) -
     facts = workload_facts(workload, cost=cost)
     tpb = workload.tokens_per_block
     block_bytes = profile.kv_bytes_per_token * tpb
-    if args.gpu_kv_gb is not None:
-        gpu_blocks = int(args.gpu_kv_gb * 1e9 // block_bytes)
-    elif args.gpu_fraction_of_peak is not None:
-        gpu_blocks = int(args.gpu_fraction_of_peak * facts.peak_open_tokens // tpb)
-    else:
-        gpu_blocks = profile.blocks_for_bytes(profile.gpu_kv_bytes, tpb)
-    if gpu_blocks < 1:
-        raise UsageError(
-            f"the GPU KV memory holds no block of {tpb} tokens ({block_bytes / 1e6:.1f} MB)"
-        )
+    gpu_blocks = _gpu_blocks(args, profile, facts, tpb)
     host_blocks = int(args.host_gb * 1e9 // block_bytes)
     cap = args.max_pinned or default_pinned_cap(workload, gpu_blocks, high_watermark=0.95)
     settings = SimSettings(
@@ -402,6 +466,148 @@ def _simulate(args: argparse.Namespace, policies: Any, idle_ttl: float | None) -
     if args.plot is not None:
         plot_report(report, args.plot)
         print(f"wrote {args.plot}", file=sys.stderr)
+    return 0
+
+
+def _gpu_blocks(args: argparse.Namespace, profile: Any, facts: Any, tpb: int) -> int:
+    """GPU KV blocks (per replica) from the memory flags."""
+    block_bytes = profile.kv_bytes_per_token * tpb
+    replicas = args.replicas
+    if args.gpu_kv_gb is not None:
+        gpu_blocks = int(args.gpu_kv_gb * 1e9 // block_bytes)
+    elif args.gpu_fraction_of_peak is not None or replicas > 1:
+        fraction = args.gpu_fraction_of_peak or CLUSTER_FRACTION_OF_PEAK
+        gpu_blocks = int(fraction * facts.peak_open_tokens // tpb) // replicas
+    else:
+        gpu_blocks = profile.blocks_for_bytes(profile.gpu_kv_bytes, tpb)
+    if gpu_blocks < 1:
+        raise UsageError(
+            f"the GPU KV memory holds no block of {tpb} tokens ({block_bytes / 1e6:.1f} MB)"
+            + (f" on each of {replicas} replicas" if replicas > 1 else "")
+        )
+    return gpu_blocks
+
+
+def _simulate_cluster(args: argparse.Namespace) -> int:
+    """`--replicas N`: every routing policy on N replicas, and the pooled reference."""
+    from dataclasses import asdict, replace
+
+    from pagedkv.sim.cluster import ClusterSpec, RemoteProfile, parse_routings
+    from pagedkv.sim.cluster_report import build_cluster_report, format_cluster_tables
+    from pagedkv.sim.compare import Job, default_workers, run_jobs, workload_facts
+    from pagedkv.sim.policies import (
+        DEFAULT_IDLE_TTL_S,
+        HardwareProfile,
+        SimSettings,
+        default_pinned_cap,
+        parse_policies,
+    )
+    from pagedkv.sim.report import write_json
+
+    t0 = time.perf_counter()
+    n = args.replicas
+    for flag in ("plot", "sweep"):
+        if getattr(args, flag):
+            raise UsageError(f"--{flag} compares one server's policies; drop it with --replicas")
+    try:
+        policies = parse_policies(args.policies or "ours")
+    except ValueError as err:
+        raise UsageError(f"--policies: {err}") from None
+    if len(policies) != 1:
+        raise UsageError("--policies: with --replicas, name the one policy every replica runs")
+    policy = policies[0]
+    if policy.infinite_gpu:
+        raise UsageError("--policies: the ideal has infinite memory; replicas change nothing")
+    try:
+        routings = parse_routings(args.routing, remote=args.remote)
+    except ValueError as err:
+        raise UsageError(f"--routing: {err}") from None
+    if args.trace is not None:
+        for flag in ("sessions", "tokens_per_block", "compact_at", "subagent_rate"):
+            if getattr(args, flag) is not None:
+                name = "--" + flag.replace("_", "-")
+                raise UsageError(f"{name} shapes the built-in agent workload; drop it with --trace")
+    else:
+        if args.sessions is None:
+            args.sessions = CLUSTER_SESSIONS_PER_REPLICA * n
+        if args.tokens_per_block is None:
+            args.tokens_per_block = CLUSTER_TOKENS_PER_BLOCK
+    _check_output(args.json, "--json")
+    idle_ttl: float | None = DEFAULT_IDLE_TTL_S if args.idle_ttl is None else args.idle_ttl
+    if idle_ttl == _TTL_OFF:
+        idle_ttl = None
+    profile = HardwareProfile(
+        gpu_flops=args.gpu_tflops * 1e12, host_link_bytes_per_s=args.link_gbps * 1e9
+    )
+    remote = RemoteProfile(
+        capacity_bytes=args.remote_gb * 1e9,
+        read_bytes_per_s=args.remote_gbps * 1e9,
+        write_bytes_per_s=args.remote_gbps * 1e9,
+        latency_s=args.remote_latency_us * 1e-6,
+    )
+    workload = _load_workload(args)
+    tpb = workload.tokens_per_block
+    facts = workload_facts(workload, cost=profile.cost_model(tpb))
+    block_bytes = profile.kv_bytes_per_token * tpb
+    gpu_blocks = _gpu_blocks(args, profile, facts, tpb)
+    host_blocks = int(args.host_gb * 1e9 // block_bytes)
+    cap = args.max_pinned or default_pinned_cap(workload, gpu_blocks, high_watermark=0.95)
+    settings = SimSettings(
+        gpu_blocks=gpu_blocks, host_blocks=host_blocks, max_pinned_sessions=cap, idle_ttl_s=idle_ttl
+    )
+    pooled_settings = replace(
+        settings,
+        gpu_blocks=gpu_blocks * n,
+        host_blocks=host_blocks * n,
+        max_pinned_sessions=cap * n,
+    )
+    pooled_profile = replace(profile, gpu_flops=profile.gpu_flops * n)
+    jobs = [Job(policy, pooled_settings, 0, profile=pooled_profile)]
+    jobs += [Job(policy, settings, 0, cluster=ClusterSpec(n, r, remote)) for r in routings]
+    workers = args.jobs or default_workers(len(jobs))
+    bar = _progress_bar(len(jobs) * workload.num_requests, enabled=not args.no_progress)
+    try:
+        runs = run_jobs(
+            workload,
+            jobs,
+            profile,
+            num_workers=workers,
+            on_progress=bar.update if bar is not None else None,
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+    settings_out = {
+        **asdict(settings),
+        "gpu_kv_gb": round(gpu_blocks * block_bytes / 1e9, 3),
+        "host_gb": round(host_blocks * block_bytes / 1e9, 3),
+        "gpu_fraction_of_peak": round(gpu_blocks * n * tpb / max(1, facts.peak_open_tokens), 4),
+        "kv_bytes_per_token": profile.kv_bytes_per_token,
+        "block_size": tpb,
+        "trace": args.trace,
+        "seed": None if args.trace else args.seed,
+        "workers": workers,
+    }
+    cluster_out = {
+        "replicas": n,
+        "node_policy": policy.name,
+        "routings": [asdict(r) for r in routings],
+        "remote": asdict(remote),
+        "per_request_connections": bool(args.per_request_connections),
+    }
+    report = build_cluster_report(
+        facts=facts,
+        profile=asdict(profile),
+        settings=settings_out,
+        cluster=cluster_out,
+        pooled=runs[0],
+        runs=runs[1:],
+        wall_s=time.perf_counter() - t0,
+    )
+    print(format_cluster_tables(report), flush=True)
+    if args.json is not None:
+        write_json(report, args.json)
+        print(f"wrote {args.json}", file=sys.stderr)
     return 0
 
 

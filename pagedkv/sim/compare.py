@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from pagedkv.scheduler.cost import CostModel
+from pagedkv.sim.cluster import ClusterSpec
 from pagedkv.sim.policies import (
     HardwareProfile,
     Policy,
@@ -222,12 +223,15 @@ def _peak_open(workload: Workload) -> tuple[int, int]:
 
 @dataclass(frozen=True, slots=True)
 class Job:
-    """One replay: a policy at one GPU size. `sweep` jobs only feed the sweep plot."""
+    """One replay: a policy at one GPU size. `sweep` jobs only feed the sweep plot;
+    `cluster` replays on replicas behind a router; `profile` overrides the run's."""
 
     policy: Policy
     settings: SimSettings
     gpu_blocks: int
     sweep: bool = False
+    cluster: ClusterSpec | None = None
+    profile: HardwareProfile | None = None
 
 
 def main_jobs(
@@ -283,7 +287,9 @@ def _run_job(index: int) -> PolicyRun:
         return _replay_job(job)
     except Exception as exc:
         raise ReplayError(
-            f"policy {job.policy.name!r} at {job.settings.gpu_blocks} GPU blocks failed in a "
+            f"policy {job.policy.name!r}"
+            + (f" routed by {job.cluster.routing.name!r}" if job.cluster is not None else "")
+            + f" at {job.settings.gpu_blocks} GPU blocks failed in a "
             f"worker:\n{''.join(traceback.format_exception(exc))}"
         ) from None
 
@@ -300,11 +306,12 @@ def _replay_job(job: Job) -> PolicyRun:
         _SHARED["workload"],
         job.policy,
         job.settings,
-        _SHARED["profile"],
+        job.profile or _SHARED["profile"],
         tokens=_SHARED["tokens"],
         gpu_blocks=job.gpu_blocks or None,
         check_every=_SHARED["check_every"],
         on_progress=report,
+        cluster=job.cluster,
     )
 
 
@@ -340,11 +347,12 @@ def run_jobs(
                     workload,
                     jobs[i].policy,
                     jobs[i].settings,
-                    profile,
+                    jobs[i].profile or profile,
                     tokens=tokens,
                     gpu_blocks=jobs[i].gpu_blocks or None,
                     check_every=check_every,
                     on_progress=on_progress,
+                    cluster=jobs[i].cluster,
                 )
                 out.append(run)
             return out

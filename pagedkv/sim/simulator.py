@@ -40,6 +40,7 @@ from pagedkv.cache.block_pool import BlockPool
 from pagedkv.cache.hashing import BlockHasher
 from pagedkv.scheduler.errors import OverCapacityError
 from pagedkv.scheduler.scheduler import Event, SessionScheduler, TurnPlan, TurnReady
+from pagedkv.sim.cluster import ClusterSpec, Router, SimRemoteStore, SimRemoteTier
 from pagedkv.sim.policies import HardwareProfile, Policy, SimSettings, scheduler_config
 from pagedkv.sim.tokens import PromptTokens
 from pagedkv.sim.workload import Workload
@@ -78,6 +79,10 @@ class _RecordingEngine(SimulatedTransferEngine):
             self._on_submit(handle.ready_at)
         return handle
 
+    def hold_until(self, t: float) -> None:
+        """No restore starts before `t` (what comes in over the network lands first)."""
+        self._link_free_at["restore"] = max(self._link_free_at["restore"], t)
+
 
 @dataclass(eq=False)
 class TurnRecords:
@@ -100,6 +105,7 @@ class TurnRecords:
     hit_pinned: np.ndarray
     hit_gpu: np.ndarray
     hit_host: np.ndarray
+    replica: np.ndarray  # int16 [n]: the replica that served it (-1: none)
 
     @classmethod
     def empty(cls, workload: Workload) -> TurnRecords:
@@ -125,6 +131,7 @@ class TurnRecords:
             hit_pinned=zeros(),
             hit_gpu=zeros(),
             hit_host=zeros(),
+            replica=np.full(n, -1, dtype=np.int16),
         )
 
     @property
@@ -157,6 +164,10 @@ class PolicyRun:
     sim_end_s: float = 0.0
     wall_s: float = 0.0
     invariant_checks: int = 0
+    # a cluster replay (`cluster.ClusterSpec`): its routing, and per replica what it did
+    routing: str | None = None
+    replicas: list[dict[str, float]] = field(default_factory=list)
+    remote: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(eq=False, slots=True)
@@ -170,6 +181,82 @@ class _Conn:
     held: int = -1  # the request whose prompt those tokens are (-1: none)
     busy: bool = False  # a turn is submitted and has not ended
     backlog: deque[int] = field(default_factory=deque)
+    node: _Node | None = None  # the replica its open connection is on
+
+
+class _Node:
+    """One replica: its scheduler over its own tiers, and its own prefill timeline."""
+
+    def __init__(
+        self,
+        index: int,
+        replay: _Replay,
+        policy: Policy,
+        settings: SimSettings,
+        profile: HardwareProfile,
+        *,
+        gpu_blocks: int,
+        remote: SimRemoteStore | None,
+    ) -> None:
+        tpb = replay.workload.tokens_per_block
+        self.index = index
+        self.clock = replay.clock
+        self.cost = profile.cost_model(tpb)
+        hasher = BlockHasher(block_size=tpb, secret=_SECRET)
+        self.use_host = use_host = policy.host_tier and settings.host_blocks > 0
+        host = BlockManager(BlockPool(settings.host_blocks, name="host"), hasher)
+        self.engine = engine = _RecordingEngine(
+            bytes_per_block=self.cost.bytes_per_block,
+            bandwidth_bytes_per_s=self.cost.host_link_bytes_per_s,
+            latency_s=10e-6,
+            clock=self.clock,
+            on_submit=lambda t: heapq.heappush(replay.xfer_times, t),
+        )
+        gpu = BlockManager(BlockPool(gpu_blocks, name="gpu"), hasher)
+        self.remote = (
+            SimRemoteTier(remote, self, host_blocks=settings.host_blocks)
+            if remote is not None and use_host
+            else None
+        )
+        cache = TieredKVCache(
+            gpu,
+            host if use_host else None,
+            engine if use_host else None,
+            remote=self.remote,  # type: ignore[arg-type]  # the metadata-only stand-in
+        )
+        self.config = scheduler_config(policy, settings)
+        self.sched = SessionScheduler(cache, self.config, clock=self.clock, cost=self.cost)
+        self.gpu_pool = gpu.pool
+        self.host_pool = host.pool if use_host else None
+        self.queued: dict[str, int] = {}  # scheduler id -> request, while in the queue
+        self.gpu_free_s = 0.0  # when the prefill timeline is next free
+        self.num_open = 0  # connections open on it (the router's load)
+        self.num_requests = 0
+        self.num_computed = 0
+        self.busy_s = 0.0  # prefill seconds
+        self.peak_gpu_in_use = self.peak_host_in_use = self.peak_pinned = 0
+
+    def block_engine(self, until_s: float) -> None:
+        """The engine thread is blocked until `until_s` (a synchronous remote read): no
+        prefill starts and no copy is submitted before it."""
+        self.gpu_free_s = max(self.gpu_free_s, until_s)
+        self.engine.hold_until(until_s)
+
+    def note_peaks(self) -> None:
+        self.peak_gpu_in_use = max(self.peak_gpu_in_use, self.gpu_pool.num_in_use)
+        if self.host_pool is not None:
+            self.peak_host_in_use = max(self.peak_host_in_use, self.host_pool.num_in_use)
+        self.peak_pinned = max(self.peak_pinned, self.sched.num_pinned)
+
+    def held_blocks(self, hashes: list[bytes], contents: list[bytes]) -> int:
+        """Blocks of a chain's prefix this replica holds (GPU, then host), for routing."""
+        cache = self.sched.cache
+        n = len(cache.gpu.pool.match_chain(hashes, contents, len(hashes)))
+        if self.host_pool is not None:
+            match = self.host_pool.match
+            while n < len(hashes) and match(hashes[n], contents[n]) is not None:
+                n += 1
+        return n
 
 
 class _Replay:
@@ -184,40 +271,42 @@ class _Replay:
         gpu_blocks: int,
         check_every: int,
         on_progress: Callable[[int], None] | None,
+        cluster: ClusterSpec | None = None,
     ) -> None:
-        tpb = workload.tokens_per_block
         self.workload = workload
         self.requests = workload.requests
         self.tokens = tokens
         self.clock = _Clock()
-        self.cost = profile.cost_model(tpb)
         self.decode_tps = profile.decode_tokens_per_s
         self.xfer_times: list[float] = []  # heap of copy completion times
-        hasher = BlockHasher(block_size=tpb, secret=_SECRET)
-        use_host = policy.host_tier and settings.host_blocks > 0
-        host = BlockManager(BlockPool(settings.host_blocks, name="host"), hasher)
-        engine = _RecordingEngine(
-            bytes_per_block=self.cost.bytes_per_block,
-            bandwidth_bytes_per_s=self.cost.host_link_bytes_per_s,
-            latency_s=10e-6,
-            clock=self.clock,
-            on_submit=lambda t: heapq.heappush(self.xfer_times, t),
-        )
-        gpu = BlockManager(BlockPool(gpu_blocks, name="gpu"), hasher)
-        cache = TieredKVCache(gpu, host if use_host else None, engine if use_host else None)
-        config = scheduler_config(policy, settings)
-        self.sched = SessionScheduler(cache, config, clock=self.clock, cost=self.cost)
+        store = None
+        if cluster is not None and cluster.routing.remote:
+            store = SimRemoteStore(
+                cluster.remote,
+                bytes_per_block=profile.kv_bytes_per_token * workload.tokens_per_block,
+                clock=self.clock,
+            )
+        self.store = store
+        self.nodes = [
+            _Node(k, self, policy, settings, profile, gpu_blocks=gpu_blocks, remote=store)
+            for k in range(1 if cluster is None else cluster.replicas)
+        ]
+        self.router = Router(cluster, self.nodes) if cluster is not None else None
+        self.cluster = cluster
+        config = self.nodes[0].config
+        use_host = self.nodes[0].use_host
         self.run = PolicyRun(
             policy=policy,
             gpu_blocks=gpu_blocks,
             host_blocks=settings.host_blocks if use_host else 0,
-            block_size=tpb,
-            bytes_per_block=self.cost.bytes_per_block,
+            block_size=workload.tokens_per_block,
+            bytes_per_block=self.nodes[0].cost.bytes_per_block,
             max_pinned_sessions=config.max_pinned_sessions,
             idle_ttl_s=config.idle_ttl_s if use_host else None,
             metrics={},
             turns=TurnRecords.empty(workload),
             refusals={},
+            routing=None if cluster is None else cluster.routing.name,
         )
         self.rec = self.run.turns
         self.best_of_both = policy.infinite_gpu and policy.pin_sessions
@@ -227,9 +316,7 @@ class _Replay:
         self.disconnect = workload.disconnects_after()
         self.conns: dict[str, _Conn] = {}
         self.running: dict[str, tuple[int, _Conn]] = {}  # scheduler id -> (request, conn)
-        self.queued: dict[str, int] = {}  # scheduler id -> request, while in the queue
         self.decode_heap: list[tuple[float, int, int]] = []  # (end, request, request)
-        self.gpu_free_s = 0.0  # when the prefill timeline is next free
         self.refusals: Counter[str] = Counter()
         self.check_every = check_every
         self.on_progress = on_progress
@@ -238,9 +325,7 @@ class _Replay:
     # ------------------------------------------------------------------ main loop
     def replay(self) -> PolicyRun:
         t0 = time.perf_counter()
-        sched, clock, reqs = self.sched, self.clock, self.requests
-        gpu_pool = sched.cache.gpu.pool
-        host_pool = sched.cache.host.pool if sched.cache.host is not None else None
+        clock, reqs, nodes = self.clock, self.requests, self.nodes
         arrivals = [r.arrival_s for r in reqs]
         n, nxt, steps = len(reqs), 0, 0
         decode_heap, xfer_times = self.decode_heap, self.xfer_times
@@ -252,9 +337,10 @@ class _Replay:
                 t = decode_heap[0][0]
             if xfer_times and xfer_times[0] < t:
                 t = xfer_times[0]
-            deadline = sched.next_deadline()
-            if deadline is not None:
-                t = min(t, deadline if deadline > now else now + _EPS_S)
+            for node in nodes:
+                deadline = node.sched.next_deadline()
+                if deadline is not None:
+                    t = min(t, deadline if deadline > now else now + _EPS_S)
             if t == math.inf:
                 break
             if t > now:
@@ -263,30 +349,55 @@ class _Replay:
                 heapq.heappop(xfer_times)
             while decode_heap and decode_heap[0][0] <= now:
                 self._end_turn(heapq.heappop(decode_heap)[2])
-            self._handle(sched.poll())
+            for node in nodes:
+                self._handle(node.sched.poll())
             if nxt < n and arrivals[nxt] <= now:
                 while nxt < n and arrivals[nxt] <= now:
                     self._arrive(nxt)
                     nxt += 1
-                self._handle(sched.poll())
-            if self.queued:
-                self._note_admissions()
-            run.peak_gpu_in_use = max(run.peak_gpu_in_use, gpu_pool.num_in_use)
-            if host_pool is not None:
-                run.peak_host_in_use = max(run.peak_host_in_use, host_pool.num_in_use)
-            run.peak_pinned = max(run.peak_pinned, sched.num_pinned)
+                for node in nodes:
+                    self._handle(node.sched.poll())
+            for node in nodes:
+                if node.queued:
+                    self._note_admissions(node)
+                node.note_peaks()
             steps += 1
             if self.check_every and steps % self.check_every == 0:
-                sched.check_invariants()
+                for node in nodes:
+                    node.sched.check_invariants()
                 run.invariant_checks += 1
         if self.check_every:
-            sched.check_invariants()
+            for node in nodes:
+                node.sched.check_invariants()
             run.invariant_checks += 1
-        run.metrics = sched.metrics.as_dict()
+        metrics: Counter[str] = Counter()
+        for node in nodes:
+            metrics.update(node.sched.metrics.as_dict())
+        run.metrics = dict(metrics)
         run.refusals = dict(sorted(self.refusals.items()))
-        run.end_gpu_in_use = gpu_pool.num_in_use
-        run.end_host_in_use = host_pool.num_in_use if host_pool is not None else 0
-        run.end_sessions_open = sum(sched.sessions_by_state().values())
+        run.peak_gpu_in_use = max(node.peak_gpu_in_use for node in nodes)
+        run.peak_host_in_use = max(node.peak_host_in_use for node in nodes)
+        run.peak_pinned = max(node.peak_pinned for node in nodes)
+        run.end_gpu_in_use = sum(node.gpu_pool.num_in_use for node in nodes)
+        run.end_host_in_use = sum(
+            node.host_pool.num_in_use for node in nodes if node.host_pool is not None
+        )
+        run.end_sessions_open = sum(sum(node.sched.sessions_by_state().values()) for node in nodes)
+        if self.cluster is not None:
+            run.replicas = [
+                {
+                    "requests": node.num_requests,
+                    "computed_tokens": node.num_computed,
+                    "prefill_s": round(node.busy_s, 6),
+                    "peak_gpu_blocks": node.peak_gpu_in_use,
+                    "remote_blocks_read": node.remote.blocks_read if node.remote else 0,
+                }
+                for node in nodes
+            ]
+            if self.store is not None:
+                run.remote = self.store.stats(nodes)
+            assert self.router is not None
+            run.remote.update(self.router.counts)
         run.sim_end_s = clock.now
         run.wall_s = time.perf_counter() - t0
         if self.on_progress is not None and self.num_finished % 256:
@@ -307,7 +418,6 @@ class _Replay:
 
     def _start(self, i: int, conn: _Conn) -> None:
         r = self.requests[i]
-        sched = self.sched
         self.rec.submit_s[i] = self.clock.now
         if conn.sched_id is not None and (
             r.reconnect
@@ -318,19 +428,23 @@ class _Replay:
             # is reused, everything from the divergence is computed again
             or not self.tokens.shares_prefix(conn.held, i, conn.seq_len)
             # the ideal takes the longer of its own KV and what the cache has
-            or (self.best_of_both and self._cache_beats_session(i, conn.seq_len))
+            or (self.best_of_both and self._cache_beats_session(i, conn))
         ):
             self._close(conn)  # a new connection re-sends the full history
         sid = conn.sched_id
         try:
             if sid is None:
+                prompt = self.tokens.tokens(i, 0, r.input_len)
+                node = self.nodes[0] if self.router is None else self.router.pick(r, prompt)
                 conn.num_opened += 1
                 sid = f"{conn.key}~{conn.num_opened}"
-                prompt = self.tokens.tokens(i, 0, r.input_len)
-                plan = sched.resume(sid, prompt, tenant=r.tenant)
-                conn.sched_id, conn.seq_len = sid, 0
+                plan = node.sched.resume(sid, prompt, tenant=r.tenant)
+                conn.sched_id, conn.seq_len, conn.node = sid, 0, node
+                node.num_open += 1
             else:
-                plan = sched.begin_turn(sid, self.tokens.tokens(i, conn.seq_len, r.input_len))
+                assert conn.node is not None
+                node = conn.node
+                plan = node.sched.begin_turn(sid, self.tokens.tokens(i, conn.seq_len, r.input_len))
         except OverCapacityError as err:
             self._refused(i, conn, err.reason)
             return
@@ -339,20 +453,21 @@ class _Replay:
         if plan is not None:
             self._ready(i, conn, plan)
             return
-        if sched.session(sid).is_queued:
-            self.queued[sid] = i
+        if node.sched.session(sid).is_queued:
+            node.queued[sid] = i
         else:
             self.rec.admit_s[i] = self.clock.now  # admitted; waiting for a restore copy
 
-    def _cache_beats_session(self, i: int, held: int) -> bool:
+    def _cache_beats_session(self, i: int, conn: _Conn) -> bool:
         """Whether request `i` finds a longer servable prefix in the GPU cache than the
-        `held` tokens its pinned session has."""
-        assert self.servable is not None
+        tokens its pinned session holds."""
+        assert self.servable is not None and conn.node is not None
+        held = conn.seq_len
         if self.servable[i] <= held:
             return False
         r = self.requests[i]
         tpb = self.workload.tokens_per_block
-        probe = self.sched.cache.probe_prefix(
+        probe = conn.node.sched.cache.probe_prefix(
             self.tokens.tokens(i, 0, r.input_len), tenant=r.tenant
         )
         return min(len(probe.gpu_hits), (r.input_len - 1) // tpb) * tpb > held
@@ -360,12 +475,18 @@ class _Replay:
     def _ready(self, i: int, conn: _Conn, plan: TurnPlan) -> None:
         now = self.clock.now
         rec = self.rec
-        self.sched.mark_computed(plan.session_id)
+        node = conn.node
+        assert node is not None
+        node.sched.mark_computed(plan.session_id)
         if math.isnan(rec.admit_s[i]):
             rec.admit_s[i] = now
-        start = max(now, self.gpu_free_s)
-        end = start + self.cost.prefill_s(plan.num_computed, plan.compute_start)
-        self.gpu_free_s = end
+        start = max(now, node.gpu_free_s)
+        took = node.cost.prefill_s(plan.num_computed, plan.compute_start)
+        end = start + took
+        node.gpu_free_s = end
+        node.busy_s += took
+        node.num_requests += 1
+        node.num_computed += plan.num_computed
         rec.ready_s[i] = now
         rec.prefill_start_s[i] = start
         rec.first_token_s[i] = end
@@ -374,6 +495,7 @@ class _Replay:
         rec.hit_pinned[i] = plan.hit_pinned
         rec.hit_gpu[i] = plan.hit_gpu
         rec.hit_host[i] = plan.hit_host
+        rec.replica[i] = node.index
         conn.seq_len, conn.held = plan.num_tokens, i
         decode_end = end + self.requests[i].output_len / self.decode_tps
         heapq.heappush(self.decode_heap, (decode_end, i, i))
@@ -381,8 +503,8 @@ class _Replay:
     def _end_turn(self, i: int) -> None:
         sid = self.requests[i].session_id
         conn = self.conns[sid if sid is not None else f"#{i}"]
-        assert conn.sched_id is not None
-        self.sched.end_turn(conn.sched_id)
+        assert conn.sched_id is not None and conn.node is not None
+        conn.node.sched.end_turn(conn.sched_id)
         del self.running[conn.sched_id]
         self.rec.status[i] = DONE
         self._after_turn(i, conn)
@@ -406,28 +528,30 @@ class _Replay:
             self._start(conn.backlog.popleft(), conn)
 
     def _close(self, conn: _Conn) -> None:
-        assert conn.sched_id is not None
-        self.sched.close_session(conn.sched_id)
-        conn.sched_id, conn.seq_len, conn.held = None, 0, -1
+        assert conn.sched_id is not None and conn.node is not None
+        conn.node.sched.close_session(conn.sched_id)
+        conn.node.num_open -= 1
+        conn.sched_id, conn.seq_len, conn.held, conn.node = None, 0, -1, None
 
     def _handle(self, events: list[Event]) -> None:
         for ev in events:
             i, conn = self.running[ev.session_id]  # type: ignore[index]
-            self.queued.pop(ev.session_id, None)  # type: ignore[call-overload]
+            assert conn.node is not None
+            conn.node.queued.pop(ev.session_id, None)  # type: ignore[call-overload]
             if isinstance(ev, TurnReady):
                 self._ready(i, conn, ev.plan)
             else:
                 del self.running[ev.session_id]  # type: ignore[arg-type]
                 self._refused(i, conn, ev.error.reason)
 
-    def _note_admissions(self) -> None:
+    def _note_admissions(self, node: _Node) -> None:
         """Stamp the admission time of turns that left the queue to wait for a copy."""
-        if self.sched.num_queued == len(self.queued):
+        if node.sched.num_queued == len(node.queued):
             return  # every turn we queued is still queued (leaving it is how they differ)
         now = self.clock.now
-        for sid, i in list(self.queued.items()):
-            if not self.sched.session(sid).is_queued:
-                del self.queued[sid]
+        for sid, i in list(node.queued.items()):
+            if not node.sched.session(sid).is_queued:
+                del node.queued[sid]
                 self.rec.admit_s[i] = now
 
 
@@ -441,6 +565,7 @@ def replay(
     gpu_blocks: int | None = None,
     check_every: int = 0,
     on_progress: Callable[[int], None] | None = None,
+    cluster: ClusterSpec | None = None,
 ) -> PolicyRun:
     """Replay `workload` under one policy and return what it measured.
 
@@ -452,6 +577,10 @@ def replay(
         check_every: run `check_invariants()` every this many event steps (0: never;
             tests only, it is O(pool size)).
         on_progress: called with the number of requests finished since the last call.
+        cluster: replay on `cluster.replicas` replicas, each running `policy` with the
+            memory of `settings` (and `gpu_blocks`) and its own prefill timeline, behind
+            `cluster.routing`, sharing `cluster.remote` when the routing has a remote
+            tier (None: one server).
     """
     return _Replay(
         workload,
@@ -462,4 +591,5 @@ def replay(
         gpu_blocks=settings.gpu_blocks if gpu_blocks is None else gpu_blocks,
         check_every=check_every,
         on_progress=on_progress,
+        cluster=cluster,
     ).replay()

@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import numpy as np
@@ -246,6 +246,16 @@ class Workload:
             if sid is not None:
                 next_reconnect[sid] = r.reconnect
         return result
+
+    def per_request_connections(self) -> Workload:
+        """This workload with every follow-up turn on a new connection (`reconnect`):
+        HTTP clients that re-send the whole history with each call, so a router places
+        every turn anew. The prompts are unchanged."""
+        requests = tuple(
+            r if r.turn_index == 1 or r.reconnect else replace(r, reconnect=True)
+            for r in self.requests
+        )
+        return Workload(f"{self.name}+per-request", self.tokens_per_block, requests)
 
     def stats(self) -> WorkloadStats:
         """Counts, token totals and the ideal hit ratio, in one pass over the blocks."""
