@@ -30,6 +30,11 @@ and SGLang HiCache), ours (pinned sessions with an admission cap, cost-aware idl
 and hash fallback on reconnect), pinned (ours without a host tier) and ideal (infinite
 GPU memory).
 
+With --replicas N it replays on N replicas behind a router instead, and compares routing
+policies: round-robin, affinity (consistent hashing on the conversation), kv-aware (the
+replica with the longest cached prefix) and ours (kv-aware within bounded loads, with a
+shared remote KV tier), against one pooled replica with N times everything.
+
 The default profile is Llama-3-8B (128 KiB of KV per token) on an 80 GB GPU (64 GB left
 for KV after the weights) with 256 GB of host memory for KV."""
 
@@ -40,7 +45,9 @@ examples:
   pagedkv simulate --trace ../shared/traces/mooncake/conversation_trace.jsonl \\
       --gpu-kv-gb 393 --gpu-tflops 3200 --policies prefix,ideal
   pagedkv simulate --sessions 20 --sweep 6 --plot sweep.png
-  pagedkv simulate --compact-at 30000 --subagent-rate 0.05 --tokens-per-block 64"""
+  pagedkv simulate --compact-at 30000 --subagent-rate 0.05 --tokens-per-block 64
+  pagedkv simulate --replicas 4                      # 4 replicas, every routing policy
+  pagedkv simulate --replicas 4 --per-request-connections --remote all"""
 
 
 def _positive_float(text: str) -> float:
@@ -346,7 +353,10 @@ def run(args: argparse.Namespace) -> int:
     return _simulate(args, policies, idle_ttl)
 
 
-def _load_workload(args: argparse.Namespace) -> Any:
+def _load_workload(args: argparse.Namespace) -> tuple[Any, int | None]:
+    """The workload, and the peak open-session KV memory flags size against when it
+    is not the workload's own (`--per-request-connections`: the conversations' peak,
+    before each turn got its own connection)."""
     from pagedkv.sim.agent_workload import AgentWorkloadConfig, generate_agent_workload
     from pagedkv.sim.traces import TraceFormatError, load_workload
 
@@ -372,12 +382,14 @@ def _load_workload(args: argparse.Namespace) -> Any:
         except OSError as err:
             raise UsageError(f"cannot read trace {args.trace!r}: {err.strerror or err}") from None
     if args.per_request_connections:
-        workload = workload.per_request_connections()
-    return workload
+        from pagedkv.sim.compare import peak_open
+
+        return workload.per_request_connections(), peak_open(workload)[0]
+    return workload, None
 
 
 def _simulate(args: argparse.Namespace, policies: Any, idle_ttl: float | None) -> int:
-    from dataclasses import asdict
+    from dataclasses import asdict, replace
 
     from pagedkv.sim.compare import (
         default_workers,
@@ -394,9 +406,11 @@ def _simulate(args: argparse.Namespace, policies: Any, idle_ttl: float | None) -
     profile = HardwareProfile(
         gpu_flops=args.gpu_tflops * 1e12, host_link_bytes_per_s=args.link_gbps * 1e9
     )
-    workload = _load_workload(args)
+    workload, sizing_peak = _load_workload(args)
     cost = profile.cost_model(workload.tokens_per_block)
     facts = workload_facts(workload, cost=cost)
+    if sizing_peak is not None:
+        facts = replace(facts, peak_open_tokens=sizing_peak)
     tpb = workload.tokens_per_block
     block_bytes = profile.kv_bytes_per_token * tpb
     gpu_blocks = _gpu_blocks(args, profile, facts, tpb)
@@ -492,7 +506,7 @@ def _simulate_cluster(args: argparse.Namespace) -> int:
     """`--replicas N`: every routing policy on N replicas, and the pooled reference."""
     from dataclasses import asdict, replace
 
-    from pagedkv.sim.cluster import ClusterSpec, RemoteProfile, parse_routings
+    from pagedkv.sim.cluster import ROUTINGS, ClusterSpec, RemoteProfile, parse_routings
     from pagedkv.sim.cluster_report import build_cluster_report, format_cluster_tables
     from pagedkv.sim.compare import Job, default_workers, run_jobs, workload_facts
     from pagedkv.sim.policies import (
@@ -545,9 +559,11 @@ def _simulate_cluster(args: argparse.Namespace) -> int:
         write_bytes_per_s=args.remote_gbps * 1e9,
         latency_s=args.remote_latency_us * 1e-6,
     )
-    workload = _load_workload(args)
+    workload, sizing_peak = _load_workload(args)
     tpb = workload.tokens_per_block
     facts = workload_facts(workload, cost=profile.cost_model(tpb))
+    if sizing_peak is not None:
+        facts = replace(facts, peak_open_tokens=sizing_peak)
     block_bytes = profile.kv_bytes_per_token * tpb
     gpu_blocks = _gpu_blocks(args, profile, facts, tpb)
     host_blocks = int(args.host_gb * 1e9 // block_bytes)
@@ -562,7 +578,19 @@ def _simulate_cluster(args: argparse.Namespace) -> int:
         max_pinned_sessions=cap * n,
     )
     pooled_profile = replace(profile, gpu_flops=profile.gpu_flops * n)
-    jobs = [Job(policy, pooled_settings, 0, profile=pooled_profile)]
+    # the reference: one replica with n times everything, and the remote tier when any
+    # routing under comparison has it (so the remote's capacity is not counted as a win
+    # of the cluster over it)
+    pooled = replace(ROUTINGS["round-robin"], name="pooled", remote=any(r.remote for r in routings))
+    jobs = [
+        Job(
+            policy,
+            pooled_settings,
+            0,
+            profile=pooled_profile,
+            cluster=ClusterSpec(1, pooled, remote),
+        )
+    ]
     jobs += [Job(policy, settings, 0, cluster=ClusterSpec(n, r, remote)) for r in routings]
     workers = args.jobs or default_workers(len(jobs))
     bar = _progress_bar(len(jobs) * workload.num_requests, enabled=not args.no_progress)

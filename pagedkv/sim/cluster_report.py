@@ -2,8 +2,9 @@
 
 Definitions (docs/simulator.md, "Replicas"):
 - pooled: one replica with N times the GPU and host memory, pinned cap and prefill
-  compute, the reference a cluster cannot beat on reuse (every session sees all the
-  memory) and the one its routing is measured against.
+  compute (and the same remote tier when a routing under comparison has one): what the
+  cluster would be if it were one machine, so every session sees all the memory; each
+  routing is measured against it.
 - hit: cached prompt tokens / prompt tokens; `remote`: the share of prompt tokens read
   from the shared remote tier (restored through the host tier, so also in the host
   share of `summarize`); `local`: the rest of the hits.
@@ -79,6 +80,7 @@ def build_cluster_report(
     for r in runs:
         facts.check_hits(r)
     ref = base["policies"][0]
+    ref = _routing_summary(pooled, facts, ref)
     routings = [_routing_summary(r, facts, ref) for r in runs]
     by_name = {r["routing"]: r for r in routings}
     targets: dict[str, Any] = {}
@@ -125,21 +127,21 @@ def format_cluster_tables(report: dict[str, Any]) -> str:
         f"{cl['remote']['latency_s'] * 1e6:,.0f} us a round trip"
         + ("; every turn on a new connection" if cl.get("per_request_connections") else ""),
     ]
-    p = report["pooled"]
+    p = pr = report["pooled"]
     rows = [
         [
             f"pooled ({cl['replicas']}x)",
-            "-",
+            "yes" if pr["remote_tier"] else "no",
             _pct_text(p["hit_ratio"]["total"]),
-            _pct_text(p["hit_ratio"]["total"]),
-            "-",
+            _pct_text(pr["cluster"]["hit_local"]),
+            _pct_text(pr["cluster"]["hit_remote"]) if pr["remote_tier"] else "-",
             "1.000",
             f"{p['tokens']['computed']:,}",
             "1.000",
             "-",
             "-",
-            "-",
-            "-",
+            _num(pr["cluster"]["remote_gb_read"]) if pr["remote_tier"] else "-",
+            f"{pr['cluster']['remote'].get('blocks_dropped', 0):,}" if pr["remote_tier"] else "-",
         ]
     ]
     lat = [_lat_row(f"pooled ({cl['replicas']}x)", p)]
@@ -180,7 +182,8 @@ def format_cluster_tables(report: dict[str, Any]) -> str:
         rows,
     )
     latency = _table(
-        ["routing", "TTFT p50", "p90", "p99 ms", "turn 2 p50", "turn 30 p50", "wall s"], lat
+        ["routing", "TTFT p50", "p90", "p99 ms", "turn 2 p50", "turn 30 p50", "refused", "wall s"],
+        lat,
     )
     out = [*head, "", cache, "", latency]
     for name, t in report["targets"].items():
@@ -203,5 +206,6 @@ def _lat_row(name: str, s: dict[str, Any]) -> list[str]:
         _num(t["p99"]),
         _num(by_turn.get("2", {}).get("p50")),
         _num(by_turn.get("30", {}).get("p50")),
+        f"{s['turns']['refused']:,}",
         _num(s["wall_s"]),
     ]

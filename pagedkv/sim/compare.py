@@ -38,6 +38,7 @@ __all__ = [
     "default_workers",
     "gpu_sweep_sizes",
     "main_jobs",
+    "peak_open",
     "run_jobs",
     "sweep_jobs",
     "workload_facts",
@@ -168,7 +169,7 @@ def workload_facts(workload: Workload, *, cost: CostModel | None = None) -> Work
             cost.prefill_s(r.input_len - h, h)
             for h, r in zip(ideal.hit.tolist(), workload.requests, strict=True)
         )
-    peak, peak_sessions = _peak_open(workload)
+    peak, peak_sessions = peak_open(workload)
     n = workload.num_requests
     return WorkloadFacts(
         name=workload.name,
@@ -190,7 +191,7 @@ def workload_facts(workload: Workload, *, cost: CostModel | None = None) -> Work
     )
 
 
-def _peak_open(workload: Workload) -> tuple[int, int]:
+def peak_open(workload: Workload) -> tuple[int, int]:
     """(peak open tokens, peak open connections); see `WorkloadFacts`."""
     # events: (time, order, key, new size or -1 for a close); at equal times a close
     # comes after an arrival, so back-to-back connections briefly overlap (conservative)
