@@ -327,6 +327,10 @@ def test_router_headers_silent_replicas_and_broken_handshakes(tmp_path: Path) ->
                 ws.send(json.dumps({"input": f"ws conv {i}"}))
                 got = json.loads(ws.recv(timeout=10))
                 assert got.get("input") == f"ws conv {i}", got
+        # the router's side of a connection ends just after the client's close
+        deadline = time.monotonic() + 5.0
+        while any(r.load for r in state.replicas) and time.monotonic() < deadline:
+            time.sleep(0.02)
         assert all(r.load == 0 for r in state.replicas)
     finally:
         for server, thread in servers:

@@ -294,6 +294,27 @@ class BlockPool:
             hits.append(block_id)
         return hits
 
+    def held_keys(self, limit: int) -> list[BlockKey]:
+        """Up to `limit` keys of indexed blocks (what this pool can serve by hash): the
+        blocks in use first, then the cached ones, most recently released first. Read
+        only. O(1) per key below `limit` (a C-level copy of the index); past it, one
+        pass over the index to take the blocks in use.
+
+        Raises:
+            ValueError: `limit` is negative or not an int.
+        """
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+            raise ValueError(f"held_keys: limit must be an int >= 0, got {limit!r}")
+        if len(self._index) <= limit:
+            return list(self._index)
+        ref, key = self._ref, self._key
+        keys = [k for k, block_id in self._index.items() if ref[block_id]][:limit]
+        for block_id in reversed(self._lru):  # MRU end first
+            if len(keys) >= limit:
+                break
+            keys.append(key[block_id])
+        return keys
+
     def count_cached(self, block_ids: Sequence[int]) -> int:
         """How many of these indexed block ids are cached (refcount 0: reclaimable)."""
         ref = self._ref

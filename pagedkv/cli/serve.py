@@ -12,7 +12,6 @@ Clients: `OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")`, then
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -131,6 +130,15 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="key namespace on the store (replicas that share use the same)")  # fmt: skip
     g.add_argument("--remote-ttl", type=positive_float, default=3600.0,
                    help="seconds each block lives in the store (default 3600)")  # fmt: skip
+    g.add_argument("--advertise-url", default=None, metavar="URL",
+                   help="with --remote-url: the URL the router knows this replica by, under "
+                        "which its held block hashes are published for KV-aware routing "
+                        "(default: http://HOST:PORT; give it when binding 0.0.0.0)")  # fmt: skip
+    g.add_argument("--kv-publish-interval", type=nonnegative_float, default=1.0,
+                   help="seconds between publishes of the held block hashes (default 1; "
+                        "0: publish nothing)")  # fmt: skip
+    g.add_argument("--kv-publish-max-hashes", type=positive_int, default=65536,
+                   help="the most block hashes published (default 65536)")  # fmt: skip
     g.add_argument("--hash-secret-file", default=None,
                    help="a file whose bytes key the block hashes (1-64 bytes; the same on "
                         "every replica; default: $PAGEDKV_HASH_SECRET, else random per "
@@ -314,8 +322,18 @@ def engine_config_from_args(
         **(scheduler_caps or {}),
     )
     remote_url = getattr(args, "remote_url", None)
+    advertise = getattr(args, "advertise_url", None)
+    if advertise is None and hasattr(args, "port"):
+        host = f"[{args.host}]" if ":" in args.host else args.host
+        advertise = f"http://{host}:{args.port}"
+    interval = getattr(args, "kv_publish_interval", 0.0)
+    if remote_url is None or not interval:
+        advertise = None
     fields: dict[str, Any] = dict(
         remote_url=remote_url,
+        advertise_url=advertise,
+        publish_interval_s=interval or 1.0,
+        publish_max_hashes=getattr(args, "kv_publish_max_hashes", 65536),
         remote_namespace=getattr(args, "remote_namespace", "default"),
         remote_ttl_s=getattr(args, "remote_ttl", 3600.0),
         hash_secret=hash_secret_from_args(args),
@@ -337,7 +355,7 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from pagedkv.cli.main import UsageError
-    from pagedkv.serving.auth import load_authenticator
+    from pagedkv.serving.auth import auth_fingerprint, auth_secret_for, load_authenticator
     from pagedkv.serving.engine import Engine
     from pagedkv.serving.local_server import guarded_http_protocol, install_log_filters, ws_protocol
     from pagedkv.serving.quotas import ConnectionQuotas, TenantLimits, load_policy, scheduler_caps
@@ -353,11 +371,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         hash_secret = hash_secret_from_args(args)
         # replicas sharing a hash secret also agree on which tenant a bare token is
-        auth_secret = None
-        if hash_secret is not None:
-            auth_secret = hashlib.blake2b(hash_secret, person=b"pagedkv-auth").digest()
         auth = load_authenticator(args.api_keys_file, admin_key=args.admin_key,
-                                  secret=auth_secret)  # fmt: skip
+                                  secret=auth_secret_for(hash_secret))  # fmt: skip
         policy = load_policy(
             args.api_keys_file,
             TenantLimits(
@@ -395,6 +410,8 @@ def run(args: argparse.Namespace) -> int:
         engine = Engine(model, config, tokenizer=tokenizer)
     except (ImportError, ValueError) as err:  # e.g. a malformed --remote-url
         raise UsageError(str(err)) from None
+    if engine.publisher is not None:  # so a router can tell it resolves tenants alike
+        engine.publisher.meta["auth"] = auth_fingerprint(auth)
     cfg = model.config
     print(
         f"pagedkv serve: {name} ({cfg.num_params / 1e6:.1f} M params, {cfg.dtype}, "
@@ -405,6 +422,9 @@ def run(args: argparse.Namespace) -> int:
     if config.remote_url is not None:
         print(f"  remote KV tier {config.remote_url} (namespace {config.remote_namespace!r}, "
               f"blocks expire after {config.remote_ttl_s:.0f} s)")  # fmt: skip
+    if config.advertise_url is not None:
+        print(f"  held block hashes published as {config.advertise_url!r} every "
+              f"{config.publish_interval_s:g} s (at most {config.publish_max_hashes})")  # fmt: skip
     if auth.requires_keys:
         tenants = len({c.tenant for c in auth.keys.values()})
         print(f"  {len(auth.keys)} API keys, {tenants} tenants; other keys get 401")

@@ -31,6 +31,7 @@ Keys file (JSON; per-tenant limits in the same file: `pagedkv.serving.quotas`):
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
 import os
@@ -45,6 +46,8 @@ __all__ = [
     "AuthError",
     "Authenticator",
     "Caller",
+    "auth_fingerprint",
+    "auth_secret_for",
     "load_authenticator",
     "read_keys_file",
 ]
@@ -233,6 +236,27 @@ def read_keys_file(path: Path) -> dict[str, object]:
         raise ValueError(f"keys file {path}: unknown fields {unknown}; expected some of "
                          f"{list(KEYS_FILE_FIELDS)}")  # fmt: skip
     return data
+
+
+def auth_secret_for(hash_secret: bytes | None) -> bytes | None:
+    """The digest key of replicas (and a router) sharing a block-hash secret: with it
+    they all map a bare bearer token to the same tenant (None: none shared)."""
+    if hash_secret is None:
+        return None
+    return hashlib.blake2b(hash_secret, person=b"pagedkv-auth").digest()
+
+
+def auth_fingerprint(auth: Authenticator) -> str:
+    """A short digest of how `auth` maps keys to tenants ("open" without keys): two
+    authenticators with the same secret and keys file agree on it, so a router can tell
+    whether it resolves tenants as a replica does. Reveals neither keys nor digests."""
+    if not auth.keys:
+        return "open"
+    h = hashlib.blake2b(digest_size=8, person=b"pagedkv-authfp")
+    for digest, caller in sorted(auth.keys.items()):
+        h.update(digest)
+        h.update(caller.tenant.encode() + b"\x00")
+    return h.hexdigest()
 
 
 def load_authenticator(

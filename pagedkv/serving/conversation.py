@@ -211,21 +211,26 @@ def render_prompt(
     generation_prompt: bool = True,
     memo: RenderMemo | None = None,
     scope: bytes = b"",
+    max_tokens: int | None = None,
 ) -> list[int]:
     """`<|bos|>`, the system item (if any), every item, then the assistant header.
 
     Without `generation_prompt` (a `generate: false` warm-up) the header is left off, so
-    the next turn's prompt extends these tokens exactly.
+    the next turn's prompt extends these tokens exactly. With `max_tokens` the result is
+    the first `max_tokens` ids of that render, and no item after the one that reaches
+    it is rendered (the router's bounded look at a prompt's prefix).
     """
     ids = list(tok.prefix_ids)
     system = system_text(instructions, tools)
     if system is not None:
         ids += tok.render_item("system", system)
     for item in items:
+        if max_tokens is not None and len(ids) >= max_tokens:
+            return ids[:max_tokens]
         ids += render_item(tok, item, memo, scope)
     if generation_prompt:
         ids += tok.render_generation_prompt("assistant")
-    return ids
+    return ids if max_tokens is None else ids[:max_tokens]
 
 
 def item_to_json(item: Item, *, item_id: str, status: str = "completed") -> dict[str, Any]:

@@ -62,6 +62,12 @@ from pagedkv.serving.generation import (
     make_program,
     sample_rows,
 )
+from pagedkv.serving.kv_index import (
+    HeldIndexPublisher,
+    PublishConfig,
+    compat_fingerprint,
+    snapshot_held,
+)
 from pagedkv.tiers.kv_store import KVStore
 from pagedkv.tiers.remote import RedisStore, RemoteKVTier
 from pagedkv.tiers.tiered import TieredKVCache
@@ -138,6 +144,29 @@ def model_fingerprint(model: object) -> str:
     return h.hexdigest()[:16]
 
 
+def _publisher(
+    config: EngineConfig, hasher: BlockHasher, tokenizer: ChatTokenizer, fingerprint: str
+) -> HeldIndexPublisher:
+    """The held-hash publisher of an engine with a remote store and an advertise URL."""
+    import redis
+
+    assert config.remote_url is not None and config.advertise_url is not None
+    # its own client: the publisher thread's slow calls never hold the remote tier's
+    client = redis.Redis.from_url(config.remote_url, socket_timeout=2.0,
+                                  socket_connect_timeout=max(config.remote_timeout_s, 0.5))  # fmt: skip
+    meta = {"block_size": config.block_size, "compat": compat_fingerprint(tokenizer, hasher),
+            "auth": "open", "fingerprint": fingerprint}  # fmt: skip
+    return HeldIndexPublisher(
+        client,
+        namespace=config.remote_namespace,
+        replica=config.advertise_url,
+        meta=meta,
+        config=PublishConfig(
+            interval_s=config.publish_interval_s, max_hashes=config.publish_max_hashes
+        ),
+    )
+
+
 def _cost_model(model: PagedModel, block_bytes: int, block_size: int, device: str) -> CostModel:
     cfg = model.config
     cuda = torch.device(device).type == "cuda"
@@ -195,6 +224,7 @@ class Engine:
         else:
             self.host_store = None
         self.remote: RemoteKVTier | None = None
+        self.fingerprint = model_fingerprint(model) if config.remote_url is not None else ""
         if config.remote_url is not None:
             assert self.host_store is not None
             assert config.hash_secret is not None
@@ -204,12 +234,15 @@ class Engine:
                 self.host_store,
                 # blocks are KV of these weights: another model (or revision) of the same
                 # shape must never read them
-                namespace=f"{config.remote_namespace}:{model_fingerprint(model)}",
+                namespace=f"{config.remote_namespace}:{self.fingerprint}",
                 secret=config.hash_secret,
                 ttl_s=config.remote_ttl_s,
                 read_deadline_s=2.5 * config.remote_timeout_s,
             )  # fmt: skip
         self.cache = TieredKVCache(gpu, host, transfer, remote=self.remote)
+        self.publisher: HeldIndexPublisher | None = None
+        if config.remote_url is not None and config.advertise_url is not None:
+            self.publisher = _publisher(config, hasher, self.tokenizer, self.fingerprint)
         self.scheduler = SessionScheduler(
             self.cache,
             config.scheduler,
@@ -245,6 +278,8 @@ class Engine:
             self._commands.put(("stop", None))
             self._thread.join(timeout)
             self._thread = None
+        if self.publisher is not None:
+            self.publisher.close()
         if self.remote is not None:
             self.remote.close()
 
@@ -299,6 +334,7 @@ class Engine:
             if host is None
             else {"total": host.num_blocks, "in_use": host.num_in_use, "cached": host.num_cached},
             "remote": None if self.remote is None else self.remote.stats.as_dict(),
+            "kv_index": None if self.publisher is None else self.publisher.stats.as_dict(),
             "steps": self.num_steps,
             "mean_batch_tokens": self.num_step_tokens / max(self.num_steps, 1),
             "mean_batch_seqs": self.num_step_seqs / max(self.num_steps, 1),
@@ -341,10 +377,21 @@ class Engine:
             if not self._drain_commands(timeout):
                 break
             self._poll()
+            if self.publisher is not None and self.publisher.due():
+                self._publish_held()
             if any(job.pending for job in self._running):
                 self._safe_step()
         for session_id in list(self._sessions):
             self._close(session_id)
+
+    def _publish_held(self) -> None:
+        """Snapshot the held hashes for the publisher thread (between steps: the
+        pools are this thread's)."""
+        assert self.publisher is not None
+        try:
+            self.publisher.offer(snapshot_held(self.cache, self.config.publish_max_hashes))
+        except Exception:
+            _log_failure("kv index snapshot failed")
 
     def _safe_step(self) -> None:
         try:

@@ -37,6 +37,11 @@ class EngineConfig:
         remote_namespace: the key namespace on the remote store.
         remote_ttl_s: expiry of each block written to the remote store.
         remote_timeout_s: socket timeout of each remote call (a slow store is a miss).
+        advertise_url: with `remote_url`, publish the block hashes this engine holds
+            under this name (the URL the router knows the replica by) for KV-aware
+            routing (`pagedkv.serving.kv_index`); None: publish nothing.
+        publish_interval_s: seconds between two snapshots of the held hashes.
+        publish_max_hashes: the most hashes published.
     """
 
     block_size: int = 16
@@ -54,6 +59,9 @@ class EngineConfig:
     remote_namespace: str = "default"
     remote_ttl_s: float | None = 3600.0
     remote_timeout_s: float = 0.1
+    advertise_url: str | None = None
+    publish_interval_s: float = 1.0
+    publish_max_hashes: int = 65536
 
     def __post_init__(self) -> None:
         if self.remote_url is not None:
@@ -64,7 +72,14 @@ class EngineConfig:
                     "EngineConfig.remote_url needs hash_secret: replicas find each other's "
                     "blocks only under the same secret"
                 )
-        for name in ("block_size", "num_gpu_blocks", "max_batch_tokens", "prefill_chunk_tokens"):
+        if self.advertise_url is not None and self.remote_url is None:
+            raise ValueError("EngineConfig.advertise_url needs remote_url (the index is "
+                             "published in the remote store)")  # fmt: skip
+        if not 0 < self.publish_interval_s < float("inf"):
+            raise ValueError(f"EngineConfig.publish_interval_s must be > 0, got "
+                             f"{self.publish_interval_s}")  # fmt: skip
+        for name in ("block_size", "num_gpu_blocks", "max_batch_tokens", "prefill_chunk_tokens",
+                     "publish_max_hashes"):  # fmt: skip
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"EngineConfig.{name} must be an int >= 1, got {value!r}")

@@ -15,7 +15,8 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from pagedkv.serving.conversation import Item, render_prompt
+from pagedkv.model.tokenizer import ChatTokenizer
+from pagedkv.serving.conversation import Item, RenderMemo, render_prompt
 from pagedkv.serving.engine import Engine, cache_key_salt
 from pagedkv.serving.engine_types import (
     EngineEvent,
@@ -180,6 +181,30 @@ def check_request(config: ServerConfig, req: CreateRequest, items: Sequence[Item
     check_call_outputs(items)
 
 
+def render_request(
+    tokenizer: ChatTokenizer,
+    req: CreateRequest,
+    items: Sequence[Item],
+    *,
+    memo: RenderMemo | None = None,
+    scope: bytes = b"",
+    max_tokens: int | None = None,
+) -> list[int]:
+    """The prompt tokens of a checked request over the conversation `items`: what the
+    engine is sent (`ResponseRun`), and what the router hashes to find the replica
+    holding its prefix (`pagedkv.serving.kv_index`), so the two never disagree."""
+    return render_prompt(
+        tokenizer,
+        instructions=req.instructions,
+        tools=req.tools,
+        items=items,
+        generation_prompt=req.generate,
+        memo=memo,
+        scope=scope,
+        max_tokens=max_tokens,
+    )
+
+
 class ResponseRun:
     """One response. The constructor checks and renders (raising `ProtocolError` before
     any event is sent); `events()` runs it.
@@ -228,12 +253,10 @@ class ResponseRun:
                     arg_key=tool.first_string_property() or "input",
                 )
         self.items = tuple(items)
-        self.tokens = render_prompt(
+        self.tokens = render_request(
             engine.tokenizer,
-            instructions=req.instructions,
-            tools=req.tools,
-            items=self.items,
-            generation_prompt=req.generate,
+            req,
+            self.items,
             memo=engine.render_memo,
             scope=engine.render_scope(tenant, cache_key_salt(req.prompt_cache_key)),
         )

@@ -18,6 +18,15 @@ a conversation keeps landing where its KV is, and a hot tenant spreads over repl
 instead of piling onto one. Health: every replica's `/v1/models` is polled; a replica
 that fails a poll, a connect or a proxied request is out until a poll succeeds.
 
+With KV-aware routing (`kv`, `pagedkv route --remote-url ...`) a new session goes
+first to the live replica holding the longest prefix of its prompt, by the block hashes
+replicas publish in Redis (`pagedkv.serving.kv_index`, scored by
+`pagedkv.serving.kv_routing`), under the same load bound; when no replica holds any of
+it, or the index cannot answer in time, the consistent hash decides. A connection's
+later messages (`previous_response_id` included: that state is its replica's alone)
+follow the connection. With the replicas' hash secret the routing key's secret is
+derived from it (`routing_secret`), so the ring's choice is reproducible.
+
 Auth and quotas stay the replicas' own: the router forwards the Authorization header and
 passes their answers (401, 429 ...) back unchanged. The router bounds what it buffers
 (`max_message_bytes` per message or body) and never shows a client a traceback.
@@ -43,6 +52,8 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from pagedkv.serving.kv_routing import KVRouting, best_replica
 
 log = logging.getLogger("pagedkv.serving.router")
 
@@ -119,14 +130,19 @@ class ReplicaRing:
         self._points = [p for p, _ in pairs]
         self._owners = [i for _, i in pairs]
 
+    def load_cap(self, live: Sequence[Replica]) -> int:
+        """The load bound over the live replicas `live` for one more session: a replica
+        takes it only with `load < ceil(load_factor * (total load + 1) / len(live))`."""
+        total = sum(r.load for r in live) + 1
+        return max(math.ceil(self.load_factor * total / max(len(live), 1)), 1)
+
     def pick(self, key: bytes, *, exclude: Sequence[Replica] = ()) -> Replica | None:
         """The replica for `key`: the first live one clockwise from its point whose load is
         under the bound; None when no replica is live."""
         live = [r for r in self.replicas if r.healthy and r not in exclude]
         if not live:
             return None
-        total = sum(r.load for r in live) + 1
-        cap = max(math.ceil(self.load_factor * total / len(live)), 1)
+        cap = self.load_cap(live)
         start = bisect.bisect(self._points, _point(key))
         n = len(self._points)
         for step in range(n):
@@ -134,6 +150,12 @@ class ReplicaRing:
             if r.healthy and r not in exclude and r.load < cap:
                 return r
         return min(live, key=lambda r: r.load)  # unreachable with cap >= mean, kept safe
+
+
+def routing_secret(hash_secret: bytes) -> bytes:
+    """The routing-key secret of a router given the replicas' hash secret (without one
+    it is random per process): derived, so the ring's choice for a key is reproducible."""
+    return hashlib.blake2b(hash_secret, digest_size=16, person=b"pagedkv-route").digest()
 
 
 def routing_key(authorization: str | None, body: Any, secret: bytes) -> bytes:
@@ -163,13 +185,22 @@ def _error(status: int, code: str, message: str) -> JSONResponse:
 
 
 class Router:
-    """The proxy state: the ring, one HTTP client, the health task."""
+    """The proxy state: the ring, one HTTP client, the health task, and with `kv` the
+    held-prefix scoring of new sessions (`pagedkv.serving.kv_routing`)."""
 
-    def __init__(self, urls: Sequence[str], config: RouterConfig | None = None) -> None:
+    def __init__(
+        self,
+        urls: Sequence[str],
+        config: RouterConfig | None = None,
+        *,
+        kv: KVRouting | None = None,
+        secret: bytes | None = None,
+    ) -> None:
         self.config = cfg = config or RouterConfig()
         self.replicas = [Replica(u.rstrip("/")) for u in urls]
         self.ring = ReplicaRing(self.replicas, cfg.load_factor, cfg.vnodes)
-        self.secret = os.urandom(16)
+        self.secret = secret if secret is not None else os.urandom(16)
+        self.kv = kv
         self.client = httpx.AsyncClient(
             timeout=httpx.Timeout(cfg.read_timeout_s, connect=cfg.connect_timeout_s),
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
@@ -208,10 +239,50 @@ class Router:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._health
         await self.client.aclose()
+        if self.kv is not None:
+            self.kv.close()
 
     def stats(self) -> dict[str, Any]:
-        return {"replicas": [{"url": r.url, "healthy": r.healthy, "load": r.load,
-                              "served": r.served} for r in self.replicas]}  # fmt: skip
+        out: dict[str, Any] = {"replicas": [{"url": r.url, "healthy": r.healthy, "load": r.load,
+                                             "served": r.served} for r in self.replicas]}  # fmt: skip
+        out["kv"] = None if self.kv is None else self.kv.stats.as_dict()
+        return out
+
+    async def choose(
+        self,
+        key: bytes,
+        body: Any,
+        authorization: str | None,
+        *,
+        websocket: bool,
+        tried: Sequence[Replica],
+    ) -> Replica | None:
+        """The replica for a new session: with KV-aware routing the live one holding the
+        longest prefix of its prompt (under the load bound), else (and for a retry after
+        a failed connect) the consistent hash's pick; None when none is live."""
+        if self.kv is None or tried:
+            return self.ring.pick(key, exclude=tried)
+        live = [r for r in self.replicas if r.healthy]
+        if not live:
+            return None
+        kv = self.kv
+        kv.stats.probes += 1
+        outcome, held = await kv.held(body, authorization, websocket=websocket,
+                                      replicas=[r.url for r in live])  # fmt: skip
+        ring_pick = self.ring.pick(key)  # loads and health may have moved meanwhile
+        if outcome != "ok":
+            kv.stats.fell_back(outcome)
+            return ring_pick
+        live = [r for r in self.replicas if r.healthy]
+        choice, why = best_replica(live, held, self.ring.load_cap(live), ring_pick)
+        if choice is None:
+            kv.stats.fell_back(why)
+            return ring_pick
+        kv.stats.routed += 1
+        if choice is not ring_pick:
+            kv.stats.routed_off_ring += 1
+        assert isinstance(choice, Replica)
+        return choice
 
     # ------------------------------------------------------------------ HTTP
     async def models(self, request: Request) -> Response:
@@ -240,10 +311,11 @@ class Router:
             parsed: Any = json.loads(body)
         except (ValueError, RecursionError):
             parsed = None  # the replica answers the bad body itself
-        key = routing_key(request.headers.get("authorization"), parsed, self.secret)
+        authorization = request.headers.get("authorization")
+        key = routing_key(authorization, parsed, self.secret)
         tried: list[Replica] = []
         while True:
-            r = self.ring.pick(key, exclude=tried)
+            r = await self.choose(key, parsed, authorization, websocket=False, tried=tried)
             if r is None:
                 return _error(503, "no_replica", "no replica is available")
             tried.append(r)
@@ -303,16 +375,20 @@ class Router:
             await _ws_error(ws, "message_too_large", "the message is too large", close=1009)
             return
         try:
-            parsed: Any = json.loads(text) if text is not None else None
+            event: Any = json.loads(text) if text is not None else None
         except (ValueError, RecursionError):
-            parsed = None
+            event = None
+        parsed = event
         if isinstance(parsed, dict) and isinstance(parsed.get("response"), dict):
             parsed = parsed["response"]  # `response.create` carries the request inside
-        key = routing_key(ws.headers.get("authorization"), parsed, self.secret)
+        authorization = ws.headers.get("authorization")
+        key = routing_key(authorization, parsed, self.secret)
         tried: list[Replica] = []
         headers = [(k, v) for k, v in ws.headers.items() if k.lower() == "authorization"]
+        # the replica parses the event itself as the request (its fields at the top)
+        body = event if isinstance(event, dict) and event.get("type") == "response.create" else None
         while True:
-            r = self.ring.pick(key, exclude=tried)
+            r = await self.choose(key, body, authorization, websocket=True, tried=tried)
             if r is None:
                 await _ws_error(ws, "no_replica", "no replica is available", close=1013)
                 return
@@ -430,9 +506,16 @@ async def _ws_error(ws: WebSocket, code: str, message: str, *, close: int) -> No
         await ws.close(close)
 
 
-def create_router_app(urls: Sequence[str], config: RouterConfig | None = None) -> Starlette:
-    """The router as an ASGI app (`app.state.router`)."""
-    router = Router(urls, config)
+def create_router_app(
+    urls: Sequence[str],
+    config: RouterConfig | None = None,
+    *,
+    kv: KVRouting | None = None,
+    secret: bytes | None = None,
+) -> Starlette:
+    """The router as an ASGI app (`app.state.router`); `kv` turns on KV-aware routing,
+    `secret` keys the routing key (default: random; see `routing_secret`)."""
+    router = Router(urls, config, kv=kv, secret=secret)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
