@@ -20,15 +20,22 @@ checksum and content must all match, so a collision, a truncated or a corrupted 
 a miss, never wrong KV.
 
 Writes go behind: when the host tier receives full blocks (an offload or a backup
-completes) their bytes are snapshot on the caller's thread and queued; one writer
-thread sends them in pipelined batches. The queue is bounded (`max_pending_blocks`):
-when it is full, or the store is down, blocks are dropped and counted, never queued
-without bound. Reads ask for the blocks that continue a prompt's chain past what GPU
-and host hold, in one round trip for a batch, keep the longest verified run, and write
-it into free host blocks as cached blocks: the normal host-to-GPU restore takes it from
-there. A read that fails or times out counts as a miss; after a failure the store is
-not asked again for a backoff (doubling up to `max_backoff_s`), then the client
-reconnects by itself on the next call.
+completes) their bytes are snapshot on the caller's thread and queued a pipelined batch
+at a time, so one writer thread sends batch k while the caller snapshots batch k+1. The
+queue is bounded (`max_pending_blocks`, `max_pending_bytes`): when it is full, or the
+store is down, blocks are dropped and counted, never queued without bound. A snapshot
+is one copy of the block into a value buffer (header, content, payload and checksum in
+place); buffers come back to a free list once their batch was sent (or dropped) and
+nothing else refers to them, so a steady stream of writes allocates (and page-faults)
+nothing. The free list holds at most the queue's byte bound and is emptied after
+`_POOL_IDLE_S` without writes.
+
+Reads ask for the blocks that continue a prompt's chain past what GPU and host hold, in
+one round trip for a batch, keep the longest verified run, and write it into free host
+blocks as cached blocks: the normal host-to-GPU restore takes it from there. A read that
+fails or times out counts as a miss; after a failure the store is not asked again for a
+backoff (doubling up to `max_backoff_s`), then the client reconnects by itself on the
+next call.
 
 Sizing: Redis's own `maxmemory` with `maxmemory-policy allkeys-lru` bounds the store,
 and `ttl_s` (SET PX) expires blocks nobody reads. One block is about
@@ -42,6 +49,7 @@ import contextlib
 import logging
 import queue
 import struct
+import sys
 import threading
 import time
 import warnings
@@ -62,6 +70,8 @@ log = logging.getLogger("pagedkv.tiers.remote")
 MAGIC = b"PKV1"
 _HEADER = struct.Struct("<4sIQ")  # magic, content length, payload length
 _CHECKSUM = 16  # xxh3-128, seeded by the hash secret
+_CONTENT_ALLOWANCE = 100  # bytes counted per block for key and content in the byte bound
+_POOL_IDLE_S = 30.0  # free value buffers are given back after this long without writes
 
 
 Value = bytes | memoryview  # what is written (memoryview: no extra copy of a block)
@@ -85,6 +95,10 @@ class RemoteStore(ABC):
     @abstractmethod
     def set_many(self, items: Sequence[tuple[bytes, Value]], ttl_s: float | None) -> None:
         """Store every (key, value), expiring after `ttl_s` (None: never), in one round trip.
+
+        The values' buffers are the writer's: once this returns (or raises) their views
+        are released and the buffers reused, so a store that keeps a value past the call
+        must copy it (`bytes(value)`).
 
         Raises:
             RemoteUnavailable: the store did not answer.
@@ -279,6 +293,13 @@ class RemoteKVTier:
         self._pending = 0  # blocks queued and not yet sent or dropped
         self._pending_lock = threading.Lock()
         self._drained = threading.Condition(self._pending_lock)
+        # value buffers not in flight, by length (see `_take_buffer` / `_recycle`): at most
+        # the queue's byte bound, so buffers in flight plus free ones stay within twice it
+        self._free_buffers: dict[int, list[bytearray]] = {}
+        self._free_bytes = 0
+        self._pool_limit = min(max_pending_bytes, max_pending_blocks * self._per_block_bytes)
+        self._pool_lock = threading.Lock()
+        self._pool_idle_s = _POOL_IDLE_S
         self._closed = False
         self._writer = threading.Thread(target=self._write_loop, name="pagedkv-remote-writer",
                                         daemon=True)  # fmt: skip
@@ -291,18 +312,78 @@ class RemoteKVTier:
     def _block_view(self, block_id: int) -> torch.Tensor:
         return self.host_store.kv[block_id].reshape(-1).view(torch.uint8)
 
+    @property
+    def _per_block_bytes(self) -> int:
+        """What one queued block is counted as in `max_pending_bytes`."""
+        return _HEADER.size + self._block_bytes + _CHECKSUM + _CONTENT_ALLOWANCE
+
+    def value_len(self, content: bytes) -> int:
+        """Bytes of the value of a block with hash-chain `content`."""
+        return _HEADER.size + len(content) + self._block_bytes + _CHECKSUM
+
     def encode(self, block_id: int, content: bytes) -> memoryview:
-        """The value of host block `block_id` with hash-chain `content`: a snapshot (the
-        block's bytes are copied once, straight into the value's buffer)."""
+        """The value of host block `block_id` with hash-chain `content`: a snapshot in a
+        buffer of its own (the block's bytes are copied once, straight into it)."""
+        return self._encode_into(bytearray(self.value_len(content)), block_id, content)
+
+    def _encode_into(self, buf: bytearray, block_id: int, content: bytes) -> memoryview:
+        """Write the value of `block_id` into `buf` (exactly `value_len(content)` bytes):
+        header, content, the block's bytes (one copy), then the checksum over the rest."""
         head, n_content, n_payload = _HEADER.size, len(content), self._block_bytes
-        buf = bytearray(head + n_content + n_payload + _CHECKSUM)
         _HEADER.pack_into(buf, 0, MAGIC, n_content, n_payload)
         buf[head : head + n_content] = content
+        # numpy's copy is one memcpy without the GIL (as is xxh3), so the writer thread
+        # sends meanwhile; torch's copy_ would fan out to its intra-op threads, which spin
+        # against the writer and the store for the same cores. The temporary array is
+        # gone when this returns (no reference to `buf` is left behind).
         dst = np.frombuffer(buf, dtype=np.uint8, count=n_payload, offset=head + n_content)
         dst[:] = self._block_view(block_id).numpy()
+        del dst
         view = memoryview(buf)
         view[-_CHECKSUM:] = xxhash.xxh3_128_digest(view[:-_CHECKSUM], seed=self._seed)
         return view
+
+    def _take_buffer(self, size: int) -> bytearray:
+        """A value buffer of `size` bytes: a free one (not in flight) if any, else new."""
+        with self._pool_lock:
+            free = self._free_buffers.get(size)
+            if free:
+                self._free_bytes -= size
+                return free.pop()
+        return bytearray(size)
+
+    def _recycle(self, values: Sequence[Value]) -> None:
+        """Put the buffers of values that were sent or dropped back on the free list.
+
+        Each value's view is released first (so transient references to the batch, the
+        caller's or a traceback's, keep no buffer alive), then its buffer is reused only
+        if nothing else refers to it: no other view of it (a slice, a store's that kept a
+        value against `RemoteStore.set_many`'s contract) and no other reference. Such a
+        buffer is left to its holders and the garbage collector. Beyond the pool's limit
+        buffers are freed."""
+        for value in values:
+            if not isinstance(value, memoryview):
+                continue
+            try:
+                buf = value.obj
+                value.release()
+            except (BufferError, ValueError):  # an export of it is held; released already
+                continue
+            # references: `buf` and getrefcount's argument; any more is somebody else's
+            if type(buf) is not bytearray or sys.getrefcount(buf) > 2:
+                continue
+            size = len(buf)
+            with self._pool_lock:
+                if self._free_bytes + size <= self._pool_limit:
+                    self._free_buffers.setdefault(size, []).append(buf)
+                    self._free_bytes += size
+            del buf
+
+    def _trim_pool(self) -> None:
+        """Give every free value buffer back to the allocator (after an idle spell)."""
+        with self._pool_lock:
+            self._free_buffers.clear()
+            self._free_bytes = 0
 
     def decode(self, value: bytes, content: bytes) -> memoryview | None:
         """The payload of a value if it verifies for `content`, else None."""
@@ -327,29 +408,53 @@ class RemoteKVTier:
     def write_behind(self, block_ids: Sequence[int], hashes: Sequence[bytes],
                      contents: Sequence[bytes]) -> int:  # fmt: skip
         """Snapshot these host blocks now and queue them for the store; returns how many
-        were queued (the rest are dropped and counted: queue full or store down)."""
-        per_block = _HEADER.size + self._block_bytes + _CHECKSUM + 100
+        were queued (the rest are dropped and counted: queue full or store down).
+
+        Every snapshot is taken before this returns (the blocks may be overwritten right
+        after); each full pipeline is queued as soon as it is snapshot, so the writer
+        sends it while the next one is taken.
+
+        Raises:
+            ValueError: `block_ids`, `hashes` and `contents` differ in length.
+        """
+        if not len(block_ids) == len(hashes) == len(contents):
+            raise ValueError(
+                f"write_behind: {len(block_ids)} block ids, {len(hashes)} hashes and "
+                f"{len(contents)} contents; expected as many of each"
+            )
         with self._pending_lock:
             room = 0 if self._is_down() else self.max_pending_blocks - self._pending
-            room = min(room, self.max_pending_bytes // per_block - self._pending)
+            room = min(room, self.max_pending_bytes // self._per_block_bytes - self._pending)
             take = max(min(room, len(block_ids)), 0)
             self._pending += take
-        try:
-            items: list[tuple[bytes, Value]] = [
-                (self.key(h), self.encode(b, c))
-                for b, h, c in zip(block_ids[:take], hashes[:take], contents[:take], strict=True)
-            ]
-        except BaseException:
-            with self._drained:
-                self._pending -= take
-                self._drained.notify_all()
-            raise
-        for start in range(0, take, self.write_batch):  # full pipelines, one put each
-            self._queue.put(items[start : start + self.write_batch])
         with self._stats_lock:
-            self.stats.blocks_queued += take
             self.stats.blocks_dropped += len(block_ids) - take
+        queued = 0
+        try:
+            for start in range(0, take, self.write_batch):  # full pipelines
+                end = min(start + self.write_batch, take)
+                batch = self._snapshot(block_ids[start:end], hashes[start:end],
+                                       contents[start:end])  # fmt: skip
+                with self._stats_lock:
+                    self.stats.blocks_queued += len(batch)
+                self._queue.put(batch)
+                queued = end
+        except BaseException:
+            with self._drained:  # what was not queued is no longer pending
+                self._pending -= take - queued
+                self._drained.notify_all()
+            with self._stats_lock:
+                self.stats.blocks_dropped += take - queued
+            raise
         return take
+
+    def _snapshot(self, block_ids: Sequence[int], hashes: Sequence[bytes],
+                  contents: Sequence[bytes]) -> list[tuple[bytes, Value]]:  # fmt: skip
+        """(key, value) of each block, each value in a buffer that is not in flight."""
+        return [
+            (self.key(h), self._encode_into(self._take_buffer(self.value_len(c)), b, c))
+            for b, h, c in zip(block_ids, hashes, contents, strict=True)
+        ]
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until every queued block was sent (or dropped). True if it drained."""
@@ -358,10 +463,15 @@ class RemoteKVTier:
 
     def _write_loop(self) -> None:
         while True:
-            batch = self._queue.get()
+            try:  # with free buffers held, wake up after an idle spell to give them back
+                batch = self._queue.get(timeout=self._pool_idle_s if self._free_bytes else None)
+            except queue.Empty:
+                self._trim_pool()
+                continue
             if batch is None:
                 return
             self._send(batch)
+            self._recycle([value for _, value in batch])  # sent or dropped: not in flight
             with self._drained:
                 self._pending -= len(batch)
                 if self._pending == 0:
@@ -495,6 +605,7 @@ class RemoteKVTier:
         self.flush(timeout)
         self._queue.put(None)
         self._writer.join(timeout)
+        self._trim_pool()
         self._reader.shutdown(wait=False, cancel_futures=True)
         with contextlib.suppress(Exception):
             self.store.close()
