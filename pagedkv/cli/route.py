@@ -69,6 +69,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                         "prefix to replicas that have one")  # fmt: skip
     g.add_argument("--kv-max-probe-blocks", type=positive_int, default=1024,
                    help="blocks of a prompt hashed and looked up (default 1024)")  # fmt: skip
+    g.add_argument("--kv-max-probe-bytes", type=positive_int, default=256 * 1024,
+                   help="larger bodies (or first WebSocket messages) are routed by the "
+                        "consistent hash, unprobed (default 256 KiB)")  # fmt: skip
     g.add_argument("--kv-timeout", type=positive_float, default=0.25,
                    help="seconds one lookup may take before the consistent hash decides "
                         "(default 0.25)")  # fmt: skip
@@ -132,6 +135,7 @@ def _kv_routing(args: argparse.Namespace) -> tuple[Any, bytes]:
     auth = load_authenticator(args.api_keys_file, secret=auth_secret_for(hash_secret))
     config = KVRoutingConfig(namespace=args.remote_namespace, block_size=args.block_size,
                              max_probe_blocks=args.kv_max_probe_blocks,
+                             max_probe_bytes=args.kv_max_probe_bytes,
                              timeout_s=args.kv_timeout)  # fmt: skip
     kv = KVRouting(config, hash_secret=hash_secret, tokenizer=tokenizer, auth=auth,
                    remote_url=args.remote_url)  # fmt: skip

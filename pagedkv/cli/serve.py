@@ -12,11 +12,13 @@ Clients: `OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")`, then
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 from pathlib import Path
 from typing import Any
 
 PRESETS = ("tiny", "demo", "llama_1b")
+log = logging.getLogger("pagedkv.cli.serve")
 
 
 def positive_int(text: str) -> int:
@@ -133,7 +135,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--advertise-url", default=None, metavar="URL",
                    help="with --remote-url: the URL the router knows this replica by, under "
                         "which its held block hashes are published for KV-aware routing "
-                        "(default: http://HOST:PORT; give it when binding 0.0.0.0)")  # fmt: skip
+                        "(default: http://HOST:PORT; on a wildcard --host such as 0.0.0.0 "
+                        "nothing is published without it)")  # fmt: skip
     g.add_argument("--kv-publish-interval", type=nonnegative_float, default=1.0,
                    help="seconds between publishes of the held block hashes (default 1; "
                         "0: publish nothing)")  # fmt: skip
@@ -287,6 +290,32 @@ def hash_secret_from_args(args: argparse.Namespace) -> bytes | None:
     return secret
 
 
+def advertise_url_from_args(args: argparse.Namespace) -> str | None:
+    """The URL a replica publishes its held block hashes under: `--advertise-url`, else
+    `http://HOST:PORT`; None (nothing published) without `--remote-url`, with
+    `--kv-publish-interval 0`, or on a wildcard `--host` (0.0.0.0, ::) without
+    `--advertise-url`: no router can reach that address, so the hashes would only
+    sit in Redis, never matched (one warning says so)."""
+    if getattr(args, "remote_url", None) is None or not getattr(args, "kv_publish_interval", 0.0):
+        return None
+    advertise: str | None = getattr(args, "advertise_url", None)
+    if advertise is not None or not hasattr(args, "port"):
+        return advertise
+    bare = args.host.strip("[]")
+    url = f"http://[{bare}]:{args.port}" if ":" in bare else f"http://{bare}:{args.port}"
+    try:
+        wildcard = ipaddress.ip_address(bare).is_unspecified
+    except ValueError:  # a host name
+        wildcard = False
+    if wildcard:
+        log.warning("--host %s with --remote-url and no --advertise-url: not publishing the "
+                    "held block hashes for KV-aware routing (no router can reach %s); give "
+                    "--advertise-url http://ADDRESS:%d, the URL the router knows this "
+                    "replica by", args.host, url, args.port)  # fmt: skip
+        return None
+    return url
+
+
 def engine_config_from_args(
     args: argparse.Namespace,
     model: Any,
@@ -322,16 +351,10 @@ def engine_config_from_args(
         **(scheduler_caps or {}),
     )
     remote_url = getattr(args, "remote_url", None)
-    advertise = getattr(args, "advertise_url", None)
-    if advertise is None and hasattr(args, "port"):
-        host = f"[{args.host}]" if ":" in args.host else args.host
-        advertise = f"http://{host}:{args.port}"
     interval = getattr(args, "kv_publish_interval", 0.0)
-    if remote_url is None or not interval:
-        advertise = None
     fields: dict[str, Any] = dict(
         remote_url=remote_url,
-        advertise_url=advertise,
+        advertise_url=advertise_url_from_args(args),
         publish_interval_s=interval or 1.0,
         publish_max_hashes=getattr(args, "kv_publish_max_hashes", 65536),
         remote_namespace=getattr(args, "remote_namespace", "default"),

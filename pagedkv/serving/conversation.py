@@ -29,7 +29,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pagedkv.model.tokenizer import ChatTokenizer
+from pagedkv.model.tokenizer import ByteTokenizer, ChatTokenizer
 
 ROLES = ("user", "assistant", "system", "developer")
 
@@ -218,19 +218,51 @@ def render_prompt(
     Without `generation_prompt` (a `generate: false` warm-up) the header is left off, so
     the next turn's prompt extends these tokens exactly. With `max_tokens` the result is
     the first `max_tokens` ids of that render, and no item after the one that reaches
-    it is rendered (the router's bounded look at a prompt's prefix).
+    it is taken from `items` (the router's bounded look at a prompt's prefix); with the
+    byte tokenizer (and no `memo`) the text of the item that reaches it is also cut to
+    the budget left before it is encoded (`cut_to_budget`), which leaves those ids as
+    they are and bounds the work by `max_tokens`, not by the text's length.
     """
+    cut = max_tokens is not None and memo is None and isinstance(tok, ByteTokenizer)
     ids = list(tok.prefix_ids)
     system = system_text(instructions, tools)
     if system is not None:
+        if cut:
+            assert max_tokens is not None
+            system = system[: max(max_tokens - len(ids), 0)]
         ids += tok.render_item("system", system)
+    if max_tokens is not None and len(ids) >= max_tokens:
+        return ids[:max_tokens]
     for item in items:
+        if cut:
+            assert max_tokens is not None
+            item = cut_to_budget(item, max_tokens - len(ids))
+        ids += render_item(tok, item, memo, scope)
         if max_tokens is not None and len(ids) >= max_tokens:
             return ids[:max_tokens]
-        ids += render_item(tok, item, memo, scope)
     if generation_prompt:
         ids += tok.render_generation_prompt("assistant")
     return ids if max_tokens is None else ids[:max_tokens]
+
+
+def cut_to_budget(item: Item, budget: int) -> Item:
+    """`item` with its free text (message text, call arguments, call output) cut to
+    `budget` characters. With a byte-level tokenizer (`ByteTokenizer`: every character
+    is one to four ids, and a text's prefix encodes to a prefix of its ids) the first
+    `budget` ids of the cut item's render are those of the whole item's: the text comes
+    after a non-empty header, and `budget` characters give at least `budget` ids."""
+    budget = max(budget, 0)
+    if isinstance(item, Message):
+        return item if len(item.text) <= budget else Message(item.role, item.text[:budget])
+    if isinstance(item, FunctionCall):
+        if len(item.arguments) <= budget:
+            return item
+        return FunctionCall(item.call_id, item.name, item.arguments[:budget])
+    if isinstance(item, FunctionCallOutput):
+        if len(item.output) <= budget:
+            return item
+        return FunctionCallOutput(item.call_id, item.output[:budget])
+    return item
 
 
 def item_to_json(item: Item, *, item_id: str, status: str = "completed") -> dict[str, Any]:

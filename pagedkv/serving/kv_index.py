@@ -25,7 +25,8 @@ replica). The snapshot is taken on the engine thread between steps, once per int
 above); deduplication, the diff against what was published and the Redis calls run on
 a publisher thread. Each publish is one pipeline: SADD what is new, SREM what is gone,
 PEXPIRE, SET the meta. A set found missing (expired, flushed, Redis restarted), a
-failed publish, or every `resync_s`, rewrites the set whole.
+failed publish, or every `resync_s`, rewrites the set whole, in one transaction
+(MULTI/EXEC: DEL, SADD, PEXPIRE, SET), so readers never see it empty or half written.
 
 `meta.compat` is the chain hash of a fixed probe conversation: a router whose
 tokenizer, block size or hash secret differs from a replica's computes another one and
@@ -233,7 +234,10 @@ class HeldIndexPublisher:
         now = self._clock()
         resync = self._resync or now >= self._next_resync
         current = set(snap)
-        pipe = self.client.pipeline(transaction=False)
+        # a rewrite is one MULTI/EXEC: a router reading meanwhile sees the old set or the
+        # new one, never the empty or half-written set between the DEL and the last SADD
+        # (a diff needs none: each of its states is a set the replica held, or nearly)
+        pipe = self.client.pipeline(transaction=resync)
         if resync:
             pipe.delete(self.set_key)
             add, gone = snap, []

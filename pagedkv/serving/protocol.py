@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -546,6 +546,48 @@ def parse_create(body: object, *, websocket: bool) -> CreateRequest:
         stream_id=stream_id,
         prompt_cache_key=cache_key,
     )
+
+
+def parse_prompt_fields(body: object, *, websocket: bool) -> tuple[CreateRequest, Iterator[Item]]:
+    """What a `response.create` body's prompt renders from, looking at nothing else:
+    `instructions`, `tools`, `generate`, `previous_response_id` and `prompt_cache_key`
+    parsed as `parse_create` parses them (every other field of the request left at its
+    default, `items` empty), and an iterator that parses the input items one at a time
+    as they are taken. For the router's bounded look at a prompt's prefix: its work is
+    what the consumer takes, not the body's size.
+
+    For a body `parse_create` accepts, the fields equal its and the iterator yields its
+    items; a body it refuses may raise `ProtocolError` here or from the iterator, or
+    parse to anything (none of the body-wide checks run: `check_encodable`, metadata,
+    sampling fields). The replica that serves the request still checks it whole.
+
+    Raises:
+        ProtocolError: a field above of the wrong type or value.
+    """
+    if not isinstance(body, Mapping):
+        raise _type_error("body", "a JSON object", body)
+    raw_input = body.get("input")
+    items: Iterator[Item]
+    if raw_input is None:
+        items = iter(())
+    elif isinstance(raw_input, str):
+        items = iter((Message("user", raw_input),))
+    elif isinstance(raw_input, list):
+        items = (parse_item(obj, i) for i, obj in enumerate(raw_input))
+    else:
+        raise _type_error("input", "a string or a list of items", raw_input)
+    generate = _opt(body, "generate", (bool,), "a boolean")
+    cache_key = _check_id(_opt(body, "prompt_cache_key", (str,), "a string"), "prompt_cache_key")
+    req = CreateRequest(
+        instructions=_opt(body, "instructions", (str,), "a string"),
+        tools=_parse_tools(body.get("tools")),
+        previous_response_id=_check_id(
+            _opt(body, "previous_response_id", (str,), "a string"), "previous_response_id"
+        ),
+        generate=True if (generate is None or not websocket) else generate,
+        prompt_cache_key=cache_key,
+    )
+    return req, items
 
 
 STEER_FIELDS = ("type", "previous_response_id", "input")

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -184,7 +184,7 @@ def check_request(config: ServerConfig, req: CreateRequest, items: Sequence[Item
 def render_request(
     tokenizer: ChatTokenizer,
     req: CreateRequest,
-    items: Sequence[Item],
+    items: Iterable[Item],
     *,
     memo: RenderMemo | None = None,
     scope: bytes = b"",
@@ -192,7 +192,8 @@ def render_request(
 ) -> list[int]:
     """The prompt tokens of a checked request over the conversation `items`: what the
     engine is sent (`ResponseRun`), and what the router hashes to find the replica
-    holding its prefix (`pagedkv.serving.kv_index`), so the two never disagree."""
+    holding its prefix (`pagedkv.serving.kv_routing`, with `max_tokens` and the items
+    parsed as they are taken: `parse_prompt_fields`), so the two never disagree."""
     return render_prompt(
         tokenizer,
         instructions=req.instructions,

@@ -44,7 +44,7 @@ import math
 import os
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 from starlette.applications import Starlette
@@ -53,7 +53,8 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from pagedkv.serving.kv_routing import KVRouting, best_replica
+if TYPE_CHECKING:  # imported where used: a router without KV routing never loads it
+    from pagedkv.serving.kv_routing import KVRouting
 
 log = logging.getLogger("pagedkv.serving.router")
 
@@ -255,20 +256,28 @@ class Router:
         authorization: str | None,
         *,
         websocket: bool,
+        size: int,
         tried: Sequence[Replica],
     ) -> Replica | None:
         """The replica for a new session: with KV-aware routing the live one holding the
         longest prefix of its prompt (under the load bound), else (and for a retry after
-        a failed connect) the consistent hash's pick; None when none is live."""
+        a failed connect) the consistent hash's pick; None when none is live. `size` is
+        the body's (or first message's) length in bytes.
+
+        The choice is made after the last await: a caller that counts the session in
+        the replica's load before its own next await (as both transports do, before
+        connecting) keeps every concurrent choice under the load bound."""
         if self.kv is None or tried:
             return self.ring.pick(key, exclude=tried)
+        from pagedkv.serving.kv_routing import best_replica
+
         live = [r for r in self.replicas if r.healthy]
         if not live:
             return None
         kv = self.kv
         kv.stats.probes += 1
         outcome, held = await kv.held(body, authorization, websocket=websocket,
-                                      replicas=[r.url for r in live])  # fmt: skip
+                                      replicas=[r.url for r in live], size=size)  # fmt: skip
         ring_pick = self.ring.pick(key)  # loads and health may have moved meanwhile
         if outcome != "ok":
             kv.stats.fell_back(outcome)
@@ -315,11 +324,12 @@ class Router:
         key = routing_key(authorization, parsed, self.secret)
         tried: list[Replica] = []
         while True:
-            r = await self.choose(key, parsed, authorization, websocket=False, tried=tried)
+            r = await self.choose(key, parsed, authorization, websocket=False, size=len(body),
+                                  tried=tried)  # fmt: skip
             if r is None:
                 return _error(503, "no_replica", "no replica is available")
             tried.append(r)
-            r.load += 1
+            r.load += 1  # before the connect's await: concurrent choices see it
             r.served += 1
             try:
                 upstream = await self.client.send(
@@ -339,6 +349,9 @@ class Router:
                 r.load -= 1
                 self.down(r, type(err).__name__)
                 return _error(502, "replica_failed", "the replica failed to answer")
+            except BaseException:  # cancelled (the client left, the router stops)
+                r.load -= 1
+                raise
             out = StreamingResponse(self._relay(upstream, r), status_code=upstream.status_code)
             out.raw_headers = [  # every value kept (set-cookie ...); ours: date, server
                 (k.encode("latin-1"), v.encode("latin-1"))
@@ -388,17 +401,22 @@ class Router:
         # the replica parses the event itself as the request (its fields at the top)
         body = event if isinstance(event, dict) and event.get("type") == "response.create" else None
         while True:
-            r = await self.choose(key, body, authorization, websocket=True, tried=tried)
+            r = await self.choose(key, body, authorization, websocket=True, size=size,
+                                  tried=tried)  # fmt: skip
             if r is None:
                 await _ws_error(ws, "no_replica", "no replica is available", close=1013)
                 return
             tried.append(r)
+            # counted before the handshake's await, so connections opened meanwhile see
+            # it (a slow handshake must not let them all pick this replica)
+            r.load += 1
             try:
                 upstream = await connect(r.ws_url, additional_headers=headers,
                                          max_size=2 * self.config.max_message_bytes,
                                          open_timeout=self.config.connect_timeout_s,
                                          ping_interval=None)  # fmt: skip
             except InvalidStatus as err:
+                r.load -= 1
                 status = err.response.status_code
                 if status >= 500:  # the replica's own failure: try the next one
                     self.down(r, f"handshake answered {status}")
@@ -410,10 +428,13 @@ class Router:
                 return
             except (OSError, EOFError, asyncio.TimeoutError, ConnectionClosed,
                     InvalidHandshake) as err:  # fmt: skip
+                r.load -= 1
                 self.down(r, type(err).__name__)  # dropped or garbled handshake: next one
                 continue
+            except BaseException:  # cancelled (the client left, the router stops)
+                r.load -= 1
+                raise
             break
-        r.load += 1
         r.served += 1
         try:
             await upstream.send(text if text is not None else (data or b""))
