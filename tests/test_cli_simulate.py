@@ -90,7 +90,15 @@ def test_small_run_writes_json_and_png(tmp_path: Path, capsys: pytest.CaptureFix
     assert ideal["hit_ratio"]["total"] == pytest.approx(
         report["workload"]["ideal_hit_ratio"], abs=1e-6
     )
-    assert {r["policy"] for r in report["sweep"]} == {"prefix", "prefix+host", "ours", "pinned"}
+    assert {r["policy"] for r in report["sweep"]} == {
+        "prefix",
+        "prefix+host",
+        "ours",
+        "pinned",
+        "ours-off",
+        "ours-layerwise",
+        "ours+prefetch",
+    }
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -26,7 +26,8 @@ from tier_helpers import (
 from pagedkv.cache.block_manager import BlockManager
 from pagedkv.cache.block_pool import BlockPool
 from pagedkv.cache.hashing import BlockHasher
-from pagedkv.scheduler.config import SchedulerConfig
+from pagedkv.scheduler.config import PrefetchConfig, SchedulerConfig
+from pagedkv.scheduler.cost import CostModel
 from pagedkv.scheduler.errors import OverCapacityError
 from pagedkv.scheduler.eviction import IdleGapModel
 from pagedkv.scheduler.scheduler import SessionScheduler, TurnPlan, TurnReady
@@ -48,10 +49,12 @@ class SchedulerMachine(RuleBasedStateMachine):
         ttl=st.sampled_from([None, 2.0]),
         backup=st.booleans(),
         victim_order=st.sampled_from(["predicted", "lru"]),
+        prefetch=st.booleans(),
+        split=st.sampled_from([None, "layerwise", "serial"]),
     )
     def setup(
         self, num_gpu: int, num_host: int, cap: int, ttl: float | None, backup: bool,
-        victim_order: str,
+        victim_order: str, prefetch: bool, split: str | None,
     ) -> None:  # fmt: skip
         self.clock = Clock()
         self.gpu = KVStore(SPEC, num_gpu, fill=float("nan"))
@@ -64,10 +67,23 @@ class SchedulerMachine(RuleBasedStateMachine):
         cache = TieredKVCache(
             BlockManager(BlockPool(num_gpu, name="gpu"), hasher), host_mgr, self.engine
         )
+        self.prefetch = (
+            PrefetchConfig(
+                headroom=0.0, max_inflight_blocks=6, horizon_s=30.0, min_return_probability=0.05
+            )
+            if prefetch
+            else None
+        )
         config = SchedulerConfig(max_pinned_sessions=cap, max_queue=4, queue_timeout_s=5.0,
                                  idle_ttl_s=ttl, high_watermark=0.9, backup_idle=backup,
-                                 victim_order=victim_order)  # fmt: skip
-        self.sched = SessionScheduler(cache, config, clock=self.clock)
+                                 victim_order=victim_order, prefetch=self.prefetch,
+                                 restore_split=split is not None,
+                                 layerwise_restore=split == "layerwise")  # fmt: skip
+        # with splits on, a link slow enough against compute that restores do split
+        cost = (
+            CostModel(block_size=BS, host_link_bytes_per_s=2e9, gpu_flops=1e16) if split else None
+        )
+        self.sched = SessionScheduler(cache, config, clock=self.clock, cost=cost)
         self.sched.idle_gaps = IdleGapModel(min_samples=2)  # an opinion after two gaps
         self.limit = int(0.9 * num_gpu)
         self.tokens: dict[int, tuple[int, list[int]]] = {}  # open session -> (tenant, history)
@@ -233,6 +249,13 @@ class SchedulerMachine(RuleBasedStateMachine):
                 assert torch.equal(
                     read_tokens(self.gpu, ids, n), expected_tokens(token_values(tenant, hist)[:n])
                 )
+        # prefetch: one restore in flight at most, within its block budget
+        if self.prefetch is not None:
+            flying = list(sched._prefetching.values())
+            assert len(flying) <= 1, flying
+            assert sum(s.prefetched_blocks for s in flying) <= self.prefetch.max_inflight_blocks
+        m = sched.metrics
+        assert m.blocks_prefetch_used <= m.blocks_prefetched
         # no starvation: a waiting turn is blocked only by running turns or copies
         if sched.num_queued:
             running = any(sched.session(s).state == S.ACTIVE for s in self.tokens)

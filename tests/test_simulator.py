@@ -34,7 +34,8 @@ from pagedkv.sim.traces import load_mooncake
 from pagedkv.sim.workload import Request, Workload
 
 PROFILE = HardwareProfile()
-ALL = ("stateless", "prefix", "prefix+host", "ours", "pinned", "ideal")
+OURS_VARIANTS = ("ours-off", "ours-layerwise", "ours+prefetch")
+ALL = ("stateless", "prefix", "prefix+host", "ours", "pinned", "ideal", *OURS_VARIANTS)
 
 
 def tiny_config(**kw: object) -> AgentWorkloadConfig:
@@ -257,7 +258,13 @@ def test_sizes_and_report() -> None:
     sizes = gpu_sweep_sizes(100, 1000, 5)
     assert sizes[0] == 12 and sizes[-1] == 1000 and 100 in sizes and sizes == sorted(sizes)
     jobs = sweep_jobs(parse_policies("all"), settings, w, [50, 80], fixed_cap=False)
-    assert {j.policy.name for j in jobs} == {"prefix", "prefix+host", "ours", "pinned"}
+    assert {j.policy.name for j in jobs} == {
+        "prefix",
+        "prefix+host",
+        "ours",
+        "pinned",
+        *OURS_VARIANTS,
+    }
     assert {j.settings.gpu_blocks for j in jobs} == {50, 80}
     runs = list(tiny_runs().values())
     report = build_report(

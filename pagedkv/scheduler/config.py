@@ -9,6 +9,49 @@ from typing import Literal
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class PrefetchConfig:
+    """When and how much the scheduler prefetches offloaded sessions.
+
+    An offloaded session that the idle-gap model (`IdleGapModel.returns_within`)
+    expects back within `horizon_s` with at least `min_return_probability` is restored
+    before it returns, and lands as an IDLE pinned session. Only one restore is in
+    flight at a time (a prefetch starts only while no turn's own restore is copying, so
+    a foreground restore waits behind one prefetch at most, of at most
+    `max_inflight_blocks`), only with a pin slot free, and only when its blocks fit
+    under the high watermark less `headroom` of the pool without evicting anyone. A
+    prefetched session that has not returned is the first victim when room is needed;
+    its blocks are still on the host, so releasing it copies nothing.
+    """
+
+    headroom: float = 0.05
+    max_inflight_blocks: int = 4096
+    horizon_s: float = 10.0
+    min_return_probability: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.headroom < 1.0:
+            raise ValueError(f"PrefetchConfig.headroom must be in [0, 1), got {self.headroom}")
+        if isinstance(self.max_inflight_blocks, bool) or not isinstance(
+            self.max_inflight_blocks, int
+        ):
+            raise TypeError(
+                "PrefetchConfig.max_inflight_blocks must be an int, got "
+                f"{self.max_inflight_blocks!r}"
+            )
+        if self.max_inflight_blocks < 1:
+            raise ValueError(
+                f"PrefetchConfig.max_inflight_blocks must be >= 1, got {self.max_inflight_blocks}"
+            )
+        if not self.horizon_s > 0:
+            raise ValueError(f"PrefetchConfig.horizon_s must be > 0, got {self.horizon_s}")
+        if not 0.0 < self.min_return_probability <= 1.0:
+            raise ValueError(
+                "PrefetchConfig.min_return_probability must be in (0, 1], got "
+                f"{self.min_return_probability}"
+            )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class SchedulerConfig:
     """How the scheduler admits turns and makes room.
 
@@ -47,6 +90,15 @@ class SchedulerConfig:
         tenant_max_pinned_blocks, tenant_default_max_pinned_blocks: the same for GPU
             blocks held by a tenant's pinned sessions, checked when a turn is admitted:
             over it the turn makes room from its own tenant's idle sessions, or waits.
+        layerwise_restore: the model runner overlaps a restore with the prefill layer by
+            layer (each layer waits only for its own copy), so the cost model plans
+            splits with that overlap.
+        restore_split: plan each restore as load-and-compute (`CostModel.split_restore`):
+            copy the front of the host run and compute the back with the new tokens,
+            where that ends the prefill sooner (counted in `restores_split` and
+            `tokens_split_recomputed`).
+        prefetch: bring offloaded sessions likely to return soon back into free GPU
+            blocks before they return (`PrefetchConfig`; None: off).
     """
 
     max_pinned_sessions: int = 64
@@ -65,6 +117,9 @@ class SchedulerConfig:
     tenant_default_max_pinned: int | None = None
     tenant_max_pinned_blocks: Mapping[str, int | None] = field(default_factory=dict)
     tenant_default_max_pinned_blocks: int | None = None
+    layerwise_restore: bool = False
+    restore_split: bool = False
+    prefetch: PrefetchConfig | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_pinned_sessions", "max_queue"):
@@ -78,12 +133,16 @@ class SchedulerConfig:
             "offload_idle",
             "offload_on_close",
             "backup_idle",
+            "layerwise_restore",
+            "restore_split",
         ):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         # a private read-only copy: mutating the caller's dict cannot bypass validation
         for name in ("tenant_max_pinned", "tenant_max_pinned_blocks"):
             object.__setattr__(self, name, MappingProxyType(dict(getattr(self, name))))
+        if self.prefetch is not None and not isinstance(self.prefetch, PrefetchConfig):
+            raise TypeError(f"prefetch must be a PrefetchConfig or None, got {self.prefetch!r}")
         if self.victim_order not in ("predicted", "lru"):
             raise ValueError(
                 f"victim_order must be 'predicted' or 'lru', got {self.victim_order!r}"

@@ -113,6 +113,18 @@ class IdleGapModel:
         assert later is not None
         return later / now
 
+    def returns_within(self, age_s: float, horizon_s: float) -> float | None:
+        """P(the next turn comes within `horizon_s` | idle for `age_s` so far); None with
+        too few observations. Past every observed gap: 0 (nothing says it returns)."""
+        now = self.survival(age_s)
+        if now is None:
+            return None
+        if now <= 0.0:
+            return 0.0
+        later = self.survival(age_s + horizon_s)
+        assert later is not None
+        return 1.0 - later / now
+
     def _median(self) -> float:
         assert self._survival is not None
         i = int(np.searchsorted(-self._survival, -0.5))  # first edge with survival <= 0.5

@@ -30,6 +30,11 @@ class SchedulerMetrics:
     transfer_failures: int = 0
     admission_waits: int = 0
     admission_refusals: int = 0
+    restores_split: int = 0  # restores planned as load-and-compute (`restore_split`)
+    tokens_split_recomputed: int = 0  # host-resident tokens those computed instead
+    blocks_prefetched: int = 0  # copied host -> GPU ahead of a return (`prefetch`)
+    bytes_prefetched: int = 0
+    blocks_prefetch_used: int = 0  # of those, found on the GPU when their session returned
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)

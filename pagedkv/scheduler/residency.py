@@ -28,6 +28,7 @@ from pagedkv.tiers.results import Backup, TransferResult
 from pagedkv.tiers.tiered import TieredKVCache
 
 S = SessionState
+_PREFETCH_SCAN = 256  # offloaded sessions (latest first) a prefetch decision looks at
 
 
 @dataclass(slots=True)
@@ -107,6 +108,11 @@ class Residency(ABC):
         # cap: a timeout of theirs is the tenant's quota, not the server's capacity
         self._tenant_held: set[object] = set()
         self._block_limit = int(config.high_watermark * cache.gpu.pool.num_blocks)
+        # sessions a prefetch is restoring (no turn of theirs waits on it)
+        self._prefetching: dict[object, Session] = {}
+        # DROPPED sessions with a history, latest last: prefetch candidates with the
+        # offloaded ones (stale entries are skipped and removed when read)
+        self._dropped: OrderedDict[object, Session] = OrderedDict()
 
     @abstractmethod
     def _ready(self, s: Session, hits: Hits) -> TurnPlan:
@@ -214,7 +220,8 @@ class Residency(ABC):
         if self.config.victim_order == "lru":
             return None
         now, stays_idle = self.clock(), self.idle_gaps.stays_idle
-        return lambda v: stays_idle(now - v.last_active)
+        # a prefetched session that has not returned goes first: releasing it is free
+        return lambda v: 2.0 if v.prefetched_blocks else stays_idle(now - v.last_active)
 
     def _backup_in_flight(self, s: Session) -> bool:
         """Whether a backup that `s` itself started is still copying (a closed session
@@ -235,8 +242,8 @@ class Residency(ABC):
     def _backed_up(self, s: Session) -> bool:
         """Whether the host holds (or a backup in flight is copying) every full block of
         an IDLE session, so that releasing its GPU copy loses at most its partial block."""
-        if self.cache.host is None or not self.config.backup_idle:
-            return False
+        if self.cache.host is None or not (self.config.backup_idle or s.prefetched_blocks):
+            return False  # (a prefetched session's blocks came from the host: look there)
         n = self.cache.gpu.table(s.session_id).num_cacheable_blocks
         if n == 0:
             return False
@@ -297,11 +304,13 @@ class Residency(ABC):
             victim.history = host.table(victim.session_id).tokens.copy()
             self.cache.drop_offloaded(victim.session_id)
             victim.state = S.DROPPED
+            self._dropped[victim.session_id] = victim
             self.metrics.sessions_dropped += 1
 
     def _offload(self, s: Session, *, reason: str) -> None:
         """Start offloading a session that was just unpinned; fall back to a drop when the
         host refuses (no room, or an engine error: the cache rolled itself back)."""
+        s.prefetched_blocks = 0  # offloaded again before it returned: a wasted prefetch
         table = self.cache.gpu.table(s.session_id)
         pool = self.cache.gpu.pool
         exclusive = sum(1 for b in table.block_ids if pool.refcount(b) == 1)
@@ -343,10 +352,146 @@ class Residency(ABC):
             s.history = self.cache.host.table(s.session_id).tokens.copy()
             self.cache.drop_offloaded(s.session_id)
             s.state = S.DROPPED
+            self._dropped[s.session_id] = s
         elif s.state == S.OFFLOADED:
             self._offloaded[s.session_id] = s
 
+    def _returned(self, s: Session) -> None:
+        """`s` starts a turn: the blocks a prefetch brought back for it were used, and it
+        is no prefetch candidate any more."""
+        if s.prefetched_blocks:
+            self.metrics.blocks_prefetch_used += s.prefetched_blocks
+            s.prefetched_blocks = 0
+        if self._dropped.get(s.session_id) is s:
+            del self._dropped[s.session_id]
+
+    # ------------------------------------------------------------------ prefetch
+    def _prefetch(self) -> None:
+        """Restore one resting session ahead of its return (`SchedulerConfig.prefetch`):
+        of the offloaded ones and the dropped ones whose blocks the host holds, the one
+        the idle-gap model finds likeliest to return within the horizon, when nothing
+        else is restoring, a pin slot is free and its blocks fit under the watermark
+        less the headroom without making room. It lands as an IDLE session whose blocks
+        the host still holds, and is the first victim when room is needed before it
+        returns (releasing it costs no copy)."""
+        cfg = self.config.prefetch
+        cache = self.cache
+        if cfg is None or cache.host is None or not (self._offloaded or self._dropped):
+            return
+        if cache.restores_in_flight():
+            return  # one copy at a time, and never ahead of a turn's own restore
+        if self._pinned >= self.config.max_pinned_sessions:
+            return
+        now = self.clock()
+        returns_within = self.idle_gaps.returns_within
+        best: tuple[float, Session] | None = None
+        stale: list[object] = []
+        for registry in (self._offloaded, self._dropped):
+            for scanned, s in enumerate(reversed(registry.values())):
+                if scanned >= _PREFETCH_SCAN:
+                    break
+                if registry is self._dropped and (
+                    self._sessions.get(s.session_id) is not s or s.state != S.DROPPED
+                ):
+                    stale.append(s.session_id)
+                    continue
+                if s.pending_tokens is not None or s.session_id in self._prefetching:
+                    continue
+                p = returns_within(now - s.last_active, cfg.horizon_s)
+                if p is None:
+                    return  # too few gaps observed to predict anything
+                if p >= cfg.min_return_probability and (best is None or p > best[0]):
+                    best = (p, s)
+        for sid in stale:
+            del self._dropped[sid]
+        if best is None:
+            return
+        s = best[1]
+        cap = self.config.tenant_pinned_cap(s.tenant)
+        if cap is not None and self._pinned_by_tenant[s.tenant] >= cap:
+            return
+        pool, bs = cache.gpu.pool, cache.block_size
+        limit = int((self.config.high_watermark - cfg.headroom) * pool.num_blocks)
+        if s.state == S.OFFLOADED:
+            if cache.location(s.session_id) != "host":
+                return
+            h = cache.host.table(s.session_id)
+            contents = cache.gpu.hasher.chain_contents(h.root, h.tokens, h.hashes)
+            hits = pool.match_chain(h.hashes, contents, len(h.hashes))
+            need = len(h.block_ids) - len(hits)
+            if (
+                need > cfg.max_inflight_blocks
+                or pool.num_in_use + need + pool.count_cached(hits) > limit
+            ):
+                return
+            try:
+                cache.restore(s.session_id)
+            except OutOfBlocksError:
+                return
+            del self._offloaded[s.session_id]
+        else:
+            history = s.history
+            assert history is not None
+            probe = cache.probe_prefix(history, tenant=s.tenant, extra_keys=s.extra_keys)
+            hits = probe.gpu_hits
+            on_host = 0
+            match = cache.host.pool.match
+            for i in range(len(hits), len(probe.hashes)):
+                if match(probe.hashes[i], probe.contents[i]) is None:
+                    break
+                on_host += 1
+            full = len(history) // bs
+            if on_host == 0 or len(hits) + on_host < full:
+                return  # the host does not hold the rest of it: nothing to bring back
+            need = -(-len(history) // bs) - len(hits)
+            if (
+                on_host > cfg.max_inflight_blocks
+                or pool.num_in_use + need + pool.count_cached(hits) > limit
+            ):
+                return
+            try:
+                cache.begin_sequence(
+                    s.session_id, history, tenant=s.tenant, extra_keys=s.extra_keys, probe=probe
+                )
+            except OutOfBlocksError:
+                return
+            del self._dropped[s.session_id]
+            need = on_host
+        s.prefetched_blocks = need
+        if cache.location(s.session_id) == "gpu":  # nothing to copy: on the GPU already
+            self._prefetch_landed(s, ok=True)
+        else:
+            self._prefetching[s.session_id] = s
+
+    def _prefetch_landed(self, s: Session, *, ok: bool) -> None:
+        """A prefetch restore completed: pin `s` as IDLE (its full blocks are on the
+        host, so a later eviction just releases it), or release it when the copy failed
+        or no pin slot is left."""
+        cache = self.cache
+        table = cache.gpu.table(s.session_id)
+        cap = self.config.tenant_pinned_cap(s.tenant)
+        if (
+            ok
+            and self._pinned < self.config.max_pinned_sessions
+            and (cap is None or self._pinned_by_tenant[s.tenant] < cap)
+        ):
+            self.metrics.blocks_prefetched += s.prefetched_blocks
+            self.metrics.bytes_prefetched += s.prefetched_blocks * self.cost.bytes_per_block
+            s.state = S.IDLE
+            s.history = None
+            s.backup_tokens = table.num_cacheable_blocks * cache.block_size
+            self._pin(s)
+            self._idle.add(s)
+            return
+        s.prefetched_blocks = 0
+        s.history = table.tokens.copy()
+        cache.free(s.session_id)
+        s.state = S.DROPPED
+        s.evicted_by = "prefetch"
+        self._dropped[s.session_id] = s
+
     def _drop(self, s: Session, *, reason: str) -> None:
+        s.prefetched_blocks = 0  # released before it returned: that prefetch was wasted
         table = self.cache.gpu.table(s.session_id)
         s.history = table.tokens.copy()
         if reason != "backed_up":  # those blocks live on in the host tier
@@ -354,6 +499,8 @@ class Residency(ABC):
         self.cache.free(s.session_id)
         s.state = S.DROPPED
         s.evicted_by = reason
+        self._dropped[s.session_id] = s
+        self._dropped.move_to_end(s.session_id)
         if reason == "backed_up":
             self.metrics.sessions_released_backed_up += 1
         elif reason != "release":
@@ -441,6 +588,11 @@ class Residency(ABC):
             return
         self.metrics.blocks_restored += r.num_blocks_copied
         self.metrics.bytes_restored += moved_bytes
+        prefetched = self._prefetching.pop(r.seq_id, None)
+        if prefetched is not None:
+            if prefetched is s:
+                self._prefetch_landed(s, ok=r.ok)
+            return
         hits = self._waiting.pop(r.seq_id, None)
         if s is None or hits is None:
             return

@@ -264,6 +264,8 @@ class SessionScheduler(Residency):
         self._queues.get(s.priority, OrderedDict()).pop(session_id, None)
         self._idle.remove(s)
         self._offloaded.pop(session_id, None)
+        self._prefetching.pop(session_id, None)
+        self._dropped.pop(session_id, None)
         self._waiting.pop(session_id, None)
         self._releasing.pop(session_id, None)
         if s.is_pinned:
@@ -329,6 +331,7 @@ class SessionScheduler(Residency):
             while (idle := self._idle.oldest()) is not None and now - idle.last_active >= ttl:
                 self._evict(idle)
         self._admit_queued()
+        self._prefetch()
         events = list(self._events)
         self._events.clear()
         return events
@@ -374,8 +377,10 @@ class SessionScheduler(Residency):
             if not self._make_room(s, Need(need, (), False)):
                 return None
             self._idle.remove(s)
+            self._returned(s)
             s.state = S.ACTIVE
-            return self._ready(s, Hits(pinned=table.num_tokens))
+            # a prefetched session may hold a tail to compute (a partial block)
+            return self._ready(s, Hits(pinned=table.num_computed_tokens))
         if s.state == S.OFFLOADED:
             assert self.cache.host is not None
             h = self.cache.host.table(s.session_id)
@@ -383,10 +388,19 @@ class SessionScheduler(Residency):
             need = -(-(h.num_tokens + len(tokens)) // bs) - len(restore_hits)
             if not self._make_room(s, Need(need, tuple(restore_hits), True)):
                 return None
+            max_restore = None
+            if self.config.restore_split:
+                num_host = len(h.block_ids) - len(restore_hits)
+                j = self._split_plan(len(restore_hits) * bs, num_host, len(tokens), count=False)
+                max_restore = j if j < num_host else None
             try:
-                plan = self.cache.restore(s.session_id, extra_tokens=tokens)
+                plan = self.cache.restore(
+                    s.session_id, extra_tokens=tokens, max_restore_blocks=max_restore
+                )
             except OutOfBlocksError:
                 return None
+            if max_restore is not None:
+                self._count_split(len(h.block_ids) - len(restore_hits) - max_restore)
             s.pending_tokens = None  # appended (and their blocks reserved) by restore
             self._offloaded.pop(s.session_id, None)
             hits = Hits(gpu=plan.num_gpu_cached_tokens)
@@ -411,18 +425,36 @@ class SessionScheduler(Residency):
                     extra_keys=s.extra_keys,
                     max_cached_tokens=max_cached,
                     probe=probe,
+                    split=self._split_plan if self.config.restore_split else None,
                 )
             except OutOfBlocksError:
                 return None
             s.history = s.chain = None
             s.pending_tokens = None  # the new tokens are in the sequence already
             hits = Hits(gpu=plan.num_gpu_cached_tokens)
+        self._returned(s)
         self._pin(s)
         s.state = S.ACTIVE
         if plan.pending:
             self._waiting[s.session_id] = hits
             return True
         return self._ready(s, hits)
+
+    def _split_plan(
+        self, cached_tokens: int, num_blocks: int, num_after: int, *, count: bool = True
+    ) -> int:
+        """How many of `num_blocks` host blocks (after `cached_tokens` on the GPU, before
+        `num_after` more tokens) to copy; the rest is computed (`CostModel.split_restore`)."""
+        j, _end = self.cost.split_restore(
+            num_blocks, cached_tokens, num_after, layerwise=self.config.layerwise_restore
+        )
+        if count and j < num_blocks:
+            self._count_split(num_blocks - j)
+        return j
+
+    def _count_split(self, num_recomputed_blocks: int) -> None:
+        self.metrics.restores_split += 1
+        self.metrics.tokens_split_recomputed += num_recomputed_blocks * self.cache.block_size
 
     def _gpu_hits(self, root: bytes, tokens: np.ndarray, hashes: list[bytes]) -> list[int]:
         """The GPU blocks holding the longest cached prefix of this chain."""
@@ -522,9 +554,16 @@ class SessionScheduler(Residency):
                 assert loc in ("gpu", "restoring"), (s.session_id, loc)
                 assert (loc == "restoring") == (s.session_id in self._waiting), s.session_id
             if s.state == S.DROPPED:
-                assert loc is None and s.history is not None, (s.session_id, loc)
+                prefetching = s.session_id in self._prefetching
+                assert (loc is None or (loc == "restoring" and prefetching)) and (
+                    s.history is not None
+                ), (s.session_id, loc)
             if s.state == S.OFFLOADED:
-                assert loc in ("host", "offloading"), (s.session_id, loc)
+                prefetching = s.session_id in self._prefetching
+                assert loc in ("host", "offloading") or (loc == "restoring" and prefetching), (
+                    s.session_id,
+                    loc,
+                )
                 assert (loc == "offloading") == (s.session_id in self._releasing), s.session_id
                 assert (loc == "host") == (s.session_id in self._offloaded), s.session_id
             in_queues = sum(s.session_id in q for q in self._queues.values())

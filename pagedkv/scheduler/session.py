@@ -44,6 +44,8 @@ class Session:
     queued_at: float | None = None  # set while a turn waits in the admission queue
     idle_since: float | None = None  # end of the last turn, until the next is submitted
     backup_tokens: int = 0  # tokens whose full blocks its latest backup covers
+    # blocks a prefetch brought back while it rested on the host (0 once it returned)
+    prefetched_blocks: int = field(default=0, repr=False)
     # why the session is not on the GPU (for metrics): "offload", "drop", "release"
     evicted_by: str | None = field(default=None, repr=False)
     # a waiting turn's hash chain, kept between admission attempts so a retry only

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from pagedkv.scheduler.config import SchedulerConfig
+from pagedkv.scheduler.config import PrefetchConfig, SchedulerConfig
 from pagedkv.scheduler.cost import CostModel
 from pagedkv.sim.workload import Workload
 
@@ -114,6 +114,13 @@ class Policy:
             `pin_sessions`, a turn whose prompt has a longer cached prefix than its
             session holds closes and resumes the session, so every turn gets the
             per-turn ideal (`Workload.turn_ideal`).
+        layerwise: a turn waiting on a restore starts its prefill when the first layer
+            has landed, each layer waiting only for its own copy
+            (`CostModel.layerwise_end_s`).
+        split: plan each restore as load-and-compute (`CostModel.split_restore`):
+            recompute the front while the back crosses the link.
+        prefetch: restore offloaded sessions likely to return soon into free GPU
+            blocks ahead of their return (`SchedulerConfig.prefetch`).
     """
 
     name: str
@@ -127,6 +134,9 @@ class Policy:
     idle_ttl: bool = False
     backup_idle: bool = False
     infinite_gpu: bool = False
+    layerwise: bool = False
+    split: bool = False
+    prefetch: bool = False
 
 
 POLICIES: dict[str, Policy] = {
@@ -151,12 +161,47 @@ POLICIES: dict[str, Policy] = {
         Policy(
             name="ours",
             summary="pinned sessions, admission cap, write-back and cost-aware idle "
-            "offload, hash fallback on reconnect",
+            "offload, hash fallback on reconnect; restores overlap the prefill layer by "
+            "layer and split with recompute where that ends sooner",
             pin_sessions=True,
             host_tier=True,
             capped=True,
             idle_ttl=True,
             backup_idle=True,
+            layerwise=True,
+            split=True,
+        ),
+        Policy(
+            name="ours-off",
+            summary="ours with whole restores before the prefill and no split",
+            pin_sessions=True,
+            host_tier=True,
+            capped=True,
+            idle_ttl=True,
+            backup_idle=True,
+        ),
+        Policy(
+            name="ours-layerwise",
+            summary="ours-off with layer-wise restores (no split)",
+            pin_sessions=True,
+            host_tier=True,
+            capped=True,
+            idle_ttl=True,
+            backup_idle=True,
+            layerwise=True,
+        ),
+        Policy(
+            name="ours+prefetch",
+            summary="ours, and offloaded sessions likely to return soon are restored "
+            "ahead of their return",
+            pin_sessions=True,
+            host_tier=True,
+            capped=True,
+            idle_ttl=True,
+            backup_idle=True,
+            layerwise=True,
+            split=True,
+            prefetch=True,
         ),
         Policy(
             name="pinned",
@@ -242,6 +287,9 @@ def scheduler_config(policy: Policy, settings: SimSettings) -> SchedulerConfig:
         reuse_prefix=policy.reuse_prefix,
         offload_idle=policy.offload_idle,
         backup_idle=policy.backup_idle and policy.host_tier,
+        layerwise_restore=policy.layerwise,
+        restore_split=policy.split and policy.host_tier,
+        prefetch=PrefetchConfig() if policy.prefetch and policy.host_tier else None,
     )
 
 

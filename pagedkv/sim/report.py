@@ -147,6 +147,23 @@ def summarize(
             "host_blocks_in_use": run.end_host_in_use,
             "sessions_open": run.end_sessions_open,
         },
+        "restores": {
+            "layerwise": run.policy.layerwise,
+            "split": run.policy.split,
+            "prefetch": run.policy.prefetch,
+            "restores_split": m.get("restores_split", 0),
+            "tokens_split_recomputed": m.get("tokens_split_recomputed", 0),
+            "blocks_prefetched": m.get("blocks_prefetched", 0),
+            "bytes_prefetched": m.get("bytes_prefetched", 0),
+            "blocks_prefetch_used": m.get("blocks_prefetch_used", 0),
+            "prefetch_hit_rate": round(m["blocks_prefetch_used"] / m["blocks_prefetched"], 6)
+            if m.get("blocks_prefetched")
+            else None,
+            "prefetch_wasted_bytes": (
+                m.get("blocks_prefetched", 0) - m.get("blocks_prefetch_used", 0)
+            )
+            * bpb,
+        },
         "metrics": m,
         "sim_end_s": round(run.sim_end_s, 3),
         "wall_s": round(run.wall_s, 3),
@@ -318,6 +335,45 @@ def format_tables(report: dict[str, Any]) -> str:
         lat_rows,
     )
     out = [*head, "", cache, "", latency]
+    mech = [
+        p
+        for p in report["policies"]
+        if any(p["restores"][k] for k in ("layerwise", "split", "prefetch"))
+    ]
+    if mech:
+        rows = []
+        for p in report["policies"]:
+            r = p["restores"]
+            rows.append(
+                [
+                    p["policy"],
+                    "yes" if r["layerwise"] else "no",
+                    "yes" if r["split"] else "no",
+                    f"{r['restores_split']:,}",
+                    f"{r['tokens_split_recomputed']:,}",
+                    "yes" if r["prefetch"] else "no",
+                    _num(r["bytes_prefetched"] / GB),
+                    _pct_text(r["prefetch_hit_rate"]),
+                    _num(r["prefetch_wasted_bytes"] / GB),
+                ]
+            )
+        out += [
+            "",
+            _table(
+                [
+                    "policy",
+                    "layer-wise",
+                    "split",
+                    "split restores",
+                    "split tok",
+                    "prefetch",
+                    "prefetched GB",
+                    "prefetch hit",
+                    "wasted GB",
+                ],
+                rows,
+            ),
+        ]
     if report["sweep"]:
         sizes = sorted({r["gpu_kv_gb"] for r in report["sweep"]})
         names = list(dict.fromkeys(r["policy"] for r in report["sweep"]))

@@ -229,12 +229,25 @@ class _Node:
         self.gpu_pool = gpu.pool
         self.host_pool = host.pool if use_host else None
         self.queued: dict[str, int] = {}  # scheduler id -> request, while in the queue
+        # scheduler id -> (admitted at, copy start, copy end, blocks) of the restore a
+        # turn waits on
+        self.restore_of: dict[str, tuple[float, float, float, int]] = {}
         self.gpu_free_s = 0.0  # when the prefill timeline is next free
         self.num_open = 0  # connections open on it (the router's load)
         self.num_requests = 0
         self.num_computed = 0
         self.busy_s = 0.0  # prefill seconds
         self.peak_gpu_in_use = self.peak_host_in_use = self.peak_pinned = 0
+
+    def note_restore(self, sid: str) -> None:
+        """Remember the restore copy a just-admitted turn waits on (for the layer-wise
+        timing)."""
+        handle = self.sched.cache.pending_transfer(sid)
+        if handle is None or handle.direction != "restore" or handle.ready_at is None:
+            return
+        n = handle.num_blocks
+        end = handle.ready_at
+        self.restore_of[sid] = (self.clock.now, end - self.engine.duration(n), end, n)
 
     def block_engine(self, until_s: float) -> None:
         """The engine thread is blocked until `until_s` (a synchronous remote read): no
@@ -318,6 +331,7 @@ class _Replay:
         self.running: dict[str, tuple[int, _Conn]] = {}  # scheduler id -> (request, conn)
         self.decode_heap: list[tuple[float, int, int]] = []  # (end, request, request)
         self.refusals: Counter[str] = Counter()
+        self.policy = policy
         self.check_every = check_every
         self.on_progress = on_progress
         self.num_finished = 0
@@ -457,6 +471,7 @@ class _Replay:
             node.queued[sid] = i
         else:
             self.rec.admit_s[i] = self.clock.now  # admitted; waiting for a restore copy
+            node.note_restore(sid)
 
     def _cache_beats_session(self, i: int, conn: _Conn) -> bool:
         """Whether request `i` finds a longer servable prefix in the GPU cache than the
@@ -480,14 +495,23 @@ class _Replay:
         node.sched.mark_computed(plan.session_id)
         if math.isnan(rec.admit_s[i]):
             rec.admit_s[i] = now
+        cost = node.cost
+        took = cost.prefill_s(plan.num_computed, plan.compute_start)
         start = max(now, node.gpu_free_s)
-        took = node.cost.prefill_s(plan.num_computed, plan.compute_start)
         end = start + took
+        restore = node.restore_of.pop(plan.session_id, None)  # type: ignore[call-overload]
+        if restore is not None and self.policy.layerwise:
+            _admitted, copy_start, copy_end, _n = restore
+            first_layer = copy_start + (copy_end - copy_start) / cost.num_layers
+            start = max(node.gpu_free_s, first_layer)
+            end = cost.layerwise_end_s(
+                gpu_start_s=start, copy_start_s=copy_start, copy_end_s=copy_end, prefill_s=took
+            )
         node.gpu_free_s = end
         node.busy_s += took
         node.num_requests += 1
         node.num_computed += plan.num_computed
-        rec.ready_s[i] = now
+        rec.ready_s[i] = min(now, start)  # a layer-wise start is before the copy ends
         rec.prefill_start_s[i] = start
         rec.first_token_s[i] = end
         rec.prompt_tokens[i] = plan.num_tokens
@@ -553,6 +577,7 @@ class _Replay:
             if not node.sched.session(sid).is_queued:
                 del node.queued[sid]
                 self.rec.admit_s[i] = now
+                node.note_restore(sid)
 
 
 def replay(

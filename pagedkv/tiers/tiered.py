@@ -18,6 +18,7 @@ Metadata only: the bytes move in the `TransferEngine` (real or simulated).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -112,6 +113,11 @@ class TieredKVCache:
     def is_pending(self, seq_id: SeqId) -> bool:
         return seq_id in self._pending
 
+    def pending_transfer(self, seq_id: SeqId) -> TransferHandle | None:
+        """The copy in flight for `seq_id` (an offload, a restore or a `Backup`), or None."""
+        pending = self._pending.get(seq_id)
+        return None if pending is None else pending.handle
+
     @property
     def num_pending(self) -> int:
         return len(self._pending)
@@ -160,10 +166,14 @@ class TieredKVCache:
         extra_keys: bytes = b"",
         max_cached_tokens: int | None = None,
         probe: PrefixProbe | None = None,
+        split: Callable[[int, int, int], int] | None = None,
     ) -> PrefixPlan:
         """Create a GPU sequence for `tokens`, reusing GPU then host blocks by hash.
 
         `probe` (from `probe_prefix` on the same tokens and tenant) saves hashing again.
+        `split(gpu_cached_tokens, host_blocks, tokens_after)` plans a load-and-compute
+        split of the host run (`CostModel.split_restore`): how many of its blocks to copy;
+        the rest is computed with the new tokens.
 
         Raises:
             ValueError: `seq_id` already exists in either tier.
@@ -220,6 +230,14 @@ class TieredKVCache:
                 start += len(fetched)
                 if len(fetched) < want:
                     break
+        if split is not None and host_ids:
+            # a load-and-compute split: copy the first `keep` blocks, compute the rest
+            rest = table.num_tokens - (k1 + len(host_ids)) * bs
+            keep = min(len(host_ids), max(0, split(k1 * bs, len(host_ids), rest)))
+            assert self.host is not None
+            if keep < len(host_ids):
+                self.host.pool.release(host_ids[keep:][::-1])
+                host_ids = host_ids[:keep]
         if host_ids:
             assert self.host is not None
             positions = list(range(k1, k1 + len(host_ids)))
@@ -340,12 +358,21 @@ class TieredKVCache:
         p = self._pending.get(Backup(seq_id))
         return list(p.held_gpu) if p is not None and p.is_backup else []
 
-    def restore(self, seq_id: SeqId, extra_tokens: TokenInput | None = None) -> PrefixPlan:
+    def restore(
+        self,
+        seq_id: SeqId,
+        extra_tokens: TokenInput | None = None,
+        *,
+        max_restore_blocks: int | None = None,
+    ) -> PrefixPlan:
         """Start bringing an offloaded sequence back into (new) GPU blocks.
 
         Blocks still cached on the GPU are reused without a copy. `extra_tokens` (the next
         turn's input) are appended at once, so their blocks are reserved now; at least
         their last token is left to compute (the plan's slot mapping covers those).
+        `max_restore_blocks` copies at most that many blocks after the GPU hits and
+        leaves the rest of the history to compute with the new tokens (a load-and-compute
+        split, `CostModel.split_restore`; 0: recompute everything not on the GPU).
 
         Raises:
             ValueError: the sequence is not offloaded (or has a copy in flight).
@@ -359,6 +386,15 @@ class TieredKVCache:
             )
         h = host.table(seq_id)
         extra = as_token_array(extra_tokens if extra_tokens is not None else [])
+        if max_restore_blocks is not None and (
+            isinstance(max_restore_blocks, bool)
+            or not isinstance(max_restore_blocks, int)
+            or max_restore_blocks < 0
+        ):
+            raise ValueError(
+                f"restore {seq_id!r}: max_restore_blocks must be an int >= 0 or None, "
+                f"got {max_restore_blocks!r}"
+            )
         bs = self.block_size
         # check first: GPU hits on the history, then blocks for history + extra
         contents = self.gpu.hasher.chain_contents(h.root, h.tokens, h.hashes)
@@ -378,20 +414,28 @@ class TieredKVCache:
         k = len(r.hit_block_ids)
         g = self.gpu.table(seq_id)
         positions = list(range(k, len(h.block_ids)))
+        valid_end = h.num_tokens
+        if max_restore_blocks is not None and max_restore_blocks < len(positions):
+            positions = positions[:max_restore_blocks]
+            valid_end = (k + len(positions)) * bs  # the rest is computed with the new tokens
         self._submit(
-            _Pending(seq_id, TransferHandle("restore", [], []), positions, valid_end=h.num_tokens),
+            _Pending(seq_id, TransferHandle("restore", [], []), positions, valid_end=valid_end),
             [h.block_ids[i] for i in positions],
             [g.block_ids[i] for i in positions],
         )
         pending = seq_id in self._pending
-        start = h.num_tokens if pending else g.num_computed_tokens
+        start = valid_end if pending else g.num_computed_tokens
         return PrefixPlan(
             num_gpu_cached_tokens=k * bs,
-            num_host_cached_tokens=h.num_tokens - k * bs,
+            num_host_cached_tokens=start - k * bs,
             compute_start=start,
             slot_mapping=self.gpu.slot_mapping(seq_id, start, g.num_tokens),
             pending=pending,
         )
+
+    def restores_in_flight(self) -> int:
+        """Restore copies in flight."""
+        return sum(1 for p in self._pending.values() if p.handle.direction == "restore")
 
     def drop_offloaded(self, seq_id: SeqId) -> None:
         """Release an offloaded sequence's host blocks (its full blocks stay findable
