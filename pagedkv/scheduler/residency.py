@@ -426,7 +426,7 @@ class Residency(ABC):
                 return
             try:
                 cache.restore(s.session_id)
-            except OutOfBlocksError:
+            except (OutOfBlocksError, RuntimeError, ValueError):  # an engine that refused
                 return
             del self._offloaded[s.session_id]
         else:
@@ -453,7 +453,7 @@ class Residency(ABC):
                 cache.begin_sequence(
                     s.session_id, history, tenant=s.tenant, extra_keys=s.extra_keys, probe=probe
                 )
-            except OutOfBlocksError:
+            except (OutOfBlocksError, RuntimeError, ValueError):  # an engine that refused
                 return
             del self._dropped[s.session_id]
             need = on_host

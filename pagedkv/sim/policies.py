@@ -8,7 +8,7 @@ policy replays through the same `SessionScheduler`, `TieredKVCache` and `BlockPo
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from pagedkv.scheduler.config import PrefetchConfig, SchedulerConfig
 from pagedkv.scheduler.cost import CostModel
@@ -139,6 +139,19 @@ class Policy:
     prefetch: bool = False
 
 
+_OURS = Policy(
+    name="ours",
+    summary="pinned sessions, admission cap, write-back and cost-aware idle "
+    "offload, hash fallback on reconnect; restores overlap the prefill layer by "
+    "layer and split with recompute where that ends sooner",
+    pin_sessions=True,
+    host_tier=True,
+    capped=True,
+    idle_ttl=True,
+    backup_idle=True,
+    layerwise=True,
+    split=True,
+)
 POLICIES: dict[str, Policy] = {
     p.name: p
     for p in (
@@ -158,49 +171,25 @@ POLICIES: dict[str, Policy] = {
             host_tier=True,
             offload_on_release=True,
         ),
-        Policy(
-            name="ours",
-            summary="pinned sessions, admission cap, write-back and cost-aware idle "
-            "offload, hash fallback on reconnect; restores overlap the prefill layer by "
-            "layer and split with recompute where that ends sooner",
-            pin_sessions=True,
-            host_tier=True,
-            capped=True,
-            idle_ttl=True,
-            backup_idle=True,
-            layerwise=True,
-            split=True,
-        ),
-        Policy(
+        _OURS,
+        replace(
+            _OURS,
             name="ours-off",
             summary="ours with whole restores before the prefill and no split",
-            pin_sessions=True,
-            host_tier=True,
-            capped=True,
-            idle_ttl=True,
-            backup_idle=True,
+            layerwise=False,
+            split=False,
         ),
-        Policy(
+        replace(
+            _OURS,
             name="ours-layerwise",
             summary="ours-off with layer-wise restores (no split)",
-            pin_sessions=True,
-            host_tier=True,
-            capped=True,
-            idle_ttl=True,
-            backup_idle=True,
-            layerwise=True,
+            split=False,
         ),
-        Policy(
+        replace(
+            _OURS,
             name="ours+prefetch",
             summary="ours, and offloaded sessions likely to return soon are restored "
             "ahead of their return",
-            pin_sessions=True,
-            host_tier=True,
-            capped=True,
-            idle_ttl=True,
-            backup_idle=True,
-            layerwise=True,
-            split=True,
             prefetch=True,
         ),
         Policy(
