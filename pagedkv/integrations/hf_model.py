@@ -131,6 +131,8 @@ def paged_attention_forward(
             f"pagedkv attention: query must be [1, Hq, T, D] (one packed row), got "
             f"{tuple(query.shape)}"
         )
+    if batch.wait_layer is not None:  # a layer-wise restore: this layer's copy first
+        batch.wait_layer(layer)
     kv = step.kv_store
     k_cache, v_cache = kv.k_cache(layer), kv.v_cache(layer)
     q = query[0].transpose(0, 1)  # [T, Hq, D]

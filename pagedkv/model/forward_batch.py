@@ -9,7 +9,7 @@ ids, vectorised (NumPy over all tokens at once, a Python loop only over sequence
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import InitVar, dataclass
 from typing import NamedTuple
 
@@ -53,6 +53,10 @@ class ForwardBatch:
         max_query_len: the largest number of new tokens of one sequence (host-known, so
             launches need no device read). 1 means a pure decode step (T == B).
         max_seq_len: an upper bound of `seq_lens` (host-known).
+        wait_layer: None, or called with i just before layer i reads or writes the cache
+            (a layer-wise restore: layer i of the blocks being copied in is in place once
+            it returns; `TransferHandle.wait_layer`). Models call it once per layer, in
+            order.
         check_values: (init only, not stored) check the values of CPU tensors (below);
             `build_forward_batch` passes False, its output being valid by construction
             (saves ~0.1 ms a step). `dataclasses.replace` checks again.
@@ -77,6 +81,7 @@ class ForwardBatch:
     block_tables: torch.Tensor
     max_query_len: int
     max_seq_len: int
+    wait_layer: Callable[[int], None] | None = None
     check_values: InitVar[bool] = True
 
     def __post_init__(self, check_values: bool) -> None:
@@ -103,6 +108,10 @@ class ForwardBatch:
             raise ValueError(
                 f"ForwardBatch.block_tables must be [B, max_blocks] with B == {num_seqs} and "
                 f"max_blocks >= 1, got shape {tuple(self.block_tables.shape)}"
+            )
+        if self.wait_layer is not None and not callable(self.wait_layer):
+            raise TypeError(
+                f"ForwardBatch.wait_layer must be callable or None, got {self.wait_layer!r}"
             )
         max_query_len = _check_int("max_query_len", self.max_query_len, 1)
         _check_int("max_seq_len", self.max_seq_len, 1)
@@ -199,6 +208,7 @@ class ForwardBatch:
             block_tables=move(self.block_tables),
             max_query_len=self.max_query_len,
             max_seq_len=self.max_seq_len,
+            wait_layer=self.wait_layer,
         )
 
 
@@ -237,6 +247,7 @@ def build_forward_batch(
     max_blocks: int | None = None,
     vocab_size: int | None = None,
     device: str | torch.device = "cpu",
+    wait_layer: Callable[[int], None] | None = None,
 ) -> ForwardBatch:
     """Build a `ForwardBatch` on the host from each sequence's chunk, then move it.
 
@@ -250,6 +261,7 @@ def build_forward_batch(
             keeps shapes static across steps (CUDA graphs).
         vocab_size: if given, token ids are checked to be in `[0, vocab_size)`.
         device: where the tensors go (copied once, after all host work).
+        wait_layer: the batch's `wait_layer` (a layer-wise restore), or None.
 
     Raises:
         TypeError: ids that are not integers.
@@ -316,6 +328,7 @@ def build_forward_batch(
         block_tables=torch.from_numpy(block_tables),
         max_query_len=int(query_lens.max()),
         max_seq_len=int(seq_lens.max()),
+        wait_layer=wait_layer,
         check_values=False,  # valid by construction (every input was checked above)
     )
     return batch if torch.device(device).type == "cpu" else batch.to(device)

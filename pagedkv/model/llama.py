@@ -264,7 +264,10 @@ class LlamaModel(nn.Module):
         dtype = self.config.torch_dtype
         x = self.model.embed_tokens(batch.input_ids)  # [T, hidden]
         cos, sin = rope_cos_sin(batch.positions, self.inv_freq, dtype)  # [T, 1, D] each
+        wait_layer = batch.wait_layer
         for i, layer in enumerate(self.model.layers):
+            if wait_layer is not None:  # a layer-wise restore: layer i's copy first
+                wait_layer(i)
             x = layer(x, cos, sin, batch, kv_store.k_cache(i), kv_store.v_cache(i))
         if not batch.is_decode:
             last = batch.query_start_loc[1:].long() - 1  # [B], each sequence's last token

@@ -10,45 +10,81 @@ from typing import Literal
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PrefetchConfig:
-    """When and how much the scheduler prefetches offloaded sessions.
+    """When and how much the scheduler prefetches resting sessions.
 
-    An offloaded session that the idle-gap model (`IdleGapModel.returns_within`)
-    expects back within `horizon_s` with at least `min_return_probability` is restored
-    before it returns, and lands as an IDLE pinned session. Only one restore is in
+    An offloaded session (or a dropped one whose blocks the host holds) that the
+    idle-gap model (`IdleGapModel.returns_within`) expects back within its window with
+    at least `min_return_probability` is restored before it returns, and lands as an
+    IDLE pinned session. Its window is `horizon_s`, cut where the idle TTL would offload
+    it again (a session idle past the TTL is no candidate). Only one restore is in
     flight at a time (a prefetch starts only while no turn's own restore is copying, so
     a foreground restore waits behind one prefetch at most, of at most
-    `max_inflight_blocks`), only with a pin slot free, and only when its blocks fit
-    under the high watermark less `headroom` of the pool without evicting anyone. A
-    prefetched session that has not returned is the first victim when room is needed;
-    its blocks are still on the host, so releasing it copies nothing.
+    `max_inflight_blocks`), only with a pin slot free, within its tenant's caps, and
+    only when its blocks fit under the high watermark less `headroom` of the pool
+    without evicting anyone.
+
+    A prefetched session that has not returned is evictable by anyone (whatever its
+    priority or tenant share): with `protect`, only as a last resort until its window
+    ends, then first; without, always first. Its blocks are still on the host, so
+    releasing it copies nothing, but the copy was wasted: that session is then not
+    prefetched again for `backoff_s`, doubled for each further waste, until it returns.
+
+    Waste budget: a prefetch of `n` blocks starts only while `min_hit_rate * n` fits in
+    `waste_allowance_blocks + (1 - min_hit_rate) * used - min_hit_rate * (wasted +
+    undecided)` (blocks prefetched and used, wasted, or neither yet), so that waste stays
+    under `1 - min_hit_rate` of the prefetched blocks plus the allowance over a run, and
+    prefetch stops while the observed hit rate is under `min_hit_rate` (0: no budget).
     """
 
     headroom: float = 0.05
     max_inflight_blocks: int = 4096
     horizon_s: float = 10.0
     min_return_probability: float = 0.5
+    protect: bool = True
+    backoff_s: float = 60.0
+    min_hit_rate: float = 0.8
+    waste_allowance_blocks: int = 1024
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.headroom < 1.0:
             raise ValueError(f"PrefetchConfig.headroom must be in [0, 1), got {self.headroom}")
-        if isinstance(self.max_inflight_blocks, bool) or not isinstance(
-            self.max_inflight_blocks, int
-        ):
-            raise TypeError(
-                "PrefetchConfig.max_inflight_blocks must be an int, got "
-                f"{self.max_inflight_blocks!r}"
-            )
+        for name in ("max_inflight_blocks", "waste_allowance_blocks"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"PrefetchConfig.{name} must be an int, got {value!r}")
         if self.max_inflight_blocks < 1:
             raise ValueError(
                 f"PrefetchConfig.max_inflight_blocks must be >= 1, got {self.max_inflight_blocks}"
             )
-        if not self.horizon_s > 0:
-            raise ValueError(f"PrefetchConfig.horizon_s must be > 0, got {self.horizon_s}")
+        if self.waste_allowance_blocks < 0:
+            raise ValueError(
+                "PrefetchConfig.waste_allowance_blocks must be >= 0, got "
+                f"{self.waste_allowance_blocks}"
+            )
+        if not 0 < self.horizon_s < float("inf"):
+            raise ValueError(
+                f"PrefetchConfig.horizon_s must be > 0 and finite, got {self.horizon_s}"
+            )
         if not 0.0 < self.min_return_probability <= 1.0:
             raise ValueError(
                 "PrefetchConfig.min_return_probability must be in (0, 1], got "
                 f"{self.min_return_probability}"
             )
+        if not isinstance(self.protect, bool):
+            raise TypeError(f"PrefetchConfig.protect must be a bool, got {self.protect!r}")
+        if not 0.0 <= self.backoff_s < float("inf"):
+            raise ValueError(
+                f"PrefetchConfig.backoff_s must be >= 0 and finite, got {self.backoff_s}"
+            )
+        if not 0.0 <= self.min_hit_rate < 1.0:
+            raise ValueError(
+                f"PrefetchConfig.min_hit_rate must be in [0, 1), got {self.min_hit_rate}"
+            )
+
+    @property
+    def waste_fraction(self) -> float:
+        """The share of prefetched blocks the waste budget lets go unused."""
+        return 1.0 - self.min_hit_rate
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -86,10 +87,24 @@ class CostModel:
         computation (ties to the larger `j`, the least computation) and when its
         prefill ends. `j = num_blocks` is a plain restore and `j = 0` a full recompute,
         so the split is never worse than either.
+
+        Raises:
+            ValueError: a negative count, or a `copy_latency_s` or `compute_weight`
+                that is negative, infinite or NaN.
         """
         if num_blocks < 0 or context_start < 0 or num_new < 0:
             raise ValueError(
                 f"split_restore: counts must be >= 0, got {num_blocks}, {context_start}, {num_new}"
+            )
+        # `not 0 <= x < inf` also refuses NaN, which would make every score NaN
+        if not 0.0 <= copy_latency_s < math.inf:
+            raise ValueError(
+                f"split_restore: copy_latency_s must be a finite number of seconds >= 0, "
+                f"got {copy_latency_s!r}"
+            )
+        if not 0.0 <= compute_weight < math.inf:
+            raise ValueError(
+                f"split_restore: compute_weight must be finite and >= 0, got {compute_weight!r}"
             )
         bs = self.block_size
         j = np.arange(num_blocks + 1, dtype=np.float64)

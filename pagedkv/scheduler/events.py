@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from pagedkv.scheduler.errors import OverCapacityError
+
+if TYPE_CHECKING:
+    from pagedkv.tiers.transfer import TransferHandle
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,6 +26,11 @@ class TurnPlan:
         block_ids: the session's GPU block table at plan time.
         hit_pinned / hit_gpu / hit_host: cached tokens by source (the session's own
             pinned blocks, the GPU hash cache, the host tier).
+        restore: with `SchedulerConfig.layerwise_restore` and an engine that signals
+            layers, the host-to-GPU copy of the cached positions before `compute_start`
+            that is still in flight (None: everything cached is in place). The runner
+            calls `restore.wait_layer(i)` before layer i reads the cache, then
+            `SessionScheduler.commit_restore` once the forward is issued.
     """
 
     session_id: object
@@ -32,6 +41,7 @@ class TurnPlan:
     hit_pinned: int
     hit_gpu: int
     hit_host: int
+    restore: TransferHandle | None = None
 
     @property
     def cached_tokens(self) -> int:

@@ -138,35 +138,64 @@ class IdleGapModel:
 
 
 class IdleSessions:
-    """IDLE pinned sessions, per priority, least recently active first (O(1) updates)."""
+    """IDLE pinned sessions, per priority, least recently active first (O(1) updates).
+
+    Sessions a prefetch brought back that have not returned yet are kept apart, in
+    landing order, each with the end of its protection (the window its return was
+    predicted in): past it they are the first victims (`pick_victim`), whatever their
+    priority, tenant or the victim order, since their blocks are still on the host and
+    releasing them copies nothing; within it they are the last resort (evictable by
+    anyone, but only when no other idle session can go)."""
 
     def __init__(self) -> None:
         self._by_priority: dict[int, OrderedDict[object, Session]] = {}
+        # id -> (session, protected until)
+        self._prefetched: OrderedDict[object, tuple[Session, float]] = OrderedDict()
 
     def __len__(self) -> int:
-        return sum(len(d) for d in self._by_priority.values())
+        return sum(len(d) for d in self._by_priority.values()) + len(self._prefetched)
 
     def __contains__(self, session_id: object) -> bool:
-        return any(session_id in d for d in self._by_priority.values())
+        return session_id in self._prefetched or any(
+            session_id in d for d in self._by_priority.values()
+        )
 
-    def add(self, session: Session) -> None:
-        """Append as the most recently active of its priority."""
+    @property
+    def num_prefetched(self) -> int:
+        """Prefetched sessions that have not returned (and are still IDLE)."""
+        return len(self._prefetched)
+
+    def prefetched(self) -> Iterator[Session]:
+        """The prefetched sessions that have not returned, earliest landed first."""
+        return (s for s, _until in self._prefetched.values())
+
+    def add(self, session: Session, *, prefetched_until: float | None = None) -> None:
+        """Append as the most recently active of its priority; with `prefetched_until`,
+        as the latest landed prefetch, protected until that time (then a first victim)."""
+        if prefetched_until is not None:
+            self._prefetched[session.session_id] = (session, prefetched_until)
+            return
         self._by_priority.setdefault(session.priority, OrderedDict())[session.session_id] = session
 
     def remove(self, session: Session) -> None:
+        self._prefetched.pop(session.session_id, None)
         d = self._by_priority.get(session.priority)
         if d is not None:
             d.pop(session.session_id, None)
 
     def oldest_first(self) -> Iterator[Session]:
-        """Every idle session: lowest priority first, then least recently active (a
-        snapshot: safe to evict while iterating; O(n), for checks and reports)."""
+        """Every idle session in victim order: the prefetched ones (landing order), then
+        lowest priority first, then least recently active (a snapshot: safe to evict
+        while iterating; O(n), for checks and reports)."""
+        yield from [s for s, _until in self._prefetched.values()]
         for priority in sorted(self._by_priority):
             yield from list(self._by_priority[priority].values())
 
     def oldest(self) -> Session | None:
-        """The least recently active idle session of any priority (O(priorities))."""
+        """The least recently active idle session of any priority (O(priorities +
+        prefetched sessions): a prefetched one keeps its old `last_active`)."""
         heads = [next(iter(d.values())) for d in self._by_priority.values() if d]
+        heads.extend(s for s, _until in self._prefetched.values())
         return min(heads, key=lambda s: s.last_active, default=None)
 
     def pick_victim(
@@ -178,10 +207,17 @@ class IdleSessions:
         over_cap: Mapping[str, bool],
         score: Callable[[Session], float | None] | None = None,
         skip: Callable[[Session], bool] | None = None,
+        skip_prefetched: Callable[[Session], bool] | None = None,
+        now: float = math.inf,
     ) -> Session | None:
         """The next session to evict, or None.
 
-        Only sessions of priority <= `max_priority` (a requester never evicts a more
+        First a prefetched session that has not returned and whose protection ended by
+        `now` (the earliest landed), of any priority, tenant share or `score`: only
+        `exclude`, `tenant` and `skip_prefetched` (not `max_priority`, `over_cap` or
+        `skip`) rule one out. Last, when no other session is eligible, a protected one
+        (the one whose protection ends first), ruled out the same way. Between them,
+        only sessions of priority <= `max_priority` (a requester never evicts a more
         important session); sessions of tenants over their pinned cap first; then lowest
         priority. Within that: with `score` (higher = better victim, e.g. the chance that
         the session stays idle a while longer; None = no opinion), the best-scoring of the
@@ -193,6 +229,35 @@ class IdleSessions:
         and stops early, so the cost does not grow with the number of sessions (beyond
         the ones it must skip).
         """
+        last_resort: tuple[float, Session] | None = None
+        for s, until in self._prefetched.values():
+            if s.session_id == exclude or (tenant is not None and s.tenant != tenant):
+                continue
+            if skip_prefetched is not None and skip_prefetched(s):
+                continue
+            if until <= now:
+                return s
+            if last_resort is None or until < last_resort[0]:
+                last_resort = (until, s)
+        victim = self._pick_pinned(
+            max_priority=max_priority, exclude=exclude, tenant=tenant, over_cap=over_cap,
+            score=score, skip=skip,
+        )  # fmt: skip
+        if victim is None and last_resort is not None:
+            return last_resort[1]
+        return victim
+
+    def _pick_pinned(
+        self,
+        *,
+        max_priority: float,
+        exclude: object,
+        tenant: str | None,
+        over_cap: Mapping[str, bool],
+        score: Callable[[Session], float | None] | None,
+        skip: Callable[[Session], bool] | None,
+    ) -> Session | None:
+        """`pick_victim` among the sessions that are not prefetched ones."""
         passes = (True, False) if any(over_cap.values()) else (False,)
         for want_over_cap in passes:
             for priority in sorted(self._by_priority):

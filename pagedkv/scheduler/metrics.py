@@ -30,11 +30,16 @@ class SchedulerMetrics:
     transfer_failures: int = 0
     admission_waits: int = 0
     admission_refusals: int = 0
+    restores_layerwise: int = 0  # plans handed out while their restore copied per layer
+    restores_layerwise_failed: int = 0  # of those, copies that failed: their step redone
     restores_split: int = 0  # restores planned as load-and-compute (`restore_split`)
     tokens_split_recomputed: int = 0  # host-resident tokens those computed instead
     blocks_prefetched: int = 0  # copied host -> GPU ahead of a return (`prefetch`)
     bytes_prefetched: int = 0
     blocks_prefetch_used: int = 0  # of those, found on the GPU when their session returned
+    # of those, released, offloaded, refused at landing or failed before it returned
+    # (a prefetched session closed before it returns is neither used nor wasted here)
+    blocks_prefetch_wasted: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)

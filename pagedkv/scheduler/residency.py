@@ -17,8 +17,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
 
+from pagedkv.cache.block_table import BlockTable
 from pagedkv.cache.errors import OutOfBlocksError
-from pagedkv.scheduler.config import SchedulerConfig
+from pagedkv.scheduler.config import PrefetchConfig, SchedulerConfig
 from pagedkv.scheduler.cost import CostModel
 from pagedkv.scheduler.events import Event, TurnPlan, TurnReady
 from pagedkv.scheduler.eviction import IdleGapModel, IdleSessions, choose_action
@@ -29,6 +30,7 @@ from pagedkv.tiers.tiered import TieredKVCache
 
 S = SessionState
 _PREFETCH_SCAN = 256  # offloaded sessions (latest first) a prefetch decision looks at
+_PREFETCH_TRIES = 4  # candidates (likeliest first) a prefetch decision checks the room of
 
 
 @dataclass(slots=True)
@@ -95,6 +97,10 @@ class Residency(ABC):
         self.idle_gaps = IdleGapModel()  # learned from every turn that follows an idle gap
         self._offloaded: OrderedDict[object, Session] = OrderedDict()  # host-pinned, LRU
         self._waiting: dict[object, Hits] = {}  # ACTIVE, restore copy in flight
+        # ACTIVE with a layer-wise restore in flight and its plan handed out: id -> the
+        # plan's compute_start; `_restore_done` holds the valid tokens once committed
+        self._restoring_plans: dict[object, int] = {}
+        self._restore_done: dict[object, int] = {}
         self._releasing: dict[object, int] = {}  # offloading: GPU blocks freed on completion
         self._backups: dict[object, Session] = {}  # backups in flight: id -> who started it
         # released with their own backup in flight: its GPU sources free when it completes
@@ -188,11 +194,13 @@ class Residency(ABC):
                 tenant=s.tenant if tenant_slot else None,
                 over_cap=over_cap,
                 score=self._victim_score(),
+                now=self.clock(),
             )
             # blocks a backup in flight holds are not free at once: when they are needed
-            # now, prefer other victims, else finish that backup first
+            # now, prefer other victims, else finish that backup first. (A prefetched
+            # session that has not returned is evictable by anyone: `guard` spares it not)
             skip_backup = self._backup_in_flight if immediate else None
-            victim = pick(skip=_either(guard, skip_backup))
+            victim = pick(skip=_either(guard, skip_backup), skip_prefetched=skip_backup)
             if victim is None and immediate:
                 victim = pick(skip=guard)
                 if victim is not None and not self._finish_backup(victim):
@@ -209,7 +217,7 @@ class Residency(ABC):
         while self._pinned > cap:
             victim = self._idle.pick_victim(
                 max_priority=math.inf, exclude=None, tenant=None, over_cap={},
-                score=self._victim_score(),
+                score=self._victim_score(), now=self.clock(),
             )  # fmt: skip
             if victim is None:
                 return
@@ -220,8 +228,8 @@ class Residency(ABC):
         if self.config.victim_order == "lru":
             return None
         now, stays_idle = self.clock(), self.idle_gaps.stays_idle
-        # a prefetched session that has not returned goes first: releasing it is free
-        return lambda v: 2.0 if v.prefetched_blocks else stays_idle(now - v.last_active)
+        # (prefetched sessions that have not returned are ranked apart: `IdleSessions`)
+        return lambda v: stays_idle(now - v.last_active)
 
     def _backup_in_flight(self, s: Session) -> bool:
         """Whether a backup that `s` itself started is still copying (a closed session
@@ -302,15 +310,15 @@ class Residency(ABC):
             victim = min(candidates, key=lambda v: v.priority)
             del self._offloaded[victim.session_id]
             victim.history = host.table(victim.session_id).tokens.copy()
+            self._rest_dropped(victim, host.table(victim.session_id))
             self.cache.drop_offloaded(victim.session_id)
             victim.state = S.DROPPED
-            self._dropped[victim.session_id] = victim
             self.metrics.sessions_dropped += 1
 
     def _offload(self, s: Session, *, reason: str) -> None:
         """Start offloading a session that was just unpinned; fall back to a drop when the
         host refuses (no room, or an engine error: the cache rolled itself back)."""
-        s.prefetched_blocks = 0  # offloaded again before it returned: a wasted prefetch
+        self._prefetch_wasted_by(s)  # offloaded again before it returned
         table = self.cache.gpu.table(s.session_id)
         pool = self.cache.gpu.pool
         exclusive = sum(1 for b in table.block_ids if pool.refcount(b) == 1)
@@ -350,41 +358,89 @@ class Residency(ABC):
         if s.evicted_by == "release":  # write-through: keep only the host cache
             assert self.cache.host is not None
             s.history = self.cache.host.table(s.session_id).tokens.copy()
+            self._rest_dropped(s, self.cache.host.table(s.session_id))
             self.cache.drop_offloaded(s.session_id)
             s.state = S.DROPPED
-            self._dropped[s.session_id] = s
         elif s.state == S.OFFLOADED:
             self._offloaded[s.session_id] = s
 
     def _returned(self, s: Session) -> None:
-        """`s` starts a turn: the blocks a prefetch brought back for it were used, and it
-        is no prefetch candidate any more."""
+        """`s` starts a turn: the blocks a prefetch brought back for it were used, its
+        wasted-prefetch mark and back-off are cleared, and it is no prefetch candidate
+        any more."""
         if s.prefetched_blocks:
             self.metrics.blocks_prefetch_used += s.prefetched_blocks
-            s.prefetched_blocks = 0
+            s.prefetched_blocks = s.prefetched_tokens = 0
+        s.prefetch_wasted = 0
+        s.prefetch_after = -math.inf
         if self._dropped.get(s.session_id) is s:
             del self._dropped[s.session_id]
 
+    def _resume_hits(self, s: Session) -> Hits:
+        """Where the computed tokens of an IDLE session that starts a turn came from
+        (call before `_returned`): its own pinned blocks, except what a prefetch brought
+        back, which is reported as host hits (restored ahead of time; the rest of that
+        prefetch's sequence was in the GPU hash cache)."""
+        computed = self.cache.gpu.table(s.session_id).num_computed_tokens
+        if not s.prefetched_blocks:
+            return Hits(pinned=computed)
+        host = min(s.prefetched_tokens, computed)
+        return Hits(gpu=computed - host, host=host)
+
+    def _rest_dropped(self, s: Session, table: BlockTable) -> None:
+        """Register `s`, being dropped from `table` (its GPU or host table), as a
+        prefetch candidate when the host holds a copy of its last full block (a later
+        prefetch checks the whole chain); else forget it as one."""
+        host = self.cache.host
+        n = len(table.hashes)
+        held = None
+        if host is not None and n:
+            held = host.pool.match(table.hashes[n - 1], table.block_content(n - 1))
+        if held is not None:  # (a block id: 0 is one)
+            self._dropped[s.session_id] = s
+            self._dropped.move_to_end(s.session_id)
+        else:
+            self._dropped.pop(s.session_id, None)
+
     # ------------------------------------------------------------------ prefetch
     def _prefetch(self) -> None:
-        """Restore one resting session ahead of its return (`SchedulerConfig.prefetch`):
-        of the offloaded ones and the dropped ones whose blocks the host holds, the one
-        the idle-gap model finds likeliest to return within the horizon, when nothing
-        else is restoring, a pin slot is free and its blocks fit under the watermark
-        less the headroom without making room. It lands as an IDLE session whose blocks
-        the host still holds, and is the first victim when room is needed before it
-        returns (releasing it costs no copy)."""
+        """Restore one resting session ahead of its return (`SchedulerConfig.prefetch`).
+
+        Candidates: the offloaded sessions and the dropped ones whose blocks the host
+        holds (the latest `_PREFETCH_SCAN` of each) with no turn queued, not backing
+        off after a wasted prefetch, and that the idle-gap model expects back within
+        their window (`horizon_s`, cut where the idle TTL would evict them again; none
+        left: not a candidate) with at least `min_return_probability`. The likeliest
+        that is feasible starts (its tenant's caps, `max_inflight_blocks`, the watermark
+        less the headroom without making room, the waste budget); at most
+        `_PREFETCH_TRIES` are checked per poll. Nothing starts while any restore is in
+        flight (one copy at a time, and never ahead of a turn's own restore) or no pin
+        slot is free. It lands as an IDLE session whose blocks the host still holds
+        (releasing it copies nothing), protected for the rest of its window
+        (`PrefetchConfig.protect`), then the first victim."""
         cfg = self.config.prefetch
         cache = self.cache
         if cfg is None or cache.host is None or not (self._offloaded or self._dropped):
             return
-        if cache.restores_in_flight():
-            return  # one copy at a time, and never ahead of a turn's own restore
-        if self._pinned >= self.config.max_pinned_sessions:
+        if cache.restores_in_flight() or self._pinned >= self.config.max_pinned_sessions:
+            return
+        credit = self._prefetch_credit(cfg)
+        if credit < 0:
             return
         now = self.clock()
+        for window, s in self._prefetch_candidates(cfg, now)[:_PREFETCH_TRIES]:
+            try:
+                if self._start_prefetch(s, cfg, until=now + window, credit=credit):
+                    return
+            except (OutOfBlocksError, RuntimeError, ValueError):  # an engine that refused
+                return  # the cache rolled itself back: nothing changed
+
+    def _prefetch_candidates(self, cfg: PrefetchConfig, now: float) -> list[tuple[float, Session]]:
+        """(window, session) of each prefetch candidate, likeliest to return first
+        (empty while the idle-gap model has too few gaps to predict anything)."""
         returns_within = self.idle_gaps.returns_within
-        best: tuple[float, Session] | None = None
+        ttl = self.config.idle_ttl_s
+        found: list[tuple[float, float, Session]] = []
         stale: list[object] = []
         for registry in (self._offloaded, self._dropped):
             for scanned, s in enumerate(reversed(registry.values())):
@@ -395,112 +451,202 @@ class Residency(ABC):
                 ):
                     stale.append(s.session_id)
                     continue
-                if s.pending_tokens is not None or s.session_id in self._prefetching:
+                if (
+                    s.is_queued
+                    or s.pending_tokens is not None
+                    or now < s.prefetch_after
+                    or s.session_id in self._prefetching
+                ):
                     continue
-                p = returns_within(now - s.last_active, cfg.horizon_s)
+                age = now - s.last_active
+                window = cfg.horizon_s if ttl is None else min(cfg.horizon_s, ttl - age)
+                if window <= 0:
+                    continue  # idle past the TTL: it would be offloaded again at once
+                p = returns_within(age, window)
                 if p is None:
-                    return  # too few gaps observed to predict anything
-                if p >= cfg.min_return_probability and (best is None or p > best[0]):
-                    best = (p, s)
+                    return []  # too few gaps observed to predict anything
+                if p >= cfg.min_return_probability:
+                    found.append((p, window, s))
         for sid in stale:
             del self._dropped[sid]
-        if best is None:
-            return
-        s = best[1]
+        found.sort(key=lambda c: -c[0])  # stable: among equals, the latest rested first
+        return [(window, s) for _p, window, s in found]
+
+    def _start_prefetch(
+        self, s: Session, cfg: PrefetchConfig, *, until: float, credit: float
+    ) -> bool:
+        """Start prefetching `s` when it is feasible now (False: it is not, nothing
+        changed). Raises what the cache raises for an engine that refuses the copy (the
+        cache rolled itself back; nothing here changed either)."""
+        cache = self.cache
+        host = cache.host
+        assert host is not None
         cap = self.config.tenant_pinned_cap(s.tenant)
         if cap is not None and self._pinned_by_tenant[s.tenant] >= cap:
-            return
+            return False
         pool, bs = cache.gpu.pool, cache.block_size
         limit = int((self.config.high_watermark - cfg.headroom) * pool.num_blocks)
+        probe, history = None, s.history
         if s.state == S.OFFLOADED:
             if cache.location(s.session_id) != "host":
-                return
-            h = cache.host.table(s.session_id)
+                return False
+            h = host.table(s.session_id)
             contents = cache.gpu.hasher.chain_contents(h.root, h.tokens, h.hashes)
             hits = pool.match_chain(h.hashes, contents, len(h.hashes))
-            need = len(h.block_ids) - len(hits)
-            if (
-                need > cfg.max_inflight_blocks
-                or pool.num_in_use + need + pool.count_cached(hits) > limit
-            ):
-                return
-            try:
-                cache.restore(s.session_id)
-            except (OutOfBlocksError, RuntimeError, ValueError):  # an engine that refused
-                return
-            del self._offloaded[s.session_id]
+            num_blocks = len(h.block_ids)
+            copied = num_blocks - len(hits)
+            copied_tokens = h.num_tokens - len(hits) * bs  # a partial last block too
         else:
-            history = s.history
             assert history is not None
             probe = cache.probe_prefix(history, tenant=s.tenant, extra_keys=s.extra_keys)
             hits = probe.gpu_hits
-            on_host = 0
-            match = cache.host.pool.match
+            copied = 0
+            match = host.pool.match
             for i in range(len(hits), len(probe.hashes)):
                 if match(probe.hashes[i], probe.contents[i]) is None:
                     break
-                on_host += 1
-            full = len(history) // bs
-            if on_host == 0 or len(hits) + on_host < full:
-                return  # the host does not hold the rest of it: nothing to bring back
-            need = -(-len(history) // bs) - len(hits)
-            if (
-                on_host > cfg.max_inflight_blocks
-                or pool.num_in_use + need + pool.count_cached(hits) > limit
-            ):
-                return
-            try:
-                cache.begin_sequence(
-                    s.session_id, history, tenant=s.tenant, extra_keys=s.extra_keys, probe=probe
-                )
-            except (OutOfBlocksError, RuntimeError, ValueError):  # an engine that refused
-                return
+                copied += 1
+            if copied == 0 or len(hits) + copied < len(history) // bs:
+                return False  # the host does not hold the rest of it: nothing to bring back
+            num_blocks = -(-len(history) // bs)
+            copied_tokens = copied * bs
+        grows = num_blocks - len(hits) + pool.count_cached(hits)
+        if (
+            copied > cfg.max_inflight_blocks
+            or pool.num_in_use + grows > limit
+            or (1.0 - cfg.waste_fraction) * copied > credit
+            or not self._tenant_blocks_fit(s.tenant, num_blocks)
+        ):
+            return False
+        if probe is None:
+            cache.restore(s.session_id)
+            del self._offloaded[s.session_id]
+        else:
+            assert history is not None
+            cache.begin_sequence(
+                s.session_id, history, tenant=s.tenant, extra_keys=s.extra_keys, probe=probe
+            )
             del self._dropped[s.session_id]
-            need = on_host
-        s.prefetched_blocks = need
+        s.prefetched_blocks, s.prefetched_tokens = copied, copied_tokens
+        s.prefetch_until = until
+        self.metrics.blocks_prefetched += copied  # wasted or used, it crosses the link
+        self.metrics.bytes_prefetched += copied * self.cost.bytes_per_block
         if cache.location(s.session_id) == "gpu":  # nothing to copy: on the GPU already
             self._prefetch_landed(s, ok=True)
         else:
             self._prefetching[s.session_id] = s
+        return True
+
+    def _tenant_blocks_fit(self, tenant: str, num_blocks: int) -> bool:
+        """Whether `tenant` stays within its pinned-blocks cap when a session of
+        `num_blocks` more blocks is pinned (`tenant_max_pinned_blocks`)."""
+        cap = self.config.tenant_blocks_cap(tenant)
+        return cap is None or self.tenant_gpu_blocks(tenant) + num_blocks <= cap
+
+    def _prefetch_credit(self, cfg: PrefetchConfig) -> float:
+        """The waste budget left, in blocks: `waste_allowance_blocks`, plus
+        `waste_fraction` of every used prefetched block, less the rest
+        (`1 - waste_fraction`) of every wasted one and of every one not decided yet (in
+        flight or landed, not returned: counted as if wasted). A prefetch of `n` blocks
+        starts only while `(1 - waste_fraction) * n` fits in it, so the blocks wasted
+        stay under `waste_fraction` of those prefetched plus the allowance: a low
+        observed hit rate stops prefetch."""
+        m, w = self.metrics, cfg.waste_fraction
+        undecided = sum(v.prefetched_blocks for v in self._prefetching.values())
+        undecided += sum(v.prefetched_blocks for v in self._idle.prefetched())
+        return (
+            cfg.waste_allowance_blocks
+            + w * m.blocks_prefetch_used
+            - (1.0 - w) * (m.blocks_prefetch_wasted + undecided)
+        )
+
+    def _prefetch_wasted_by(self, s: Session) -> None:
+        """`s` leaves the GPU (or its prefetch fails or is refused) before it returned:
+        count the blocks its prefetch brought as wasted, mark it, and back off: it is
+        not prefetched again for `backoff_s` doubled per waste since it last returned."""
+        n = s.prefetched_blocks
+        if not n:
+            return
+        self.metrics.blocks_prefetch_wasted += n
+        s.prefetched_blocks = s.prefetched_tokens = 0
+        s.prefetch_wasted += 1
+        cfg = self.config.prefetch
+        backoff = 0.0 if cfg is None else cfg.backoff_s * 2.0 ** min(s.prefetch_wasted - 1, 60)
+        s.prefetch_after = self.clock() + backoff
+
+    def _prefetch_slot(self, s: Session) -> bool:
+        """Whether a pin slot is free for `s`, a prefetch that landed. When every slot is
+        taken (turns took the one free at its start), swap: release the idle session
+        likeliest to stay idle (`victim_order="predicted"`), when that is at least
+        `min_return_probability` and its full blocks are on the host already (so that
+        releasing it copies nothing), of no higher priority, and of `s`'s tenant or a
+        tenant over its fair share when `s`'s is at its own. Never another prefetch."""
+        if self._pinned < self.config.max_pinned_sessions:
+            return True
+        cfg = self.config.prefetch
+        score = self._victim_score()
+        if cfg is None or score is None:
+            return False
+        guard: Callable[[Session], bool] | None = None
+        over_cap = self._over_share(s.tenant)
+        if self._pinned_by_tenant[s.tenant] >= self._fair_share(s.tenant):
+            guard = partial(_within_share, s.tenant, over_cap)
+        victim = self._idle.pick_victim(
+            max_priority=s.priority,
+            exclude=s.session_id,
+            tenant=None,
+            over_cap=over_cap,
+            score=score,
+            skip=_either(guard, lambda v: not self._backed_up(v) or self._backup_in_flight(v)),
+            skip_prefetched=lambda v: True,
+        )
+        if victim is None:
+            return False
+        stays = score(victim)
+        if stays is None or stays < cfg.min_return_probability:
+            return False
+        self._evict(victim)
+        return self._pinned < self.config.max_pinned_sessions
 
     def _prefetch_landed(self, s: Session, *, ok: bool) -> None:
         """A prefetch restore completed: pin `s` as IDLE (its full blocks are on the
-        host, so a later eviction just releases it), or release it when the copy failed
-        or no pin slot is left."""
+        host, so a later eviction just releases it), protected until its window ends
+        (with `PrefetchConfig.protect`); or, when the copy failed, no pin slot is left
+        or its tenant is at a cap, release it (a wasted prefetch)."""
         cache = self.cache
         table = cache.gpu.table(s.session_id)
         cap = self.config.tenant_pinned_cap(s.tenant)
         if (
             ok
-            and self._pinned < self.config.max_pinned_sessions
             and (cap is None or self._pinned_by_tenant[s.tenant] < cap)
+            and self._tenant_blocks_fit(s.tenant, len(table.block_ids))
+            and self._prefetch_slot(s)
         ):
-            self.metrics.blocks_prefetched += s.prefetched_blocks
-            self.metrics.bytes_prefetched += s.prefetched_blocks * self.cost.bytes_per_block
+            cfg = self.config.prefetch
             s.state = S.IDLE
             s.history = None
             s.backup_tokens = table.num_cacheable_blocks * cache.block_size
             self._pin(s)
-            self._idle.add(s)
+            protect = cfg is not None and cfg.protect
+            self._idle.add(s, prefetched_until=s.prefetch_until if protect else -math.inf)
             return
-        s.prefetched_blocks = 0
+        self._prefetch_wasted_by(s)
         s.history = table.tokens.copy()
+        self._rest_dropped(s, table)
         cache.free(s.session_id)
         s.state = S.DROPPED
         s.evicted_by = "prefetch"
-        self._dropped[s.session_id] = s
 
     def _drop(self, s: Session, *, reason: str) -> None:
-        s.prefetched_blocks = 0  # released before it returned: that prefetch was wasted
+        self._prefetch_wasted_by(s)  # released before it returned
         table = self.cache.gpu.table(s.session_id)
         s.history = table.tokens.copy()
         if reason != "backed_up":  # those blocks live on in the host tier
             self.metrics.blocks_dropped += len(table.block_ids)
+        self._rest_dropped(s, table)
         self.cache.free(s.session_id)
         s.state = S.DROPPED
         s.evicted_by = reason
-        self._dropped[s.session_id] = s
-        self._dropped.move_to_end(s.session_id)
         if reason == "backed_up":
             self.metrics.sessions_released_backed_up += 1
         elif reason != "release":
@@ -592,6 +738,9 @@ class Residency(ABC):
         if prefetched is not None:
             if prefetched is s:
                 self._prefetch_landed(s, ok=r.ok)
+            return
+        if r.seq_id in self._restoring_plans:  # its plan is out: commit_restore reports it
+            self._restore_done[r.seq_id] = r.valid_tokens
             return
         hits = self._waiting.pop(r.seq_id, None)
         if s is None or hits is None:

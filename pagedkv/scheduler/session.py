@@ -44,8 +44,16 @@ class Session:
     queued_at: float | None = None  # set while a turn waits in the admission queue
     idle_since: float | None = None  # end of the last turn, until the next is submitted
     backup_tokens: int = 0  # tokens whose full blocks its latest backup covers
-    # blocks a prefetch brought back while it rested on the host (0 once it returned)
+    # blocks a prefetch brought back while it rested on the host (0 once it returned),
+    # and the tokens they hold (its next turn reports them as host hits)
     prefetched_blocks: int = field(default=0, repr=False)
+    prefetched_tokens: int = field(default=0, repr=False)
+    # prefetches of it wasted (evicted, refused or failed before it returned) since it
+    # last returned, and the time before which it is not prefetched again (back-off)
+    prefetch_wasted: int = field(default=0, repr=False)
+    prefetch_after: float = field(default=float("-inf"), repr=False)
+    # while a prefetch brings it back: when the window its return is predicted in ends
+    prefetch_until: float = field(default=float("-inf"), repr=False)
     # why the session is not on the GPU (for metrics): "offload", "drop", "release"
     evicted_by: str | None = field(default=None, repr=False)
     # a waiting turn's hash chain, kept between admission attempts so a retry only

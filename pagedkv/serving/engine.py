@@ -71,7 +71,7 @@ from pagedkv.serving.kv_index import (
 from pagedkv.tiers.kv_store import KVStore
 from pagedkv.tiers.remote import RedisStore, RemoteKVTier
 from pagedkv.tiers.tiered import TieredKVCache
-from pagedkv.tiers.transfer import CopyTransferEngine
+from pagedkv.tiers.transfer import CopyTransferEngine, TransferHandle
 
 log = logging.getLogger("pagedkv.engine")
 
@@ -106,8 +106,19 @@ class _Job:
     pending: list[int] = field(default_factory=list)  # appended, not yet computed
     cached_tokens: int = 0
     steered: bool = False  # a steer asked to end its message at the next token boundary
+    restore: TransferHandle | None = None  # a layer-wise restore its next step waits on
     t_admitted: float = 0.0
     t_first: float | None = None
+
+
+def _wait_all(handles: list[TransferHandle]) -> Callable[[int], None]:
+    """One `ForwardBatch.wait_layer` for the layer-wise restores of a step's sequences."""
+
+    def wait_layer(layer: int) -> None:
+        for handle in handles:
+            handle.wait_layer(layer)
+
+    return wait_layer
 
 
 def _log_failure(what: str) -> None:
@@ -595,7 +606,14 @@ class Engine:
         job.phase = "prefill"
         self._running.append(job)
         job.emit(TurnStarted(job.req.request_id, len(job.req.prompt_tokens), plan.compute_start))
-        self._sync(job, needs_logits=job.program is not None)
+        if plan.restore is not None:
+            # the cached prefix is still being copied in, layer by layer: the first step
+            # computes from the plan's start, waiting for each layer of it (`_step`)
+            job.restore = plan.restore
+            job.pos = plan.compute_start
+            job.pending = table.tokens[job.pos : table.num_tokens].tolist()
+        else:
+            self._sync(job, needs_logits=job.program is not None)
         if not job.pending:  # a warm-up served entirely from cache
             self._finish(job)
 
@@ -629,13 +647,22 @@ class Engine:
             chunks.append(SeqChunk(table.block_ids, job.pos, job.pending[:n]))
             picked.append((job, n))
             budget -= n
-        batch = build_forward_batch(chunks, block_size=cfg.block_size, device=self.device)
+        restores = [job.restore for job, _ in picked if job.restore is not None]
+        batch = build_forward_batch(
+            chunks,
+            block_size=cfg.block_size,
+            device=self.device,
+            wait_layer=_wait_all(restores) if restores else None,
+        )
         logits = self.model(batch, self.kv_store)  # [B, vocab]
         self.num_steps += 1
         self.num_step_tokens += batch.num_tokens
         self.num_step_seqs += batch.num_seqs
+        redo = self._commit_restores(picked) if restores else set()
         to_sample: dict[str, list[tuple[int, _Job]]] = {}
         for row, (job, n) in enumerate(picked):
+            if id(job) in redo:
+                continue  # its restore failed: this step read bad K/V; computed again
             job.pos += n
             del job.pending[:n]
             if job.pending:
@@ -661,6 +688,24 @@ class Engine:
             for (_, job), token in zip(entries, tokens, strict=True):
                 assert job.program is not None
                 self._apply(job, job.program.advance(token))
+
+    def _commit_restores(self, picked: list[tuple[_Job, int]]) -> set[int]:
+        """Commit the layer-wise restores the step just waited on. Returns the ids of the
+        jobs whose copy failed: their step output is discarded and they compute again
+        from the first position the copy did not make valid."""
+        redo: set[int] = set()
+        for job, _n in picked:
+            if job.restore is None:
+                continue
+            job.restore = None
+            valid = self.scheduler.commit_restore(job.session.key)
+            if valid < job.pos:
+                table = self.cache.gpu.table(job.session.key)
+                job.pos = valid
+                job.pending = table.tokens[valid : table.num_tokens].tolist()
+                job.cached_tokens = min(job.cached_tokens, valid)
+                redo.add(id(job))
+        return redo
 
     def _apply(self, job: _Job, step: Step) -> None:
         """Append a decided step's tokens to the session and emit its delta."""

@@ -72,9 +72,14 @@ class _RecordingEngine(SimulatedTransferEngine):
         self._on_submit = on_submit
 
     def submit(
-        self, direction: Direction, src_ids: list[int], dst_ids: list[int]
+        self,
+        direction: Direction,
+        src_ids: list[int],
+        dst_ids: list[int],
+        *,
+        layered: bool = False,
     ) -> TransferHandle:
-        handle = super().submit(direction, src_ids, dst_ids)
+        handle = super().submit(direction, src_ids, dst_ids)  # layer-wise timing is modelled
         if handle.ready_at is not None and src_ids:
             self._on_submit(handle.ready_at)
         return handle

@@ -167,13 +167,16 @@ class TieredKVCache:
         max_cached_tokens: int | None = None,
         probe: PrefixProbe | None = None,
         split: Callable[[int, int, int], int] | None = None,
+        layerwise: bool = False,
     ) -> PrefixPlan:
         """Create a GPU sequence for `tokens`, reusing GPU then host blocks by hash.
 
         `probe` (from `probe_prefix` on the same tokens and tenant) saves hashing again.
         `split(gpu_cached_tokens, host_blocks, tokens_after)` plans a load-and-compute
         split of the host run (`CostModel.split_restore`): how many of its blocks to copy;
-        the rest is computed with the new tokens.
+        the rest is computed with the new tokens. `layerwise` asks the engine for a copy
+        signalled layer by layer (`TransferHandle.wait_layer`, where it
+        `supports_layers`), so a prefill can start before the copy ends.
 
         Raises:
             ValueError: `seq_id` already exists in either tier.
@@ -248,7 +251,9 @@ class TieredKVCache:
                 valid_end=(k1 + len(host_ids)) * bs,
                 held_host=host_ids,
             )
-            self._submit(pending, host_ids, [table.block_ids[i] for i in positions])
+            self._submit(
+                pending, host_ids, [table.block_ids[i] for i in positions], layered=layerwise
+            )
         num_host = len(host_ids) * bs
         return PrefixPlan(
             num_gpu_cached_tokens=k1 * bs,
@@ -364,6 +369,7 @@ class TieredKVCache:
         extra_tokens: TokenInput | None = None,
         *,
         max_restore_blocks: int | None = None,
+        layerwise: bool = False,
     ) -> PrefixPlan:
         """Start bringing an offloaded sequence back into (new) GPU blocks.
 
@@ -373,6 +379,7 @@ class TieredKVCache:
         `max_restore_blocks` copies at most that many blocks after the GPU hits and
         leaves the rest of the history to compute with the new tokens (a load-and-compute
         split, `CostModel.split_restore`; 0: recompute everything not on the GPU).
+        `layerwise`: a copy signalled layer by layer, as in `begin_sequence`.
 
         Raises:
             ValueError: the sequence is not offloaded (or has a copy in flight).
@@ -422,6 +429,7 @@ class TieredKVCache:
             _Pending(seq_id, TransferHandle("restore", [], []), positions, valid_end=valid_end),
             [h.block_ids[i] for i in positions],
             [g.block_ids[i] for i in positions],
+            layered=layerwise,
         )
         pending = seq_id in self._pending
         start = valid_end if pending else g.num_computed_tokens
@@ -481,17 +489,23 @@ class TieredKVCache:
         self._pending[seq_id].cancelled = True
 
     # ------------------------------------------------------------------ completion
-    def _submit(self, p: _Pending, src_ids: list[int], dst_ids: list[int]) -> TransferHandle:
+    def _submit(
+        self, p: _Pending, src_ids: list[int], dst_ids: list[int], *, layered: bool = False
+    ) -> TransferHandle:
         """Start a sequence's copy. With nothing to copy it completes here and now, so the
         sequence is never shown in flight. If the engine raises, everything the caller
-        reserved for the copy is released and the exception propagates."""
+        reserved for the copy is released and the exception propagates. `layered` is
+        passed on only to an engine that `supports_layers` (others copy as a whole)."""
         self._pending[p.seq_id] = p
         if not src_ids:
             self._complete(p)
             return p.handle
         assert self.engine is not None
         try:
-            p.handle = self.engine.submit(p.handle.direction, src_ids, dst_ids)
+            if layered and getattr(self.engine, "supports_layers", False):
+                p.handle = self.engine.submit(p.handle.direction, src_ids, dst_ids, layered=True)
+            else:
+                p.handle = self.engine.submit(p.handle.direction, src_ids, dst_ids)
         except BaseException:
             del self._pending[p.seq_id]
             assert self.host is not None

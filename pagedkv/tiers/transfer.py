@@ -7,6 +7,12 @@ Three engines behind one interface:
   are used at once), ordered after the work already queued on the compute stream (an
   event), and the handle polls a completion event: the compute stream is never
   blocked. On CPU the copy happens synchronously inside `submit`.
+  A *layered* copy (`submit(..., layered=True)`, for restores a prefill overlaps) moves
+  the blocks layer by layer and signals each layer on its own: `handle.wait_layer(i)`
+  returns once layer i of every pair is in place (CPU: a copy thread sets one
+  `threading.Event` per layer) or, on CUDA, makes the current stream wait for that
+  layer's event (the host never blocks). So a forward that waits for layer i just
+  before reading it computes layer i while layer i+1 is still being copied.
 - `SimulatedTransferEngine`: no tensors; a handle completes when the injected clock
   reaches `ready_at`, from a latency + bandwidth model with one link per direction.
 - `FaultInjectingEngine`: wraps another engine and fails chosen pairs (tests).
@@ -16,10 +22,12 @@ A handle reports which pairs (positions in the submitted lists) were not moved.
 
 from __future__ import annotations
 
+import queue
+import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     from pagedkv.tiers.kv_store import KVStore
@@ -37,6 +45,8 @@ class TransferHandle:
         ready_at: simulated completion time (None for real engines).
         failed: positions of pairs that were not moved (meaningful once `done()`).
         error: the exception that failed the batch, if one did.
+        num_layers: layers signalled one by one (`wait_layer`); 0 for a copy that is
+            signalled only as a whole.
     """
 
     direction: Direction
@@ -45,12 +55,37 @@ class TransferHandle:
     ready_at: float | None = None
     failed: set[int] = field(default_factory=set)
     error: BaseException | None = None
+    num_layers: int = 0
     _poll: Callable[[], bool] = field(default=lambda: True, repr=False)
     _wait: Callable[[], None] = field(default=lambda: None, repr=False)
+    _wait_layer: Callable[[int], None] | None = field(default=None, repr=False)
 
     @property
     def num_blocks(self) -> int:
         return len(self.src_ids)
+
+    def wait_layer(self, layer: int) -> None:
+        """Make layer `layer` of every pair safe to read: on CUDA the current stream
+        waits for that layer's copy (the host does not block); on CPU this blocks until
+        it is in place. A copy that is not layered waits for the whole copy. After a
+        failure the call returns too; the copy's result (`failed`) says what is valid.
+
+        Raises:
+            ValueError: `layer` is outside a layered copy's layers.
+            RuntimeError: a simulated handle cannot be waited on (advance the clock).
+        """
+        if self._wait_layer is None:
+            self._wait()
+            return
+        if (
+            isinstance(layer, bool)
+            or not isinstance(layer, int)
+            or not 0 <= layer < self.num_layers
+        ):
+            raise ValueError(
+                f"wait_layer: layer must be an int in [0, {self.num_layers}), got {layer!r}"
+            )
+        self._wait_layer(layer)
 
     def done(self) -> bool:
         """Whether the copies have finished (successfully or not). Never blocks."""
@@ -68,11 +103,22 @@ class TransferHandle:
 class TransferEngine(ABC):
     """Moves lists of whole blocks between tiers; see the module docstring."""
 
+    #: whether `submit(..., layered=True)` signals layers one by one (else it is ignored)
+    supports_layers: bool = False
+
     @abstractmethod
     def submit(
-        self, direction: Direction, src_ids: list[int], dst_ids: list[int]
+        self,
+        direction: Direction,
+        src_ids: list[int],
+        dst_ids: list[int],
+        *,
+        layered: bool = False,
     ) -> TransferHandle:
         """Start copying `src[src_ids[i]] -> dst[dst_ids[i]]` and return a handle.
+
+        `layered` asks for a copy signalled layer by layer (`TransferHandle.wait_layer`)
+        where the engine `supports_layers`; other engines copy as usual.
 
         Raises:
             ValueError: the id lists differ in length.
@@ -86,15 +132,61 @@ def _check_pairs(src_ids: list[int], dst_ids: list[int]) -> None:
         )
 
 
+class _LayerCopier:
+    """The copy thread of CPU layered copies: jobs run in submission order, layer by
+    layer, each layer's `threading.Event` set as soon as it is in place (torch's copies
+    release the GIL, so the engine thread computes meanwhile)."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._outstanding: list[threading.Event] = []
+
+    def put(self, job: Callable[[], None], done: threading.Event) -> None:
+        with self._lock:
+            self._outstanding = [e for e in self._outstanding if not e.is_set()]
+            self._outstanding.append(done)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._run, name="pagedkv-layer-copy", daemon=True
+                )
+                self._thread.start()
+        self._jobs.put(job)
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            job()  # a job catches its own errors and always sets its events
+
+    def synchronize(self) -> None:
+        with self._lock:
+            pending = list(self._outstanding)
+        for done in pending:
+            done.wait()
+
+
 class CopyTransferEngine(TransferEngine):
     """Real copies between a GPU (or CPU) `KVStore` and a host `KVStore`.
 
     Args:
         gpu: the device tier's store.
         host: the host tier's store (pinned when CUDA is present, for async DMA).
+        allow_pageable: accept a pageable host store next to a CUDA one.
+        layer_group: layers signalled together by a layered copy (None: 1 on CPU; on
+            CUDA enough for at most 8 events, because each block's layers of a group
+            are one contiguous memcpy, so a layered copy issues blocks x groups copies).
     """
 
-    def __init__(self, gpu: KVStore, host: KVStore, *, allow_pageable: bool = False) -> None:
+    supports_layers = True
+
+    def __init__(
+        self,
+        gpu: KVStore,
+        host: KVStore,
+        *,
+        allow_pageable: bool = False,
+        layer_group: int | None = None,
+    ) -> None:
         import torch
 
         if gpu.kv.shape[1:] != host.kv.shape[1:] or gpu.kv.dtype != host.kv.dtype:
@@ -109,8 +201,17 @@ class CopyTransferEngine(TransferEngine):
                 "synchronous and would block the host thread (allocate it with "
                 "pin_memory=None/True, or pass allow_pageable=True)"
             )
+        num_layers = int(gpu.kv.shape[1])
+        if layer_group is None:
+            layer_group = -(-num_layers // 8) if self._cuda else 1
+        if isinstance(layer_group, bool) or not isinstance(layer_group, int) or layer_group < 1:
+            raise ValueError(
+                f"CopyTransferEngine: layer_group must be an int >= 1 or None, got {layer_group!r}"
+            )
         self.gpu = gpu
         self.host = host
+        self.num_layers = num_layers
+        self.layer_group = min(layer_group, num_layers)
         self._streams: dict[str, torch.cuda.Stream] = (
             {
                 direction: torch.cuda.Stream(device=gpu.device)  # type: ignore[no-untyped-call]
@@ -119,15 +220,26 @@ class CopyTransferEngine(TransferEngine):
             if self._cuda
             else {}
         )
+        self._copier = _LayerCopier()
 
     def synchronize(self) -> None:
         """Block until every copy submitted so far has finished (e.g. before the stores
         are freed: a copy still in flight would write into reused memory)."""
         for stream in self._streams.values():
             stream.synchronize()
+        self._copier.synchronize()
+
+    def _groups(self) -> list[tuple[int, int]]:
+        g = self.layer_group
+        return [(lo, min(lo + g, self.num_layers)) for lo in range(0, self.num_layers, g)]
 
     def submit(
-        self, direction: Direction, src_ids: list[int], dst_ids: list[int]
+        self,
+        direction: Direction,
+        src_ids: list[int],
+        dst_ids: list[int],
+        *,
+        layered: bool = False,
     ) -> TransferHandle:
         import torch
 
@@ -140,6 +252,10 @@ class CopyTransferEngine(TransferEngine):
         handle = TransferHandle(direction, list(src_ids), list(dst_ids))
         if not src_ids:
             return handle
+        if layered:
+            _check_ids(src, src_ids, "src")
+            _check_ids(dst, dst_ids, "dst")
+            return self._submit_layered(handle, src, dst)
         side = self._streams.get(direction)
         if side is None:
             # CPU: one synchronous batch; a failure fails every pair of it
@@ -168,6 +284,87 @@ class CopyTransferEngine(TransferEngine):
         handle._poll = finished.query
         handle._wait = finished.synchronize
         return handle
+
+    def _submit_layered(self, handle: TransferHandle, src: Any, dst: Any) -> TransferHandle:
+        """A copy signalled per layer group (see the module docstring)."""
+        import torch
+
+        from pagedkv.kernels.copy import plan_runs
+
+        runs = plan_runs(
+            torch.tensor(handle.src_ids, dtype=torch.int64),
+            torch.tensor(handle.dst_ids, dtype=torch.int64),
+        )
+        groups = self._groups()
+        group_of = [gi for gi, (lo, hi) in enumerate(groups) for _ in range(lo, hi)]
+        handle.num_layers = self.num_layers
+        side = self._streams.get(handle.direction)
+        if side is None:
+            events = [threading.Event() for _ in groups]
+            done = threading.Event()
+
+            def job() -> None:
+                try:
+                    for event, (lo, hi) in zip(events, groups, strict=True):
+                        for s, d, n in zip(*runs, strict=True):
+                            dst[d : d + n, lo:hi].copy_(src[s : s + n, lo:hi])
+                        event.set()
+                except Exception as exc:  # e.g. out of memory: nothing it moved is trusted
+                    handle.error = exc
+                    handle.failed = set(range(handle.num_blocks))
+                finally:
+                    for event in events:
+                        event.set()
+                    done.set()
+
+            def wait() -> None:
+                done.wait()
+
+            def wait_layer(layer: int) -> None:
+                events[group_of[layer]].wait()
+
+            handle._poll = done.is_set
+            handle._wait = wait
+            handle._wait_layer = wait_layer
+            self._copier.put(job, done)
+            return handle
+        compute = torch.cuda.current_stream(self.gpu.device)
+        ready = torch.cuda.Event()  # type: ignore[no-untyped-call]
+        ready.record(compute)
+        cuda_events = [torch.cuda.Event() for _ in groups]  # type: ignore[no-untyped-call]
+        with torch.cuda.stream(side):
+            side.wait_event(ready)
+            try:
+                for event, (lo, hi) in zip(cuda_events, groups, strict=True):
+                    # one block's layers lo:hi are contiguous on both sides: an async DMA
+                    # each (a strided slice over several blocks would be staged by torch)
+                    for s, d, n in zip(*runs, strict=True):
+                        for i in range(n):
+                            dst[d + i, lo:hi].copy_(src[s + i, lo:hi], non_blocking=True)
+                    event.record(side)
+            except (RuntimeError, ValueError, TypeError) as exc:
+                handle.failed = set(range(handle.num_blocks))
+                handle.error = exc
+                for event in cuda_events:
+                    event.record(side)
+        finished = cuda_events[-1]
+        device = self.gpu.device
+        handle._poll = finished.query
+        handle._wait = finished.synchronize
+        handle._wait_layer = lambda layer: torch.cuda.current_stream(device).wait_event(
+            cuda_events[group_of[layer]]
+        )
+        return handle
+
+
+def _check_ids(pool: Any, ids: Sequence[int], name: str) -> None:
+    """Block ids of a layered copy (checked here: the copy thread cannot raise)."""
+    n = int(pool.shape[0])
+    bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n]
+    if bad:
+        raise ValueError(f"transfer: {name} block ids must be ints in [0, {n}), got {bad[:4]}")
+    if name == "dst" and len(set(ids)) != len(ids):
+        raise ValueError("transfer: dst block ids repeat (a block would be written twice)")
 
 
 class SimulatedTransferEngine(TransferEngine):
@@ -206,7 +403,12 @@ class SimulatedTransferEngine(TransferEngine):
         return self.latency_s + num_blocks * self.bytes_per_block / self.bandwidth
 
     def submit(
-        self, direction: Direction, src_ids: list[int], dst_ids: list[int]
+        self,
+        direction: Direction,
+        src_ids: list[int],
+        dst_ids: list[int],
+        *,
+        layered: bool = False,
     ) -> TransferHandle:
         _check_pairs(src_ids, dst_ids)
         now = self.clock()
@@ -252,8 +454,17 @@ class FaultInjectingEngine(TransferEngine):
         """The inner engine's host store, if it has one."""
         return getattr(self.inner, "host", None)
 
+    @property
+    def supports_layers(self) -> bool:  # type: ignore[override]
+        return bool(getattr(self.inner, "supports_layers", False))
+
     def submit(
-        self, direction: Direction, src_ids: list[int], dst_ids: list[int]
+        self,
+        direction: Direction,
+        src_ids: list[int],
+        dst_ids: list[int],
+        *,
+        layered: bool = False,
     ) -> TransferHandle:
         _check_pairs(src_ids, dst_ids)
         bad = {
@@ -262,10 +473,22 @@ class FaultInjectingEngine(TransferEngine):
             if self.fail(direction, s, d)
         }
         keep = [i for i in range(len(src_ids)) if i not in bad]
-        inner = self.inner.submit(direction, [src_ids[i] for i in keep], [dst_ids[i] for i in keep])
-        handle = TransferHandle(
-            direction, list(src_ids), list(dst_ids), ready_at=inner.ready_at, failed=set(bad)
+        kept_src, kept_dst = [src_ids[i] for i in keep], [dst_ids[i] for i in keep]
+        inner = (
+            self.inner.submit(direction, kept_src, kept_dst, layered=True)
+            if layered and self.supports_layers
+            else self.inner.submit(direction, kept_src, kept_dst)
         )
+        handle = TransferHandle(
+            direction,
+            list(src_ids),
+            list(dst_ids),
+            ready_at=inner.ready_at,
+            failed=set(bad),
+            num_layers=inner.num_layers,
+        )
+        if inner.num_layers:
+            handle._wait_layer = inner.wait_layer
 
         def settle() -> None:  # the inner result is meaningful only once it is done
             handle.failed = bad | {keep[i] for i in inner.failed}

@@ -1,0 +1,371 @@
+"""Layer-wise restores in the runtime: a copy signalled per layer (`TransferHandle.
+wait_layer`), plans handed out while the copy runs, the model waiting per layer, the
+commit after the forward, and a failed copy recomputed."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+import torch
+from engine_helpers import TOK, greedy, reference
+from tier_helpers import SPEC
+
+from pagedkv.cache.block_manager import BlockManager
+from pagedkv.cache.block_pool import BlockPool
+from pagedkv.cache.hashing import BlockHasher
+from pagedkv.model.forward_batch import SeqChunk, build_forward_batch
+from pagedkv.model.llama import LlamaModel
+from pagedkv.scheduler.config import SchedulerConfig
+from pagedkv.scheduler.errors import SessionError
+from pagedkv.scheduler.scheduler import SessionScheduler
+from pagedkv.serving.conversation import Item, Message, render_prompt
+from pagedkv.serving.engine import Engine
+from pagedkv.serving.engine_types import EngineRequest, TurnDone
+from pagedkv.serving.factory import build_engine, build_model
+from pagedkv.tiers.kv_store import KVStore
+from pagedkv.tiers.tiered import TieredKVCache
+from pagedkv.tiers.transfer import CopyTransferEngine, FaultInjectingEngine
+
+BS = SPEC.block_size
+L = SPEC.num_layers
+
+
+def _stores(n_gpu: int = 8, n_host: int = 8) -> tuple[KVStore, KVStore]:
+    gpu = KVStore(SPEC, n_gpu, fill=float("nan"))
+    host = KVStore(SPEC, n_host, fill=0.0)
+    for b in range(n_host):
+        host.kv[b] = torch.randn(host.kv[b].shape)
+    return gpu, host
+
+
+# -- the engine's layered copy -----------------------------------------------------------------
+
+
+def test_a_layered_copy_signals_each_layer_once_its_bytes_are_in_place() -> None:
+    gpu, host = _stores()
+    engine = CopyTransferEngine(gpu, host)
+    src, dst = [0, 1, 2, 5], [3, 4, 5, 0]
+    gate = threading.Event()
+    real_copy = torch.Tensor.copy_
+    copied_layers: list[int] = []
+
+    # hold the copy thread before layer 1 so the test sees layer 0 done and layer 1 not
+    def slow_copy(self: torch.Tensor, other: torch.Tensor, *a: Any, **k: Any) -> torch.Tensor:
+        if threading.current_thread().name == "pagedkv-layer-copy":
+            layer = int((self.storage_offset() // gpu.kv.stride(1)) % L)
+            if layer == 1:
+                gate.wait(5)
+            copied_layers.append(layer)
+        return real_copy(self, other, *a, **k)
+
+    torch.Tensor.copy_ = slow_copy  # type: ignore[method-assign]
+    try:
+        handle = engine.submit("restore", src, dst, layered=True)
+        assert handle.num_layers == L
+        handle.wait_layer(0)
+        for s, d in zip(src, dst, strict=True):
+            assert torch.equal(gpu.kv[d, 0], host.kv[s, 0])
+        assert not handle.done()  # layer 1 is held back
+        assert torch.isnan(gpu.kv[dst[0], 1]).all()
+        gate.set()
+        for layer in range(L):
+            handle.wait_layer(layer)
+            for s, d in zip(src, dst, strict=True):
+                assert torch.equal(gpu.kv[d, layer], host.kv[s, layer])
+        handle.wait()
+        assert handle.done() and not handle.failed and handle.error is None
+    finally:
+        torch.Tensor.copy_ = real_copy  # type: ignore[method-assign]
+        gate.set()
+    assert sorted(set(copied_layers)) == list(range(L))
+    assert copied_layers == sorted(copied_layers)  # layer by layer, in order
+
+
+def test_layered_copy_inputs_are_checked_before_anything_moves() -> None:
+    gpu, host = _stores()
+    engine = CopyTransferEngine(gpu, host)
+    before = gpu.kv.clone()
+    with pytest.raises(ValueError, match="src block ids"):
+        engine.submit("restore", [0, 99], [1, 2], layered=True)
+    with pytest.raises(ValueError, match="repeat"):
+        engine.submit("restore", [0, 1], [2, 2], layered=True)
+    with pytest.raises(ValueError, match="differ in length"):
+        engine.submit("restore", [0, 1], [2], layered=True)
+    engine.synchronize()
+    assert torch.equal(gpu.kv.nan_to_num(7.0), before.nan_to_num(7.0))
+    handle = engine.submit("restore", [0], [1], layered=True)
+    for bad in (-1, L, 1.5, True):
+        with pytest.raises(ValueError, match="wait_layer"):
+            handle.wait_layer(bad)  # type: ignore[arg-type]
+    handle.wait()
+    plain = engine.submit("restore", [2], [3])  # not layered: wait_layer waits it all
+    assert plain.num_layers == 0
+    plain.wait_layer(0)
+    assert torch.equal(gpu.kv[3], host.kv[2])
+    with pytest.raises(ValueError, match="layer_group"):
+        CopyTransferEngine(gpu, host, layer_group=0)
+
+
+def test_a_copy_error_on_the_copy_thread_fails_every_pair_and_releases_the_waiters() -> None:
+    gpu, host = _stores()
+    engine = CopyTransferEngine(gpu, host)
+    real_copy = torch.Tensor.copy_
+
+    def broken(self: torch.Tensor, other: torch.Tensor, *a: Any, **k: Any) -> torch.Tensor:
+        if threading.current_thread().name == "pagedkv-layer-copy":
+            raise RuntimeError("injected copy failure")
+        return real_copy(self, other, *a, **k)
+
+    torch.Tensor.copy_ = broken  # type: ignore[method-assign]
+    try:
+        handle = engine.submit("restore", [0, 1], [2, 3], layered=True)
+        for layer in range(L):
+            handle.wait_layer(layer)  # returns: the failure is in the result, not a hang
+        handle.wait()
+    finally:
+        torch.Tensor.copy_ = real_copy  # type: ignore[method-assign]
+    assert handle.done() and handle.failed == {0, 1}
+    assert isinstance(handle.error, RuntimeError)
+
+
+# -- the model waits per layer, in order -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model() -> LlamaModel:
+    return build_model("tiny", seed=3)
+
+
+def test_the_model_waits_for_each_layer_just_before_it_runs(model: LlamaModel) -> None:
+    store = KVStore(model.config.kv_spec(16), 4)
+    calls: list[int] = []
+    seen_layers: list[int] = []
+    real_k_cache = store.k_cache
+
+    def k_cache(layer: int) -> torch.Tensor:
+        seen_layers.append(layer)
+        assert calls == list(range(layer + 1)), (calls, layer)  # waited for it first
+        return real_k_cache(layer)
+
+    store.k_cache = k_cache  # type: ignore[method-assign]
+    batch = build_forward_batch(
+        [SeqChunk([0, 1], 0, list(range(20)))], block_size=16, wait_layer=calls.append
+    )
+    model(batch, store)
+    assert calls == list(range(model.config.num_layers)) == seen_layers
+
+
+# -- scheduler: the plan comes with the copy, and is committed after the forward ---------------
+
+
+def _tiered(n_gpu: int = 12, n_host: int = 16) -> tuple[TieredKVCache, KVStore, KVStore]:
+    gpu, host = _stores(n_gpu, n_host)
+    hasher = BlockHasher(block_size=BS, secret=b"lw")
+    cache = TieredKVCache(
+        BlockManager(BlockPool(n_gpu, name="gpu"), hasher),
+        BlockManager(BlockPool(n_host, name="host"), hasher),
+        CopyTransferEngine(gpu, host),
+    )
+    return cache, gpu, host
+
+
+def _offloaded(layerwise: bool, engine: Any = None) -> tuple[SessionScheduler, KVStore]:
+    cache, gpu, _host = _tiered()
+    if engine is not None:
+        cache = TieredKVCache(cache.gpu, cache.host, engine(cache.engine))
+    cfg = SchedulerConfig(max_pinned_sessions=1, high_watermark=1.0, layerwise_restore=layerwise)
+    sched = SessionScheduler(cache, cfg, clock=lambda: 0.0)
+    sched.open_session("a")
+    plan = sched.begin_turn("a", list(range(3 * BS)))
+    assert plan is not None
+    sched.mark_computed("a")
+    sched.end_turn("a")
+    sched.open_session("b")
+    plan = sched.begin_turn("b", [7] * BS)  # the pin cap pushes a to the host
+    assert plan is not None
+    sched.mark_computed("b")
+    sched.end_turn("b")
+    cache.wait_all()
+    sched.poll()
+    assert cache.location("a") == "host"
+    cache.gpu.pool.evict(cache.gpu.pool.num_cached)  # nothing of a left on the GPU
+    sched.close_session("b")
+    return sched, gpu
+
+
+def test_a_layerwise_plan_is_handed_out_at_once_and_committed_after_the_forward() -> None:
+    sched, _gpu = _offloaded(True)
+    plan = sched.begin_turn("a", [1, 2, 3])
+    assert plan is not None and plan.restore is not None  # no wait for the copy
+    assert plan.compute_start == 3 * BS and plan.hit_host == 3 * BS
+    assert sched.metrics.restores_layerwise == 1
+    sched.check_invariants()
+    with pytest.raises(SessionError, match="commit_restore"):
+        sched.mark_computed("a")
+    with pytest.raises(SessionError, match="commit_restore"):
+        sched.append_tokens("a", [4])
+    for layer in range(plan.restore.num_layers):
+        plan.restore.wait_layer(layer)
+    assert sched.commit_restore("a") == 3 * BS
+    with pytest.raises(SessionError, match="no layer-wise restore"):
+        sched.commit_restore("a")
+    assert sched.cache.gpu.table("a").num_computed_tokens == 3 * BS
+    sched.mark_computed("a")
+    sched.end_turn("a")
+    sched.check_invariants()
+    assert sched.metrics.blocks_restored == 3
+
+
+def test_a_restore_committed_by_poll_before_the_forward_is_reported_by_commit() -> None:
+    sched, _gpu = _offloaded(True)
+    plan = sched.begin_turn("a", [1, 2, 3])
+    assert plan is not None and plan.restore is not None
+    plan.restore.wait()
+    assert sched.poll() == []  # no TurnReady: the plan is already out
+    sched.check_invariants()
+    assert sched.commit_restore("a") == 3 * BS
+    sched.mark_computed("a")
+    sched.end_turn("a")
+    sched.check_invariants()
+
+
+def test_without_layerwise_the_turn_waits_for_the_whole_copy() -> None:
+    sched, _gpu = _offloaded(False)
+    plan = sched.begin_turn("a", [1, 2, 3])
+    assert plan is None  # the copy (synchronous on CPU) is committed by the next poll
+    (ready,) = sched.poll()
+    assert ready.plan.restore is None and ready.plan.compute_start == 3 * BS  # type: ignore[union-attr]
+
+
+def _fail_nth_restore_pair(n: int) -> Any:
+    """A `FaultInjectingEngine` around an engine failing the n-th restore pair it sees."""
+    seen = [0]
+
+    def fail(direction: str, src: int, dst: int) -> bool:
+        if direction != "restore":
+            return False
+        seen[0] += 1
+        return seen[0] == n
+
+    return lambda inner: FaultInjectingEngine(inner, fail)
+
+
+def test_a_failed_layerwise_copy_reports_the_valid_prefix_and_moves_the_hits() -> None:
+    sched, _gpu = _offloaded(True, engine=_fail_nth_restore_pair(2))
+    computed_before = sched.metrics.tokens_computed
+    plan = sched.begin_turn("a", [1, 2, 3])
+    assert plan is not None and plan.restore is not None
+    assert sched.commit_restore("a") == BS  # block 0 moved; 1 failed, so 2 is not trusted
+    assert sched.metrics.restores_layerwise_failed == 1
+    assert sched.metrics.tokens_computed - computed_before == plan.num_computed + 2 * BS
+    table = sched.cache.gpu.table("a")
+    assert table.num_computed_tokens == BS and table.num_tokens == 3 * BS + 3
+    sched.mark_computed("a")  # the runner computed the rest again
+    sched.end_turn("a")
+    sched.check_invariants()
+
+
+def test_closing_a_session_with_its_restore_uncommitted_releases_everything() -> None:
+    sched, _gpu = _offloaded(True)
+    plan = sched.begin_turn("a", [1, 2, 3])
+    assert plan is not None and plan.restore is not None
+    sched.close_session("a", offload=False)
+    sched.cache.wait_all()
+    sched.poll()
+    sched.check_invariants()
+    assert sched.cache.location("a") is None
+    assert sched.cache.gpu.pool.num_in_use == 0
+
+
+# -- the engine: outputs are bit-identical to a whole restore and to a recompute ---------------
+
+
+def _run_conversations(engine: Engine, model: LlamaModel) -> list[Item]:
+    sessions = [f"s{i}" for i in range(4)]
+    convs: dict[str, list[Item]] = {sid: [Message("user", f"{sid} " * 20)] for sid in sessions}
+    items: list[Item] = []
+    for sid in sessions:
+        engine.open_session(sid)
+    n = 0
+    for turn in range(3):
+        for sid in sessions:
+            prompt = render_prompt(TOK, instructions=None, tools=(), items=convs[sid])
+            n += 1
+            events: list[Any] = []
+            engine.submit(
+                EngineRequest(
+                    request_id=f"r{n}", session_id=sid, prompt_tokens=tuple(prompt),
+                    output=greedy(4),
+                ),
+                events.append,
+            )  # fmt: skip
+            engine.run_until_idle()
+            done = events[-1]
+            assert isinstance(done, TurnDone), events
+            assert done.item == reference(model, prompt, greedy(4))[1], (turn, sid)
+            assert done.item is not None
+            items.append(done.item)
+            convs[sid] += [done.item, Message("user", f"turn {turn} " * 5)]
+    for sid in sessions:
+        engine.close_session(sid)
+    engine.run_until_idle()
+    engine.scheduler.check_invariants()
+    engine.cache.check_invariants()
+    return items
+
+
+def _every_third() -> Any:
+    seen = [0]
+
+    def fail(direction: str, src: int, dst: int) -> bool:
+        seen[0] += direction == "restore"
+        return direction == "restore" and seen[0] % 3 == 0
+
+    return fail
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_layerwise_restores_give_the_same_outputs(model: LlamaModel, fail: bool) -> None:
+    """Sessions pushed to the host come back through layer-wise restores (the step runs
+    while the copy thread is copying, layer by layer); every output equals a whole
+    restore's and a recompute's, also when every third restored block fails."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        outputs = {}
+        for layerwise in (False, True):
+            engine = build_engine(
+                model,
+                num_gpu_blocks=24,
+                num_host_blocks=96,
+                scheduler=SchedulerConfig(max_pinned_sessions=2, layerwise_restore=layerwise),
+            )
+            if fail:
+                engine.cache.engine = FaultInjectingEngine(engine.cache.engine, _every_third())  # type: ignore[arg-type]
+            outputs[layerwise] = _run_conversations(engine, model)
+            m = engine.scheduler.metrics
+            assert m.blocks_restored > 0
+            assert (m.restores_layerwise > 0) == layerwise
+            assert (m.restores_layerwise_failed > 0) == (fail and layerwise)
+        assert outputs[True] == outputs[False]
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_layered_copy_on_cuda_is_ordered_by_stream_events() -> None:
+    gpu = KVStore(SPEC, 8, device="cuda", fill=float("nan"))
+    host = KVStore(SPEC, 8, fill=0.0)
+    host.kv.copy_(torch.randn(host.kv.shape))
+    engine = CopyTransferEngine(gpu, host)
+    handle = engine.submit("restore", [0, 1, 2, 7], [4, 5, 6, 0], layered=True)
+    out = []
+    for layer in range(handle.num_layers):
+        handle.wait_layer(layer)  # the current stream waits; reads after it are ordered
+        out.append(gpu.kv[[4, 5, 6, 0], layer].clone())
+    torch.cuda.synchronize()
+    for layer, got in enumerate(out):
+        assert torch.equal(got.cpu(), host.kv[[0, 1, 2, 7], layer])
+    assert handle.done() and not handle.failed
