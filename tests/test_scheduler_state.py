@@ -51,10 +51,11 @@ class SchedulerMachine(RuleBasedStateMachine):
         victim_order=st.sampled_from(["predicted", "lru"]),
         prefetch=st.booleans(),
         split=st.sampled_from([None, "layerwise", "serial"]),
+        layered=st.booleans(),
     )
     def setup(
         self, num_gpu: int, num_host: int, cap: int, ttl: float | None, backup: bool,
-        victim_order: str, prefetch: bool, split: str | None,
+        victim_order: str, prefetch: bool, split: str | None, layered: bool,
     ) -> None:  # fmt: skip
         self.clock = Clock()
         self.gpu = KVStore(SPEC, num_gpu, fill=float("nan"))
@@ -62,7 +63,9 @@ class SchedulerMachine(RuleBasedStateMachine):
         host_mgr, self.host, self.engine = None, None, None
         if num_host:
             self.host = KVStore(SPEC, num_host, fill=float("nan"))
-            self.engine = DeferredCopyEngine(self.gpu, self.host, self.clock, delay=0.5)
+            self.engine = DeferredCopyEngine(
+                self.gpu, self.host, self.clock, delay=0.5, layers=layered
+            )
             host_mgr = BlockManager(BlockPool(num_host, name="host"), hasher)
         cache = TieredKVCache(
             BlockManager(BlockPool(num_gpu, name="gpu"), hasher), host_mgr, self.engine
@@ -78,7 +81,8 @@ class SchedulerMachine(RuleBasedStateMachine):
                                  idle_ttl_s=ttl, high_watermark=0.9, backup_idle=backup,
                                  victim_order=victim_order, prefetch=self.prefetch,
                                  restore_split=split is not None,
-                                 layerwise_restore=split == "layerwise")  # fmt: skip
+                                 # a layered engine: plans handed out mid-copy
+                                 layerwise_restore=split == "layerwise" or layered)  # fmt: skip
         # with splits on, a link slow enough against compute that restores do split
         cost = (
             CostModel(block_size=BS, host_link_bytes_per_s=2e9, gpu_flops=1e16) if split else None
@@ -88,6 +92,8 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.limit = int(0.9 * num_gpu)
         self.tokens: dict[int, tuple[int, list[int]]] = {}  # open session -> (tenant, history)
         self.ready: set[int] = set()  # sessions with a turn ready to run
+        # ready sessions whose plan came with a layer-wise restore still copying
+        self.restoring: dict[int, TurnPlan] = {}
         self.queue_order: list[int] = []
         self.histories: list[tuple[int, list[int]]] = []  # closed sessions' histories
         self.next_id = 0
@@ -98,6 +104,10 @@ class SchedulerMachine(RuleBasedStateMachine):
         assert plan.num_tokens == len(hist)
         if newly_pinned:  # admission kept GPU use under the watermark
             assert self.sched.cache.gpu.pool.num_in_use <= self.limit
+        self.ready.add(sid)
+        if plan.restore is not None:  # its bytes land layer by layer: checked in run_turn
+            self.restoring[sid] = plan
+            return
         # everything before compute_start must already hold this session's bytes
         got = read_tokens(self.gpu, plan.block_ids, plan.compute_start)
         if plan.compute_start:
@@ -157,12 +167,44 @@ class SchedulerMachine(RuleBasedStateMachine):
         if idle:
             self._begin(data.draw(st.sampled_from(sorted(idle))), toks)
 
+    @rule(data=st.data(), toks=new_tokens, reclaim=st.booleans())
+    def come_back(self, data: st.DataObject, toks: list[int], reclaim: bool) -> None:
+        """A session resting on the host (or released) returns, after the GPU reclaimed
+        its cached blocks (`reclaim`) or not: the restore paths. With none resting, a
+        lowered pin cap pushes idle sessions out first."""
+
+        def away() -> list[int]:
+            return [s for s in self.tokens if not self.sched.session(s).is_queued
+                    and self.sched.session(s).state in (S.OFFLOADED, S.DROPPED)]  # fmt: skip
+
+        if not away() and self.sched.num_pinned > 1:
+            cap = self.sched.config.max_pinned_sessions
+            self.change_cap(1)
+            self.change_cap(cap)
+        self.advance(1.0)  # let offloads in flight land
+        resting = away()
+        if resting:
+            if reclaim:
+                pool = self.sched.cache.gpu.pool
+                pool.evict(pool.num_cached)
+            self._begin(data.draw(st.sampled_from(sorted(resting))), toks)
+
     @rule(data=st.data(), output=st.lists(st.integers(0, 4), max_size=6))
     def run_turn(self, data: st.DataObject, output: list[int]) -> None:
         if not self.ready:
             return
         sid = data.draw(st.sampled_from(sorted(self.ready)))
         tenant, hist = self.tokens[sid]
+        plan = self.restoring.pop(sid, None)
+        if plan is not None:  # the runner's order: wait per layer, forward, commit
+            assert plan.restore is not None
+            for layer in range(plan.restore.num_layers):
+                plan.restore.wait_layer(layer)
+            valid = self.sched.commit_restore(sid)
+            assert 0 <= valid <= plan.compute_start
+            assert self.sched.cache.gpu.table(sid).num_computed_tokens == valid
+            got = read_tokens(self.gpu, plan.block_ids, valid)
+            assert torch.equal(got, expected_tokens(token_values(tenant, hist)[:valid]))
         t = self.sched.cache.gpu.table(sid)
         slots = self.sched.cache.gpu.slot_mapping(sid, t.num_computed_tokens, t.num_tokens).tolist()
         write_kv(self.gpu, slots, token_values(tenant, hist)[t.num_computed_tokens :])
@@ -188,6 +230,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             tenant, hist = self.tokens.pop(sid)
             self.sched.close_session(sid)
             self.ready.discard(sid)
+            self.restoring.pop(sid, None)
             if hist and self.sched.cache.location(sid) is None:
                 self.histories.append((tenant, hist[: len(hist)]))
             self._handle(self.sched.poll())

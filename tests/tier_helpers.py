@@ -87,12 +87,16 @@ class DeferredCopyEngine(TransferEngine):
     whose ids sum to a multiple of 3 are not copied and are reported failed.
     """
 
-    def __init__(self, gpu: KVStore, host: KVStore, clock: object, delay: float) -> None:
+    def __init__(
+        self, gpu: KVStore, host: KVStore, clock: object, delay: float, *, layers: bool = False
+    ) -> None:
         self.gpu, self.host, self.clock, self.delay = gpu, host, clock, delay
         self.failing = False
         self.num_in_flight = 0
+        # with `layers`, a layered copy's `wait_layer(i)` completes the whole copy early
+        self.supports_layers = layers
 
-    def submit(self, direction, src_ids, dst_ids):  # type: ignore[no-untyped-def]
+    def submit(self, direction, src_ids, dst_ids, *, layered=False):  # type: ignore[no-untyped-def]
         from pagedkv.kernels import copy_blocks
         from pagedkv.tiers.transfer import TransferHandle
 
@@ -120,7 +124,11 @@ class DeferredCopyEngine(TransferEngine):
                 finish()
             return state["done"]
 
-        return TransferHandle(
+        handle = TransferHandle(
             direction, list(src_ids), list(dst_ids), ready_at=ready_at, failed=bad,
             _poll=poll, _wait=finish,
         )  # fmt: skip
+        if layered and self.supports_layers:
+            handle.num_layers = self.gpu.spec.num_layers
+            handle._wait_layer = lambda layer: finish()
+        return handle

@@ -14,7 +14,7 @@ class SchedulerMetrics:
     tokens_prompt: int = 0  # new prompt tokens presented by turns (incl. resumed history)
     tokens_hit_pinned: int = 0  # served by the session's own pinned blocks
     tokens_hit_gpu: int = 0  # served by the GPU hash cache
-    tokens_hit_host: int = 0  # served by the host tier (restored)
+    tokens_hit_host: int = 0  # served by the host tier (restored; ahead of time by a prefetch too)
     tokens_computed: int = 0  # prefilled
     blocks_offloaded: int = 0  # copied GPU -> host (backups included)
     blocks_backed_up: int = 0  # of which by backups of pinned sessions

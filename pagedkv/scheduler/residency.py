@@ -373,6 +373,7 @@ class Residency(ABC):
             s.prefetched_blocks = s.prefetched_tokens = 0
         s.prefetch_wasted = 0
         s.prefetch_after = -math.inf
+        s.prefetch_probe, s.prefetch_need = None, 0
         if self._dropped.get(s.session_id) is s:
             del self._dropped[s.session_id]
 
@@ -387,16 +388,17 @@ class Residency(ABC):
         host = min(s.prefetched_tokens, computed)
         return Hits(gpu=computed - host, host=host)
 
-    def _rest_dropped(self, s: Session, table: BlockTable) -> None:
+    def _rest_dropped(self, s: Session, table: BlockTable, *, held: bool = False) -> None:
         """Register `s`, being dropped from `table` (its GPU or host table), as a
-        prefetch candidate when the host holds a copy of its last full block (a later
-        prefetch checks the whole chain); else forget it as one."""
+        prefetch candidate when `held` (its full blocks are known to be on the host) or
+        the host holds a copy of its last full block (a later prefetch checks the whole
+        chain); else forget it as one."""
         host = self.cache.host
         n = len(table.hashes)
-        held = None
-        if host is not None and n:
-            held = host.pool.match(table.hashes[n - 1], table.block_content(n - 1))
-        if held is not None:  # (a block id: 0 is one)
+        if not held and host is not None and n:
+            # (`match` returns a block id or None: 0 is one)
+            held = host.pool.match(table.hashes[n - 1], table.block_content(n - 1)) is not None
+        if held and host is not None:
             self._dropped[s.session_id] = s
             self._dropped.move_to_end(s.session_id)
         else:
@@ -424,20 +426,27 @@ class Residency(ABC):
             return
         if cache.restores_in_flight() or self._pinned >= self.config.max_pinned_sessions:
             return
+        pool = cache.gpu.pool
+        limit = int((self.config.high_watermark - cfg.headroom) * pool.num_blocks)
+        room = limit - pool.num_in_use
         credit = self._prefetch_credit(cfg)
-        if credit < 0:
+        if room <= 0 or credit < cfg.min_hit_rate:  # not even one block fits
             return
         now = self.clock()
-        for window, s in self._prefetch_candidates(cfg, now)[:_PREFETCH_TRIES]:
+        for window, s in self._prefetch_candidates(cfg, now, room)[:_PREFETCH_TRIES]:
             try:
                 if self._start_prefetch(s, cfg, until=now + window, credit=credit):
                     return
             except (OutOfBlocksError, RuntimeError, ValueError):  # an engine that refused
                 return  # the cache rolled itself back: nothing changed
 
-    def _prefetch_candidates(self, cfg: PrefetchConfig, now: float) -> list[tuple[float, Session]]:
+    def _prefetch_candidates(
+        self, cfg: PrefetchConfig, now: float, room: int
+    ) -> list[tuple[float, Session]]:
         """(window, session) of each prefetch candidate, likeliest to return first
-        (empty while the idle-gap model has too few gaps to predict anything)."""
+        (empty while the idle-gap model has too few gaps to predict anything). One that
+        needed more than `room` GPU blocks when last checked is left out unchecked (the
+        check hashes its history: too dear to repeat at every poll)."""
         returns_within = self.idle_gaps.returns_within
         ttl = self.config.idle_ttl_s
         found: list[tuple[float, float, Session]] = []
@@ -455,6 +464,7 @@ class Residency(ABC):
                     s.is_queued
                     or s.pending_tokens is not None
                     or now < s.prefetch_after
+                    or s.prefetch_need > room
                     or s.session_id in self._prefetching
                 ):
                     continue
@@ -487,6 +497,7 @@ class Residency(ABC):
         pool, bs = cache.gpu.pool, cache.block_size
         limit = int((self.config.high_watermark - cfg.headroom) * pool.num_blocks)
         probe, history = None, s.history
+        s.prefetch_need = 0
         if s.state == S.OFFLOADED:
             if cache.location(s.session_id) != "host":
                 return False
@@ -498,23 +509,26 @@ class Residency(ABC):
             copied_tokens = h.num_tokens - len(hits) * bs  # a partial last block too
         else:
             assert history is not None
-            probe = cache.probe_prefix(history, tenant=s.tenant, extra_keys=s.extra_keys)
+            kept = s.prefetch_probe
+            if kept is not None and kept[0] is history:  # the chain depends on it only
+                probe = cache.reprobe(kept[1])
+            else:
+                probe = cache.probe_prefix(history, tenant=s.tenant, extra_keys=s.extra_keys)
+                s.prefetch_probe = (history, probe)
             hits = probe.gpu_hits
-            copied = 0
-            match = host.pool.match
-            for i in range(len(hits), len(probe.hashes)):
-                if match(probe.hashes[i], probe.contents[i]) is None:
-                    break
-                copied += 1
+            k, chain = len(hits), probe.hashes
+            copied = len(host.pool.match_chain(chain[k:], probe.contents[k:], len(chain)))
             if copied == 0 or len(hits) + copied < len(history) // bs:
                 return False  # the host does not hold the rest of it: nothing to bring back
             num_blocks = -(-len(history) // bs)
             copied_tokens = copied * bs
         grows = num_blocks - len(hits) + pool.count_cached(hits)
+        if pool.num_in_use + grows > limit:
+            s.prefetch_need = grows  # not checked again before that much room is free
+            return False
         if (
             copied > cfg.max_inflight_blocks
-            or pool.num_in_use + grows > limit
-            or (1.0 - cfg.waste_fraction) * copied > credit
+            or cfg.min_hit_rate * copied > credit
             or not self._tenant_blocks_fit(s.tenant, num_blocks)
         ):
             return False
@@ -527,6 +541,7 @@ class Residency(ABC):
                 s.session_id, history, tenant=s.tenant, extra_keys=s.extra_keys, probe=probe
             )
             del self._dropped[s.session_id]
+            s.prefetch_probe = None
         s.prefetched_blocks, s.prefetched_tokens = copied, copied_tokens
         s.prefetch_until = until
         self.metrics.blocks_prefetched += copied  # wasted or used, it crosses the link
@@ -643,7 +658,8 @@ class Residency(ABC):
         s.history = table.tokens.copy()
         if reason != "backed_up":  # those blocks live on in the host tier
             self.metrics.blocks_dropped += len(table.block_ids)
-        self._rest_dropped(s, table)
+        # released onto its host copy (a backup in flight may still be writing it)
+        self._rest_dropped(s, table, held=reason == "backed_up")
         self.cache.free(s.session_id)
         s.state = S.DROPPED
         s.evicted_by = reason

@@ -54,6 +54,10 @@ class Session:
     prefetch_after: float = field(default=float("-inf"), repr=False)
     # while a prefetch brings it back: when the window its return is predicted in ends
     prefetch_until: float = field(default=float("-inf"), repr=False)
+    # GPU blocks its prefetch would have taken when last found too big for the room
+    # (0: unknown), and, while DROPPED, its history's hash chain kept for those checks
+    prefetch_need: int = field(default=0, repr=False)
+    prefetch_probe: tuple[np.ndarray, PrefixProbe] | None = field(default=None, repr=False)
     # why the session is not on the GPU (for metrics): "offload", "drop", "release"
     evicted_by: str | None = field(default=None, repr=False)
     # a waiting turn's hash chain, kept between admission attempts so a retry only
