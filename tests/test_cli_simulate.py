@@ -97,7 +97,7 @@ def test_small_run_writes_json_and_png(tmp_path: Path, capsys: pytest.CaptureFix
         "pinned",
         "ours-off",
         "ours-layerwise",
-        "ours+prefetch",
+        "ours-split",
     }
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -28,6 +28,7 @@ from pagedkv.cache.hashing import BlockHasher
 from pagedkv.model.llama import LlamaModel
 from pagedkv.scheduler.config import PrefetchConfig, SchedulerConfig
 from pagedkv.scheduler.cost import CostModel
+from pagedkv.scheduler.errors import SessionError
 from pagedkv.scheduler.eviction import IdleGapModel
 from pagedkv.scheduler.scheduler import SessionScheduler, TurnReady
 from pagedkv.scheduler.session import SessionState as S
@@ -391,6 +392,50 @@ def test_a_turn_arriving_mid_prefetch_waits_for_it_then_runs() -> None:
     plan = _turn(sched, clock, gpu, "a", [*hist_a, 4, 4, 4])  # checks the bytes it is served
     assert plan.num_tokens == len(hist_a) + 3
     sched.check_invariants()
+
+
+def test_a_turn_parked_on_its_prefetch_blocks_no_one_and_starts_when_it_lands() -> None:
+    sched, clock, gpu = _prefetching_scheduler()
+    hist_a = _offload_a(sched, clock, gpu)
+    sched.set_max_pinned_sessions(3)  # room for a to land next to b and c
+    clock.now += 1.0
+    sched.poll()
+    assert sched.cache.location("a") == "restoring"
+    assert sched.begin_turn("a", [4, 4, 4]) is None  # parked on its prefetch, not queued
+    assert not sched.session("a").is_queued and sched.num_queued == 0
+    with pytest.raises(SessionError, match="queued"):
+        sched.begin_turn("a", [5])  # one turn at a time, parked or not
+    sched.check_invariants()
+    sched.open_session("c")  # a later turn of another session goes ahead at once
+    plan_c = sched.begin_turn("c", [8] * BS)
+    assert plan_c is not None
+    sched.mark_computed("c")
+    sched.end_turn("c")
+    ready = []
+    for _ in range(8):
+        clock.now += 0.25
+        ready += [ev for ev in sched.poll() if isinstance(ev, TurnReady)]
+        sched.check_invariants()
+    (ev,) = ready
+    assert ev.session_id == "a" and ev.plan.num_tokens == len(hist_a) + 3
+    assert ev.plan.compute_start == len(hist_a)  # the prefetched blocks, no copy
+    assert sched.metrics.blocks_prefetch_used == 3
+    got = read_tokens(gpu, ev.plan.block_ids, ev.plan.compute_start)
+    assert torch.equal(got, expected_tokens(token_values(0, hist_a)))
+
+
+def test_closing_a_session_parked_on_its_prefetch_releases_it() -> None:
+    sched, clock, gpu = _prefetching_scheduler()
+    _offload_a(sched, clock, gpu)
+    clock.now += 1.0
+    sched.poll()
+    assert sched.begin_turn("a", [4]) is None
+    sched.close_session("a", offload=False)
+    for _ in range(4):
+        clock.now += 0.25
+        assert sched.poll() == []
+        sched.check_invariants()
+    assert sched.cache.location("a") is None
 
 
 def test_no_prefetch_without_room_or_prediction() -> None:

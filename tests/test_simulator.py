@@ -34,7 +34,7 @@ from pagedkv.sim.traces import load_mooncake
 from pagedkv.sim.workload import Request, Workload
 
 PROFILE = HardwareProfile()
-OURS_VARIANTS = ("ours-off", "ours-layerwise", "ours+prefetch")
+OURS_VARIANTS = ("ours-off", "ours-layerwise", "ours-split")
 ALL = ("stateless", "prefix", "prefix+host", "ours", "pinned", "ideal", *OURS_VARIANTS)
 
 

@@ -101,6 +101,10 @@ class Residency(ABC):
         # plan's compute_start; `_restore_done` holds the valid tokens once committed
         self._restoring_plans: dict[object, int] = {}
         self._restore_done: dict[object, int] = {}
+        # turns that arrived while their own session was being prefetched: they start
+        # when the copy lands (not from the admission queue, where they would block
+        # every turn behind them for the rest of the copy)
+        self._parked: dict[object, Session] = {}
         self._releasing: dict[object, int] = {}  # offloading: GPU blocks freed on completion
         self._backups: dict[object, Session] = {}  # backups in flight: id -> who started it
         # released with their own backup in flight: its GPU sources free when it completes
@@ -123,6 +127,10 @@ class Residency(ABC):
     @abstractmethod
     def _ready(self, s: Session, hits: Hits) -> TurnPlan:
         """The plan of a turn whose blocks are now all on the GPU (`SessionScheduler`)."""
+
+    @abstractmethod
+    def _start_parked(self, s: Session) -> None:
+        """Start the turn parked on `s`'s prefetch, which just landed (`SessionScheduler`)."""
 
     # ------------------------------------------------------------------ making room
     def _make_room(self, s: Session, need: Need, *, immediate: bool = False) -> bool:
@@ -754,6 +762,8 @@ class Residency(ABC):
         if prefetched is not None:
             if prefetched is s:
                 self._prefetch_landed(s, ok=r.ok)
+                if self._parked.pop(s.session_id, None) is s:
+                    self._start_parked(s)
             return
         if r.seq_id in self._restoring_plans:  # its plan is out: commit_restore reports it
             self._restore_done[r.seq_id] = r.valid_tokens

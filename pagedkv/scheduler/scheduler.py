@@ -149,8 +149,9 @@ class SessionScheduler(Residency):
                 is left as it was.
         """
         s = self.session(session_id)
-        if s.state not in (S.NEW, S.IDLE, S.OFFLOADED, S.DROPPED) or s.is_queued:
-            state = "queued" if s.is_queued else s.state.value
+        parked = session_id in self._parked
+        if s.state not in (S.NEW, S.IDLE, S.OFFLOADED, S.DROPPED) or s.is_queued or parked:
+            state = "queued" if s.is_queued or parked else s.state.value
             raise SessionError(
                 f"begin_turn {session_id!r}: session is {state}; "
                 "expected new, idle, offloaded or dropped (one turn at a time)"
@@ -314,6 +315,7 @@ class SessionScheduler(Residency):
         self._waiting.pop(session_id, None)
         self._restoring_plans.pop(session_id, None)
         self._restore_done.pop(session_id, None)
+        self._parked.pop(session_id, None)
         self._releasing.pop(session_id, None)
         if s.is_pinned:
             self._unpin(s)
@@ -416,6 +418,9 @@ class SessionScheduler(Residency):
         tokens = s.pending_tokens
         bs = self.cache.block_size
         loc = self.cache.location(s.session_id)
+        if loc == "restoring" and self._prefetching.get(s.session_id) is s:
+            self._parked[s.session_id] = s  # started when its prefetch lands
+            return True
         if loc in ("offloading", "restoring"):
             return None  # wait for the copy to finish first
         if s.state == S.IDLE:
@@ -497,6 +502,17 @@ class SessionScheduler(Residency):
             self._waiting[s.session_id] = hits
             return True
         return self._ready(s, hits)
+
+    def _start_parked(self, s: Session) -> None:
+        started = self._try_start(s)
+        if isinstance(started, TurnPlan):
+            self._events.append(TurnReady(s.session_id, started))
+        elif started is None:  # no room now: it waits its turn in the queue from here
+            if self._blocked_by_tenant:
+                self._tenant_held.add(s.session_id)
+            s.queued_at = self.clock()
+            self._queues.setdefault(s.priority, OrderedDict())[s.session_id] = s
+            self.metrics.admission_waits += 1
 
     def _split_plan(
         self, cached_tokens: int, num_blocks: int, num_after: int, *, count: bool = True
@@ -649,6 +665,8 @@ class SessionScheduler(Residency):
             in_queues = sum(s.session_id in q for q in self._queues.values())
             assert in_queues == int(s.is_queued), (s.session_id, in_queues)
         assert len(self._idle) == sum(s.state == S.IDLE for s in self._sessions.values())
+        for session_id, s in self._parked.items():  # a turn waits on its own prefetch
+            assert self._prefetching.get(session_id) is s and s.pending_tokens is not None
         for session_id in (*self._backup_releasing, *self._backups):
             assert self.cache.is_pending(Backup(session_id)), session_id
 

@@ -143,7 +143,8 @@ _OURS = Policy(
     name="ours",
     summary="pinned sessions, admission cap, write-back and cost-aware idle "
     "offload, hash fallback on reconnect; restores overlap the prefill layer by "
-    "layer and split with recompute where that ends sooner",
+    "layer, split with recompute where that ends sooner, and sessions likely to "
+    "return soon are restored ahead of their return",
     pin_sessions=True,
     host_tier=True,
     capped=True,
@@ -151,6 +152,7 @@ _OURS = Policy(
     backup_idle=True,
     layerwise=True,
     split=True,
+    prefetch=True,
 )
 POLICIES: dict[str, Policy] = {
     p.name: p
@@ -175,22 +177,23 @@ POLICIES: dict[str, Policy] = {
         replace(
             _OURS,
             name="ours-off",
-            summary="ours with whole restores before the prefill and no split",
+            summary="ours with whole restores before the prefill, no split, no prefetch",
             layerwise=False,
             split=False,
+            prefetch=False,
         ),
         replace(
             _OURS,
             name="ours-layerwise",
-            summary="ours-off with layer-wise restores (no split)",
+            summary="ours-off with layer-wise restores",
             split=False,
+            prefetch=False,
         ),
         replace(
             _OURS,
-            name="ours+prefetch",
-            summary="ours, and offloaded sessions likely to return soon are restored "
-            "ahead of their return",
-            prefetch=True,
+            name="ours-split",
+            summary="ours-layerwise with load-and-compute splits (ours without prefetch)",
+            prefetch=False,
         ),
         Policy(
             name="pinned",

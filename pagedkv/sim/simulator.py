@@ -505,6 +505,8 @@ class _Replay:
         start = max(now, node.gpu_free_s)
         end = start + took
         restore = node.restore_of.pop(plan.session_id, None)  # type: ignore[call-overload]
+        layered = restore is not None and self.policy.layerwise
+        first_layer = now
         if restore is not None and self.policy.layerwise:
             _admitted, copy_start, copy_end, _n = restore
             first_layer = copy_start + (copy_end - copy_start) / cost.num_layers
@@ -516,7 +518,9 @@ class _Replay:
         node.busy_s += took
         node.num_requests += 1
         node.num_computed += plan.num_computed
-        rec.ready_s[i] = min(now, start)  # a layer-wise start is before the copy ends
+        # ready when its first layer landed (layer-wise), so `start - ready` is the wait
+        # behind other prefills and `ready - admit` the restore's own wait
+        rec.ready_s[i] = min(now, first_layer) if layered else now
         rec.prefill_start_s[i] = start
         rec.first_token_s[i] = end
         rec.prompt_tokens[i] = plan.num_tokens
