@@ -139,17 +139,26 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--kv-heads", type=int, default=8)
+    ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    for name in ("context", "new", "repeats", "layers"):
+    for name in ("context", "new", "repeats", "layers", "kv_heads", "head_dim"):
         if getattr(args, name) < 1:
             ap.error(f"--{name} must be >= 1")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    # the demo model's width with more layers and KV heads: a long prefix is tens of MB
+    # the demo model's width with Llama-3-8B's KV heads and head size (a 4k-token prefix
+    # is hundreds of MB, as on a GPU server where the copy competes with the prefill)
     model = build_model(
-        "demo", seed=0, num_layers=args.layers, num_kv_heads=4, max_position=args.context * 2
+        "demo",
+        seed=0,
+        num_layers=args.layers,
+        num_heads=args.kv_heads,
+        num_kv_heads=args.kv_heads,
+        head_dim=args.head_dim,
+        max_position=args.context * 2,
     )
     result = run(model, args.context, args.new, args.repeats)
     result["machine"] = f"{platform.machine()} CPU, {os.cpu_count()} cores"

@@ -141,6 +141,7 @@ def test_turn_two_reuses_turn_one_pinned_offloaded_and_after_a_reconnect() -> No
     t3 = paged.generate([turn3], max_new_tokens=8, sessions=["a"])[0]
     metrics = paged.stats()["scheduler"]
     assert metrics["sessions_offloaded"] >= 1 and metrics["blocks_restored"] >= 1
+    assert metrics["restores_layerwise"] >= 1  # the attention waited per layer
     assert t3.cached_tokens >= (len(turn3) - 2) // 16 * 16
     assert t3.tokens == _eager_greedy(ref, turn3, 8)
     # reconnect: a new session with the full history finds its full blocks by content

@@ -4,7 +4,12 @@ commit after the forward, and a failed copy recomputed."""
 
 from __future__ import annotations
 
+import dataclasses
+import gc
+import logging
 import threading
+import time
+import weakref
 from typing import Any
 
 import pytest
@@ -22,7 +27,7 @@ from pagedkv.scheduler.errors import SessionError
 from pagedkv.scheduler.scheduler import SessionScheduler
 from pagedkv.serving.conversation import Item, Message, render_prompt
 from pagedkv.serving.engine import Engine
-from pagedkv.serving.engine_types import EngineRequest, TurnDone
+from pagedkv.serving.engine_types import EngineConfig, EngineRequest, TurnDone
 from pagedkv.serving.factory import build_engine, build_model
 from pagedkv.tiers.kv_store import KVStore
 from pagedkv.tiers.tiered import TieredKVCache
@@ -352,6 +357,61 @@ def test_layerwise_restores_give_the_same_outputs(model: LlamaModel, fail: bool)
         assert outputs[True] == outputs[False]
     finally:
         torch.set_num_threads(threads)
+
+
+def test_a_model_that_skips_wait_layer_is_caught_and_its_steps_computed_again(
+    model: LlamaModel, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A third-party model that ignores `ForwardBatch.wait_layer` reads blocks still
+    being copied in (the copy thread is slowed so it would): the engine sees that not
+    every layer was waited for, computes the step again and turns layer-wise off."""
+
+    class Ignores:  # a PagedModel written before wait_layer existed
+        config = model.config
+        device = model.device
+
+        def __call__(self, batch: Any, kv_store: KVStore) -> torch.Tensor:
+            return model(dataclasses.replace(batch, wait_layer=None), kv_store)
+
+    real_copy = torch.Tensor.copy_
+
+    def slow_copy(self: torch.Tensor, other: torch.Tensor, *a: Any, **k: Any) -> torch.Tensor:
+        if threading.current_thread().name == "pagedkv-layer-copy":
+            time.sleep(0.003)
+        return real_copy(self, other, *a, **k)
+
+    engine = Engine(
+        Ignores(),  # type: ignore[arg-type]
+        EngineConfig(num_gpu_blocks=24, num_host_blocks=96,
+                     scheduler=SchedulerConfig(max_pinned_sessions=2, layerwise_restore=True)),
+    )  # fmt: skip
+    torch.Tensor.copy_ = slow_copy  # type: ignore[method-assign]
+    try:
+        with caplog.at_level(logging.WARNING, logger="pagedkv.engine"):
+            _run_conversations(engine, model)  # every output equals a recompute's
+    finally:
+        torch.Tensor.copy_ = real_copy  # type: ignore[method-assign]
+    assert engine.scheduler.metrics.restores_layerwise >= 1
+    assert not engine.scheduler.config.layerwise_restore
+    assert "does not call ForwardBatch.wait_layer" in caplog.text
+
+
+def test_a_closed_or_dropped_copy_engine_keeps_no_store_alive() -> None:
+    gpu, host = _stores()
+    engine = CopyTransferEngine(gpu, host)
+    engine.submit("restore", [0, 1], [2, 3], layered=True).wait()
+    ref = weakref.ref(gpu.kv)
+    del gpu, engine
+    gc.collect()
+    assert ref() is None  # the copy thread holds nothing of a finished job
+    gpu, host = _stores()
+    engine = CopyTransferEngine(gpu, host)
+    handle = engine.submit("restore", [0, 1], [2, 3], layered=True)
+    engine.close()
+    assert handle.done() and torch.equal(gpu.kv[2], host.kv[0])
+    with pytest.raises(RuntimeError, match="closed"):
+        engine.submit("restore", [0], [1], layered=True)
+    engine.close()  # idempotent
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -94,7 +94,8 @@ class PagedLM:
             num_host_blocks=num_host_blocks,
             max_batch_tokens=max_batch_tokens,
             prefill_chunk_tokens=prefill_chunk_tokens or max_batch_tokens,
-            scheduler=SchedulerConfig(**scheduler),
+            # restores overlap the prefill layer by layer unless the caller says otherwise
+            scheduler=SchedulerConfig(**{"layerwise_restore": True, **scheduler}),
             device=str(self.model.device),
             seed=seed,
             tenant=tenant,

@@ -31,7 +31,10 @@ class PagedModelConfig(Protocol):
 class PagedModel(Protocol):
     """A causal LM over the paged KV cache: one call runs one `ForwardBatch` step,
     writes every new token's K/V into `kv_store` and returns fp32 logits `[B, vocab]`
-    (each sequence's last new token)."""
+    (each sequence's last new token). When `batch.wait_layer` is set (a layer-wise
+    restore is copying part of the cache in), the model calls `batch.wait_layer(i)`
+    for every layer i before that layer reads or writes the cache; the engine detects a
+    model that does not, computes that step again and stops using layer-wise restores."""
 
     @property
     def config(self) -> PagedModelConfig: ...

@@ -20,6 +20,7 @@ closed and a fresh one resumes with the whole conversation, served from the hash
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import sys
@@ -111,14 +112,18 @@ class _Job:
     t_first: float | None = None
 
 
-def _wait_all(handles: list[TransferHandle]) -> Callable[[int], None]:
-    """One `ForwardBatch.wait_layer` for the layer-wise restores of a step's sequences."""
+class _LayerWaits:
+    """One `ForwardBatch.wait_layer` for the layer-wise restores of a step's sequences;
+    remembers which layers the model waited for (a model that skips one read it early)."""
 
-    def wait_layer(layer: int) -> None:
-        for handle in handles:
+    def __init__(self, handles: list[TransferHandle]) -> None:
+        self.handles = handles
+        self.waited: set[int] = set()
+
+    def __call__(self, layer: int) -> None:
+        for handle in self.handles:
             handle.wait_layer(layer)
-
-    return wait_layer
+        self.waited.add(layer)
 
 
 def _log_failure(what: str) -> None:
@@ -289,6 +294,9 @@ class Engine:
             self._commands.put(("stop", None))
             self._thread.join(timeout)
             self._thread = None
+        transfer = self.cache.engine
+        if isinstance(transfer, CopyTransferEngine):
+            transfer.synchronize()  # no copy may still write into the stores after this
         if self.publisher is not None:
             self.publisher.close()
         if self.remote is not None:
@@ -631,6 +639,9 @@ class Engine:
             time.sleep(self.config.step_delay_s)
         cfg = self.config
         budget = cfg.max_batch_tokens
+        # a restore that already finished is committed now: a failed one is computed
+        # again from its valid prefix instead of running a step over bad K/V
+        self._commit_restores([j for j in self._running if j.restore and j.restore.done()])
         order = [j for j in self._running if j.phase != "prefill"]
         order += [j for j in self._running if j.phase == "prefill"]
         picked: list[tuple[_Job, int]] = []
@@ -648,17 +659,20 @@ class Engine:
             picked.append((job, n))
             budget -= n
         restores = [job.restore for job, _ in picked if job.restore is not None]
+        waits = _LayerWaits(restores) if restores else None
         batch = build_forward_batch(
-            chunks,
-            block_size=cfg.block_size,
-            device=self.device,
-            wait_layer=_wait_all(restores) if restores else None,
+            chunks, block_size=cfg.block_size, device=self.device, wait_layer=waits
         )
         logits = self.model(batch, self.kv_store)  # [B, vocab]
         self.num_steps += 1
         self.num_step_tokens += batch.num_tokens
         self.num_step_seqs += batch.num_seqs
-        redo = self._commit_restores(picked) if restores else set()
+        redo: set[int] = set()
+        if waits is not None:
+            complete = waits.waited >= set(range(self.kv_store.spec.num_layers))
+            if not complete:
+                self._no_layer_waits()
+            redo = self._commit_restores([job for job, _ in picked], redo_all=not complete)
         to_sample: dict[str, list[tuple[int, _Job]]] = {}
         for row, (job, n) in enumerate(picked):
             if id(job) in redo:
@@ -689,17 +703,31 @@ class Engine:
                 assert job.program is not None
                 self._apply(job, job.program.advance(token))
 
-    def _commit_restores(self, picked: list[tuple[_Job, int]]) -> set[int]:
-        """Commit the layer-wise restores the step just waited on. Returns the ids of the
-        jobs whose copy failed: their step output is discarded and they compute again
-        from the first position the copy did not make valid."""
+    def _no_layer_waits(self) -> None:
+        """The model ran a step without waiting for every layer's copy (it does not call
+        `ForwardBatch.wait_layer`): it may have read blocks still being copied in. That
+        step is computed again, and restores are whole from now on."""
+        log.warning(
+            "%s does not call ForwardBatch.wait_layer for every layer; layer-wise "
+            "restores are off for this engine (set SchedulerConfig.layerwise_restore=False)",
+            type(self.model).__name__,
+        )
+        self.scheduler.config = dataclasses.replace(self.scheduler.config, layerwise_restore=False)
+
+    def _commit_restores(self, jobs: list[_Job], *, redo_all: bool = False) -> set[int]:
+        """Commit the layer-wise restores of `jobs` (after the step that waited on them,
+        or before a step when they are done). Returns the ids of the jobs to compute
+        again: those whose copy failed (from the first position it did not make valid),
+        and with `redo_all` every one (the model did not wait per layer)."""
         redo: set[int] = set()
-        for job, _n in picked:
+        for job in jobs:
             if job.restore is None:
                 continue
             job.restore = None
             valid = self.scheduler.commit_restore(job.session.key)
-            if valid < job.pos:
+            if redo_all:
+                valid = min(valid, job.pos)  # its step read K/V that may not have landed
+            if valid < job.pos or redo_all:
                 table = self.cache.gpu.table(job.session.key)
                 job.pos = valid
                 job.pending = table.tokens[valid : table.num_tokens].tolist()

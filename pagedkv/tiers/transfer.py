@@ -22,12 +22,14 @@ A handle reports which pairs (positions in the submitted lists) were not moved.
 
 from __future__ import annotations
 
+import atexit
 import queue
 import threading
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 if TYPE_CHECKING:
     from pagedkv.tiers.kv_store import KVStore
@@ -132,37 +134,82 @@ def _check_pairs(src_ids: list[int], dst_ids: list[int]) -> None:
         )
 
 
+_IDLE_EXIT_S = 5.0  # a copy thread with nothing to do for this long exits
+_EXIT_WAIT_S = 30.0  # at interpreter exit, how long copies in flight are waited for
+
+
 class _LayerCopier:
     """The copy thread of CPU layered copies: jobs run in submission order, layer by
     layer, each layer's `threading.Event` set as soon as it is in place (torch's copies
-    release the GIL, so the engine thread computes meanwhile)."""
+    release the GIL, so the engine thread computes meanwhile). The thread starts on the
+    first job and exits after `_IDLE_EXIT_S` without one, holding nothing of a finished
+    job (its stores can be freed); at interpreter exit the copies in flight are waited
+    for (a torch op still running on a thread at exit aborts the process)."""
+
+    _live: ClassVar[weakref.WeakSet[_LayerCopier]] = weakref.WeakSet()
+    _atexit_registered: ClassVar[bool] = False
 
     def __init__(self) -> None:
         self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._outstanding: list[threading.Event] = []
+        self._closed = False
+        _LayerCopier._live.add(self)
+        if not _LayerCopier._atexit_registered:
+            atexit.register(_LayerCopier._wait_all_at_exit)
+            _LayerCopier._atexit_registered = True
 
     def put(self, job: Callable[[], None], done: threading.Event) -> None:
+        """Queue a job (it must catch its own errors and set `done` at its end)."""
         with self._lock:
+            if self._closed:
+                raise RuntimeError("CopyTransferEngine is closed")
             self._outstanding = [e for e in self._outstanding if not e.is_set()]
             self._outstanding.append(done)
-            if self._thread is None or not self._thread.is_alive():
+            self._jobs.put(job)
+            if self._thread is None:
                 self._thread = threading.Thread(
                     target=self._run, name="pagedkv-layer-copy", daemon=True
                 )
                 self._thread.start()
-        self._jobs.put(job)
 
     def _run(self) -> None:
-        while (job := self._jobs.get()) is not None:
+        while True:
+            try:
+                job = self._jobs.get(timeout=_IDLE_EXIT_S)
+            except queue.Empty:
+                with self._lock:  # exit unless a job came in meanwhile
+                    if self._jobs.empty():
+                        self._thread = None
+                        return
+                continue
+            if job is None:
+                return
             job()  # a job catches its own errors and always sets its events
+            del job  # the finished job's closure (stores, handle) is not kept alive
 
-    def synchronize(self) -> None:
+    def synchronize(self, timeout: float | None = None) -> bool:
+        """Wait for every job queued so far; False if `timeout` passed first."""
         with self._lock:
             pending = list(self._outstanding)
-        for done in pending:
-            done.wait()
+        return all(done.wait(timeout) for done in pending)
+
+    def close(self, timeout: float | None = None) -> None:
+        """Wait for the queued jobs, then stop the thread; later `put`s raise."""
+        self.synchronize(timeout)
+        with self._lock:
+            self._closed = True
+            thread, self._thread = self._thread, None
+            if thread is not None:
+                self._jobs.put(None)
+        if thread is not None:
+            thread.join(timeout)
+
+    @staticmethod
+    def _wait_all_at_exit() -> None:
+        for copier in list(_LayerCopier._live):
+            copier.synchronize(_EXIT_WAIT_S)
 
 
 class CopyTransferEngine(TransferEngine):
@@ -228,6 +275,13 @@ class CopyTransferEngine(TransferEngine):
         for stream in self._streams.values():
             stream.synchronize()
         self._copier.synchronize()
+
+    def close(self, timeout: float | None = None) -> None:
+        """Finish every copy submitted so far and stop the CPU copy thread (idempotent;
+        a layered copy submitted afterwards raises `RuntimeError`)."""
+        for stream in self._streams.values():
+            stream.synchronize()
+        self._copier.close(timeout)
 
     def _groups(self) -> list[tuple[int, int]]:
         g = self.layer_group
