@@ -142,6 +142,7 @@ def main() -> None:
     ap.add_argument("--kv-heads", type=int, default=8)
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (the device pool's place)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     for name in ("context", "new", "repeats", "layers", "kv_heads", "head_dim"):
@@ -159,9 +160,14 @@ def main() -> None:
         num_kv_heads=args.kv_heads,
         head_dim=args.head_dim,
         max_position=args.context * 2,
+        device=args.device,
     )
     result = run(model, args.context, args.new, args.repeats)
-    result["machine"] = f"{platform.machine()} CPU, {os.cpu_count()} cores"
+    result["machine"] = (
+        torch.cuda.get_device_name(model.device)
+        if model.device.type == "cuda"
+        else f"{platform.machine()} CPU, {os.cpu_count()} cores"
+    )
     result["torch_threads"] = torch.get_num_threads()
     result["model"] = {
         "layers": args.layers,

@@ -14,7 +14,8 @@
 #   kernel-bench  bench_attention, bench_copy
 #   model    gpu-marked model tests (CUDA forward, bf16, CUDA graphs)        (issue 7)
 #   offload  bench_offload: session offload/restore vs pinned copy_, decode
-#            timing with and without a concurrent offload                    (issue 4)
+#            timing with and without a concurrent offload                    (issue 4);
+#            layer-wise restore tests (CUDA events) and TTFT with/without overlap (issue 18)
 #   agent    bench_agent_loop on the 1B-shaped model, 16 concurrent sessions (issue 7)
 # Every output, and the benchmarks' --json files, go under $OUT (default ./out/gpu_suite).
 #
@@ -88,7 +89,9 @@ stage_commands() {
     model)
       echo "model_gpu_tests.txt${t}$RUN -m pytest tests/test_model_gpu.py -m gpu -q -rfEs $NOCONF -p no:cacheprovider" ;;
     offload)
-      echo "bench_offload.txt${t}$RUN benchmarks/bench_offload.py --json $OUT/bench_offload.json" ;;
+      echo "bench_offload.txt${t}$RUN benchmarks/bench_offload.py --json $OUT/bench_offload.json"
+      echo "layerwise_tests.txt${t}$RUN -m pytest tests/test_layerwise_restore.py -q -rfEs $NOCONF -p no:cacheprovider"
+      echo "bench_layerwise_restore.txt${t}$RUN benchmarks/bench_layerwise_restore.py --device cuda --context 16384 --new 512 --layers 32 --json $OUT/bench_layerwise_restore.json" ;;
     agent)
       echo "bench_agent_loop.txt${t}$RUN benchmarks/bench_agent_loop.py --model llama_1b --device cuda --dtype bfloat16 --sessions 16 --repeats 1 --json $OUT/bench_agent_loop.json" ;;
     hf)
