@@ -31,7 +31,12 @@ from pagedkv.serving.engine_types import EngineConfig, EngineRequest, TurnDone
 from pagedkv.serving.factory import build_engine, build_model
 from pagedkv.tiers.kv_store import KVStore
 from pagedkv.tiers.tiered import TieredKVCache
-from pagedkv.tiers.transfer import CopyTransferEngine, FaultInjectingEngine
+from pagedkv.tiers.transfer import (
+    CopyTransferEngine,
+    FaultInjectingEngine,
+    TransferEngine,
+    TransferHandle,
+)
 
 BS = SPEC.block_size
 L = SPEC.num_layers
@@ -394,6 +399,107 @@ def test_a_model_that_skips_wait_layer_is_caught_and_its_steps_computed_again(
     assert engine.scheduler.metrics.restores_layerwise >= 1
     assert not engine.scheduler.config.layerwise_restore
     assert "does not call ForwardBatch.wait_layer" in caplog.text
+
+
+class _GatedLayers(TransferEngine):
+    """Wraps the engine's copies: a layered copy is not done until `gate` opens, and a
+    layer wait before that is recorded in `early` (then opens it, so nothing hangs)."""
+
+    supports_layers = True
+
+    def __init__(self, inner: CopyTransferEngine) -> None:
+        self.inner, self.gate, self.early = inner, threading.Event(), []
+        self.gpu, self.host = inner.gpu, inner.host
+
+    def submit(self, direction: Any, src_ids: list[int], dst_ids: list[int], *,
+               layered: bool = False) -> TransferHandle:  # fmt: skip
+        if not layered:
+            return self.inner.submit(direction, src_ids, dst_ids)
+        inner = self.inner.submit(direction, src_ids, dst_ids, layered=True)
+        outer = TransferHandle(direction, list(src_ids), list(dst_ids), num_layers=inner.num_layers)
+
+        def early(layer: int) -> None:
+            if not self.gate.is_set():
+                self.early.append(layer)
+                self.gate.set()
+
+        def wait_layer(layer: int) -> None:
+            early(layer)
+            inner.wait_layer(layer)
+
+        def wait() -> None:
+            early(-1)
+            inner.wait()
+            outer.failed, outer.error = inner.failed, inner.error
+
+        def done() -> bool:
+            if self.gate.is_set() and inner.done():
+                outer.failed, outer.error = inner.failed, inner.error
+                return True
+            return False
+
+        outer._poll, outer._wait, outer._wait_layer = done, wait, wait_layer
+        return outer
+
+
+def test_a_restoring_turn_does_not_stall_running_decodes(model: LlamaModel) -> None:
+    """While a session decodes, a returning session whose copy (as the cost model
+    expects it) is far from done waits out of the batch instead of making the decodes'
+    step wait on its layers; it joins once its copy is done."""
+    engine = build_engine(
+        model, num_gpu_blocks=40, num_host_blocks=96,
+        scheduler=SchedulerConfig(max_pinned_sessions=1, layerwise_restore=True),
+    )  # fmt: skip
+    gated = _GatedLayers(engine.cache.engine)  # type: ignore[arg-type]
+    engine.cache.engine = gated
+    cost = engine.scheduler.cost
+    engine.scheduler.cost = dataclasses.replace(cost, gpu_flops=1e6)  # offload, never drop
+    prompt_a = render_prompt(TOK, instructions=None, tools=(), items=[Message("user", "a " * 30)])
+    prompt_b = render_prompt(TOK, instructions=None, tools=(), items=[Message("user", "b " * 30)])
+    events: dict[str, list[Any]] = {"a1": [], "a2": [], "b": []}
+    engine.open_session("a")
+    engine.submit(EngineRequest(request_id="a1", session_id="a", prompt_tokens=tuple(prompt_a),
+                                output=greedy(4)), events["a1"].append)  # fmt: skip
+    engine.run_until_idle()
+    first = events["a1"][-1]
+    assert isinstance(first, TurnDone) and first.item is not None
+    engine.open_session("b")  # the only pin slot: a goes to the host tier
+    engine.submit(EngineRequest(request_id="bx", session_id="b", prompt_tokens=tuple(prompt_b),
+                                output=greedy(1)), lambda ev: None)  # fmt: skip
+    engine.run_until_idle()
+    engine.cache.wait_all()
+    engine.run_until_idle()
+    assert engine.scheduler.session(engine._sessions["a"].key).state.value == "offloaded"
+    engine.cache.gpu.pool.evict(engine.cache.gpu.pool.num_cached)
+    engine.scheduler.set_max_pinned_sessions(2)
+    # a copy that (the engine expects) takes far longer than any step
+    engine.scheduler.cost = dataclasses.replace(cost, host_link_bytes_per_s=1e3)
+    items = [Message("user", "a " * 30), first.item, Message("user", "again " * 3)]
+    prompt_a2 = render_prompt(TOK, instructions=None, tools=(), items=items)
+    b_items = [Message("user", "b " * 30)]
+    prompt_b2 = render_prompt(TOK, instructions=None, tools=(), items=b_items)
+    deltas = [0]
+
+    def on_b(ev: Any) -> None:
+        events["b"].append(ev)
+        if type(ev).__name__ == "OutputDelta":
+            deltas[0] += 1
+            if deltas[0] == 1:  # b decodes: now a comes back
+                engine.submit(EngineRequest(request_id="a2", session_id="a",
+                                            prompt_tokens=tuple(prompt_a2), output=greedy(4)),
+                              events["a2"].append)  # fmt: skip
+            if deltas[0] == 12:
+                gated.gate.set()  # the copy is done from here on
+
+    engine.submit(EngineRequest(request_id="b2", session_id="b", prompt_tokens=tuple(prompt_b2),
+                                output=greedy(24)), on_b)  # fmt: skip
+    engine.run_until_idle()
+    done_a = events["a2"][-1]
+    assert isinstance(done_a, TurnDone), events["a2"]
+    assert done_a.item == reference(model, prompt_a2, greedy(4))[1]
+    assert engine.scheduler.metrics.restores_layerwise == 1
+    assert gated.early == []  # no step waited on the copy while b was decoding
+    assert deltas[0] >= 12
 
 
 def test_a_closed_or_dropped_copy_engine_keeps_no_store_alive() -> None:

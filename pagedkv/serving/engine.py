@@ -108,6 +108,7 @@ class _Job:
     cached_tokens: int = 0
     steered: bool = False  # a steer asked to end its message at the next token boundary
     restore: TransferHandle | None = None  # a layer-wise restore its next step waits on
+    restore_end_s: float = 0.0  # when the cost model expects that copy to end
     t_admitted: float = 0.0
     t_first: float | None = None
 
@@ -618,6 +619,9 @@ class Engine:
             # the cached prefix is still being copied in, layer by layer: the first step
             # computes from the plan's start, waiting for each layer of it (`_step`)
             job.restore = plan.restore
+            job.restore_end_s = time.monotonic() + self.scheduler.cost.transfer_s(
+                plan.restore.num_blocks
+            )
             job.pos = plan.compute_start
             job.pending = table.tokens[job.pos : table.num_tokens].tolist()
         else:
@@ -646,6 +650,8 @@ class Engine:
         order += [j for j in self._running if j.phase == "prefill"]
         picked: list[tuple[_Job, int]] = []
         chunks: list[SeqChunk] = []
+        decoding = any(j.pending and j.phase != "prefill" for j in self._running)
+        now = time.monotonic()
         for job in order:
             if not job.pending:
                 continue
@@ -654,6 +660,8 @@ class Engine:
                 n = min(n, cfg.prefill_chunk_tokens, budget)
                 if n <= 0:
                     continue
+            if job.restore is not None and decoding and not self._restore_due(job, n, now):
+                continue  # the step would wait on its copy: the decodes go first
             table = self.cache.gpu.table(job.session.key)
             chunks.append(SeqChunk(table.block_ids, job.pos, job.pending[:n]))
             picked.append((job, n))
@@ -702,6 +710,16 @@ class Engine:
             for (_, job), token in zip(entries, tokens, strict=True):
                 assert job.program is not None
                 self._apply(job, job.program.advance(token))
+
+    def _restore_due(self, job: _Job, num_tokens: int, now: float) -> bool:
+        """Whether a job whose prefix is still being copied in joins a step with decodes:
+        once what is left of its copy (as the cost model expects it) takes no longer
+        than the step's compute of its tokens, so the layer waits stall the decodes in
+        that step little (before, they would wait for most of the copy)."""
+        if job.restore is None or job.restore.done():
+            return True
+        left = job.restore_end_s - now
+        return left <= self.scheduler.cost.prefill_s(num_tokens, job.pos)
 
     def _no_layer_waits(self) -> None:
         """The model ran a step without waiting for every layer's copy (it does not call
