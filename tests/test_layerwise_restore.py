@@ -520,7 +520,7 @@ def test_a_closed_or_dropped_copy_engine_keeps_no_store_alive() -> None:
     engine.close()  # idempotent
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu
 def test_a_layered_copy_on_cuda_is_ordered_by_stream_events() -> None:
     gpu = KVStore(SPEC, 8, device="cuda", fill=float("nan"))
     host = KVStore(SPEC, 8, fill=0.0)

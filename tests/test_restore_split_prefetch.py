@@ -424,6 +424,57 @@ def test_a_turn_parked_on_its_prefetch_blocks_no_one_and_starts_when_it_lands() 
     assert torch.equal(got, expected_tokens(token_values(0, hist_a)))
 
 
+def test_an_engine_refusal_while_a_parked_turn_starts_does_not_escape_poll() -> None:
+    """The prefetch a turn is parked on fails, and the engine refuses the restore its
+    start then needs: poll() returns, the turn waits in the queue (at its front), and
+    the other copies committed in the same poll are handled."""
+    sched, clock, gpu = _prefetching_scheduler(engine_type=RefusingEngine)
+    _offload_a(sched, clock, gpu)
+    sched.set_max_pinned_sessions(3)
+    clock.now += 1.0
+    sched.poll()
+    assert sched.begin_turn("a", [4, 4]) is None  # parked
+    sched._evict(sched.session("b"))  # b is offloaded: its copy lands in the same poll
+    assert sched.cache.location("b") == "offloading"
+    sched.cache.cancel("a")  # the prefetch copy fails
+    sched.cache.engine.refuse = True  # type: ignore[attr-defined]
+    clock.now += 1.0
+    assert sched.poll() == []
+    sched.check_invariants()
+    assert sched.session("a").is_queued
+    assert not sched._releasing  # b's offload was committed (b may be prefetched back)
+    sched.cache.engine.refuse = False  # type: ignore[attr-defined]
+    sched.set_max_pinned_sessions(2)
+    ready = []
+    for _ in range(8):
+        clock.now += 0.25
+        ready += [ev.session_id for ev in sched.poll() if isinstance(ev, TurnReady)]
+    assert ready == ["a"]
+    sched.check_invariants()
+
+
+def test_a_running_turn_that_needs_room_now_gets_what_a_prefetch_in_flight_holds() -> None:
+    sched, clock, gpu = _prefetching_scheduler(20, headroom=0.1)
+    _offload_a(sched, clock, gpu)
+    clock.now += 1.0
+    sched.poll()
+    assert sched.cache.location("a") == "restoring"
+    assert sched.begin_turn("b", [1]) is not None
+    sched.append_tokens("b", [5] * (BS * 16))  # needs the prefetch's blocks: it lands first
+    sched.check_invariants()
+    assert sched.session("a").state != S.IDLE and sched.metrics.blocks_prefetch_wasted == 3
+
+
+def test_a_session_closed_before_it_returns_wasted_its_prefetch() -> None:
+    sched, clock, gpu = _prefetching_scheduler()
+    _offload_a(sched, clock, gpu)
+    clock.now += 1.0
+    sched.poll()
+    assert sched.metrics.blocks_prefetched == 3
+    sched.close_session("a", offload=False)
+    assert sched.metrics.blocks_prefetch_wasted == 3  # counted against the budget
+
+
 def test_closing_a_session_parked_on_its_prefetch_releases_it() -> None:
     sched, clock, gpu = _prefetching_scheduler()
     _offload_a(sched, clock, gpu)

@@ -105,6 +105,7 @@ class Residency(ABC):
         # when the copy lands (not from the admission queue, where they would block
         # every turn behind them for the rest of the copy)
         self._parked: dict[object, Session] = {}
+        self._parked_since: dict[object, float] = {}  # when each parked turn arrived
         self._releasing: dict[object, int] = {}  # offloading: GPU blocks freed on completion
         self._backups: dict[object, Session] = {}  # backups in flight: id -> who started it
         # released with their own backup in flight: its GPU sources free when it completes
@@ -129,8 +130,9 @@ class Residency(ABC):
         """The plan of a turn whose blocks are now all on the GPU (`SessionScheduler`)."""
 
     @abstractmethod
-    def _start_parked(self, s: Session) -> None:
-        """Start the turn parked on `s`'s prefetch, which just landed (`SessionScheduler`)."""
+    def _start_parked(self, s: Session, *, ok: bool) -> None:
+        """Start the turn parked on `s`'s prefetch, whose copy just ended (`ok`: every
+        block moved) (`SessionScheduler`)."""
 
     # ------------------------------------------------------------------ making room
     def _make_room(self, s: Session, need: Need, *, immediate: bool = False) -> bool:
@@ -213,6 +215,8 @@ class Residency(ABC):
                 victim = pick(skip=guard)
                 if victim is not None and not self._finish_backup(victim):
                     victim = None
+            if victim is None and immediate and self._finish_prefetches():
+                continue  # what a prefetch held is an (evictable) idle session now
             if victim is None:
                 self._blocked_by_tenant = tenant_slot
                 return False
@@ -254,6 +258,20 @@ class Residency(ABC):
         if r is not None:
             self._on_transfer(r, follow_up=False)  # its blocks are wanted free now
         return True
+
+    def _finish_prefetches(self) -> bool:
+        """Block until the prefetch copies in flight complete and commit them (their
+        blocks are wanted now). False when there is none, or the engine cannot wait."""
+        done = False
+        for session_id in list(self._prefetching):
+            try:
+                r = self.cache.wait(session_id)
+            except RuntimeError:  # a simulated engine: advance the clock instead
+                return done
+            if r is not None:
+                self._on_transfer(r)
+                done = True
+        return done
 
     def _backed_up(self, s: Session) -> bool:
         """Whether the host holds (or a backup in flight is copying) every full block of
@@ -620,7 +638,14 @@ class Residency(ABC):
             tenant=None,
             over_cap=over_cap,
             score=score,
-            skip=_either(guard, lambda v: not self._backed_up(v) or self._backup_in_flight(v)),
+            skip=_either(
+                guard,
+                lambda v: (
+                    not self._backed_up(v)
+                    or self._backup_in_flight(v)
+                    or v.pending_tokens is not None  # its turn waits: it is coming back
+                ),
+            ),
             skip_prefetched=lambda v: True,
         )
         if victim is None:
@@ -650,6 +675,9 @@ class Residency(ABC):
             s.history = None
             s.backup_tokens = table.num_cacheable_blocks * cache.block_size
             self._pin(s)
+            if s.pending_tokens is not None:  # its turn is queued: it has come back
+                self._idle.add(s)
+                return
             protect = cfg is not None and cfg.protect
             self._idle.add(s, prefetched_until=s.prefetch_until if protect else -math.inf)
             return
@@ -761,9 +789,10 @@ class Residency(ABC):
         prefetched = self._prefetching.pop(r.seq_id, None)
         if prefetched is not None:
             if prefetched is s:
-                self._prefetch_landed(s, ok=r.ok)
                 if self._parked.pop(s.session_id, None) is s:
-                    self._start_parked(s)
+                    self._start_parked(s, ok=r.ok)  # its turn is here: a foreground start
+                else:
+                    self._prefetch_landed(s, ok=r.ok)
             return
         if r.seq_id in self._restoring_plans:  # its plan is out: commit_restore reports it
             self._restore_done[r.seq_id] = r.valid_tokens

@@ -316,6 +316,8 @@ class SessionScheduler(Residency):
         self._restoring_plans.pop(session_id, None)
         self._restore_done.pop(session_id, None)
         self._parked.pop(session_id, None)
+        self._parked_since.pop(session_id, None)
+        self._prefetch_wasted_by(s)  # closed before it came back to its prefetch
         self._releasing.pop(session_id, None)
         if s.is_pinned:
             self._unpin(s)
@@ -420,6 +422,7 @@ class SessionScheduler(Residency):
         loc = self.cache.location(s.session_id)
         if loc == "restoring" and self._prefetching.get(s.session_id) is s:
             self._parked[s.session_id] = s  # started when its prefetch lands
+            self._parked_since.setdefault(s.session_id, self.clock())
             return True
         if loc in ("offloading", "restoring"):
             return None  # wait for the copy to finish first
@@ -453,8 +456,8 @@ class SessionScheduler(Residency):
                     max_restore_blocks=max_restore,
                     layerwise=self.config.layerwise_restore,
                 )
-            except OutOfBlocksError:
-                return None
+            except (OutOfBlocksError, RuntimeError):  # no room, or the engine refused
+                return None  # (rolled back); it waits and is tried again
             if max_restore is not None:  # the host run's last block may be partial
                 self._count_split(h.num_tokens - (len(restore_hits) + max_restore) * bs)
             s.pending_tokens = None  # appended (and their blocks reserved) by restore
@@ -484,7 +487,7 @@ class SessionScheduler(Residency):
                     split=self._split_plan if self.config.restore_split else None,
                     layerwise=self.config.layerwise_restore,
                 )
-            except OutOfBlocksError:
+            except (OutOfBlocksError, RuntimeError):  # no room, or the engine refused
                 return None
             s.history = s.chain = None
             s.pending_tokens = None  # the new tokens are in the sequence already
@@ -503,15 +506,37 @@ class SessionScheduler(Residency):
             return True
         return self._ready(s, hits)
 
-    def _start_parked(self, s: Session) -> None:
+    def _start_parked(self, s: Session, *, ok: bool) -> None:
+        """The prefetch a turn was parked on ended: start the turn as a foreground turn
+        whose copy just landed (it makes room for itself; the prefetch was used), or,
+        when the copy failed or no room can be made now, release the copy and start it
+        the usual way; a turn that must wait goes to the front of its queue with its
+        arrival time (it was admitted before the turns queued behind it)."""
+        since = self._parked_since.pop(s.session_id, self.clock())
+        if ok and s.pending_tokens is not None:
+            table = self.cache.gpu.table(s.session_id)
+            bs = self.cache.block_size
+            need = -(-(table.num_tokens + len(s.pending_tokens)) // bs) - len(table.block_ids)
+            if self._make_room(s, Need(need, (), True)):
+                s.history = None
+                s.backup_tokens = table.num_cacheable_blocks * bs
+                hits = self._resume_hits(s)  # the prefetched blocks are host hits
+                self._returned(s)
+                self._pin(s)
+                s.state = S.ACTIVE
+                self._events.append(TurnReady(s.session_id, self._ready(s, hits)))
+                return
+        self._prefetch_landed(s, ok=False)  # released (host copy kept) or dropped
         started = self._try_start(s)
         if isinstance(started, TurnPlan):
             self._events.append(TurnReady(s.session_id, started))
-        elif started is None:  # no room now: it waits its turn in the queue from here
+        elif started is None:
             if self._blocked_by_tenant:
                 self._tenant_held.add(s.session_id)
-            s.queued_at = self.clock()
-            self._queues.setdefault(s.priority, OrderedDict())[s.session_id] = s
+            s.queued_at = since
+            queue = self._queues.setdefault(s.priority, OrderedDict())
+            queue[s.session_id] = s
+            queue.move_to_end(s.session_id, last=False)
             self.metrics.admission_waits += 1
 
     def _split_plan(
