@@ -122,7 +122,9 @@ def test_logits_match_eager_for_prefill_extension_and_decode(arch: str) -> None:
 
 def test_turn_two_reuses_turn_one_pinned_offloaded_and_after_a_reconnect() -> None:
     lm, ref = _pair("qwen2", seed=7)
-    paged = PagedLM(lm, num_gpu_blocks=24, num_host_blocks=64, max_pinned_sessions=1)
+    paged = PagedLM(
+        lm, num_gpu_blocks=24, num_host_blocks=64, max_pinned_sessions=1, layerwise_restore=True
+    )
     first, other = _prompts(3, (40, 30))
     paged.open_session("a")
     t1 = paged.generate([first], max_new_tokens=8, sessions=["a"])[0]

@@ -29,6 +29,7 @@ from pagedkv.serving.conversation import Item, Message, render_prompt
 from pagedkv.serving.engine import Engine
 from pagedkv.serving.engine_types import EngineConfig, EngineRequest, TurnDone
 from pagedkv.serving.factory import build_engine, build_model
+from pagedkv.tiers import transfer
 from pagedkv.tiers.kv_store import KVStore
 from pagedkv.tiers.tiered import TieredKVCache
 from pagedkv.tiers.transfer import (
@@ -53,24 +54,26 @@ def _stores(n_gpu: int = 8, n_host: int = 8) -> tuple[KVStore, KVStore]:
 # -- the engine's layered copy -----------------------------------------------------------------
 
 
-def test_a_layered_copy_signals_each_layer_once_its_bytes_are_in_place() -> None:
+def test_a_layered_copy_signals_each_layer_once_its_bytes_are_in_place(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     gpu, host = _stores()
     engine = CopyTransferEngine(gpu, host)
     src, dst = [0, 1, 2, 5], [3, 4, 5, 0]
     gate = threading.Event()
-    real_copy = torch.Tensor.copy_
+    real_copy = transfer._host_copy
     copied_layers: list[int] = []
+    layer_bytes = gpu.kv.stride(1) * gpu.kv.element_size()
 
     # hold the copy thread before layer 1 so the test sees layer 0 done and layer 1 not
-    def slow_copy(self: torch.Tensor, other: torch.Tensor, *a: Any, **k: Any) -> torch.Tensor:
-        if threading.current_thread().name == "pagedkv-layer-copy":
-            layer = int((self.storage_offset() // gpu.kv.stride(1)) % L)
-            if layer == 1:
-                gate.wait(5)
-            copied_layers.append(layer)
-        return real_copy(self, other, *a, **k)
+    def slow_copy(to: Any, frm: Any) -> None:
+        layer = (to.ctypes.data - gpu.kv.data_ptr()) // layer_bytes % L
+        if layer == 1:
+            gate.wait(5)
+        copied_layers.append(layer)
+        real_copy(to, frm)
 
-    torch.Tensor.copy_ = slow_copy  # type: ignore[method-assign]
+    monkeypatch.setattr(transfer, "_host_copy", slow_copy)
     try:
         handle = engine.submit("restore", src, dst, layered=True)
         assert handle.num_layers == L
@@ -87,7 +90,6 @@ def test_a_layered_copy_signals_each_layer_once_its_bytes_are_in_place() -> None
         handle.wait()
         assert handle.done() and not handle.failed and handle.error is None
     finally:
-        torch.Tensor.copy_ = real_copy  # type: ignore[method-assign]
         gate.set()
     assert sorted(set(copied_layers)) == list(range(L))
     assert copied_layers == sorted(copied_layers)  # layer by layer, in order
@@ -118,24 +120,20 @@ def test_layered_copy_inputs_are_checked_before_anything_moves() -> None:
         CopyTransferEngine(gpu, host, layer_group=0)
 
 
-def test_a_copy_error_on_the_copy_thread_fails_every_pair_and_releases_the_waiters() -> None:
+def test_a_copy_error_on_the_copy_thread_fails_every_pair_and_releases_the_waiters(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     gpu, host = _stores()
     engine = CopyTransferEngine(gpu, host)
-    real_copy = torch.Tensor.copy_
 
-    def broken(self: torch.Tensor, other: torch.Tensor, *a: Any, **k: Any) -> torch.Tensor:
-        if threading.current_thread().name == "pagedkv-layer-copy":
-            raise RuntimeError("injected copy failure")
-        return real_copy(self, other, *a, **k)
+    def broken(to: Any, frm: Any) -> None:
+        raise RuntimeError("injected copy failure")
 
-    torch.Tensor.copy_ = broken  # type: ignore[method-assign]
-    try:
-        handle = engine.submit("restore", [0, 1], [2, 3], layered=True)
-        for layer in range(L):
-            handle.wait_layer(layer)  # returns: the failure is in the result, not a hang
-        handle.wait()
-    finally:
-        torch.Tensor.copy_ = real_copy  # type: ignore[method-assign]
+    monkeypatch.setattr(transfer, "_host_copy", broken)
+    handle = engine.submit("restore", [0, 1], [2, 3], layered=True)
+    for layer in range(L):
+        handle.wait_layer(layer)  # returns: the failure is in the result, not a hang
+    handle.wait()
     assert handle.done() and handle.failed == {0, 1}
     assert isinstance(handle.error, RuntimeError)
 
@@ -365,7 +363,7 @@ def test_layerwise_restores_give_the_same_outputs(model: LlamaModel, fail: bool)
 
 
 def test_a_model_that_skips_wait_layer_is_caught_and_its_steps_computed_again(
-    model: LlamaModel, caplog: pytest.LogCaptureFixture
+    model: LlamaModel, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A third-party model that ignores `ForwardBatch.wait_layer` reads blocks still
     being copied in (the copy thread is slowed so it would): the engine sees that not
@@ -378,24 +376,20 @@ def test_a_model_that_skips_wait_layer_is_caught_and_its_steps_computed_again(
         def __call__(self, batch: Any, kv_store: KVStore) -> torch.Tensor:
             return model(dataclasses.replace(batch, wait_layer=None), kv_store)
 
-    real_copy = torch.Tensor.copy_
+    real_copy = transfer._host_copy
 
-    def slow_copy(self: torch.Tensor, other: torch.Tensor, *a: Any, **k: Any) -> torch.Tensor:
-        if threading.current_thread().name == "pagedkv-layer-copy":
-            time.sleep(0.003)
-        return real_copy(self, other, *a, **k)
+    def slow_copy(to: Any, frm: Any) -> None:
+        time.sleep(0.003)
+        real_copy(to, frm)
 
     engine = Engine(
         Ignores(),  # type: ignore[arg-type]
         EngineConfig(num_gpu_blocks=24, num_host_blocks=96,
                      scheduler=SchedulerConfig(max_pinned_sessions=2, layerwise_restore=True)),
     )  # fmt: skip
-    torch.Tensor.copy_ = slow_copy  # type: ignore[method-assign]
-    try:
-        with caplog.at_level(logging.WARNING, logger="pagedkv.engine"):
-            _run_conversations(engine, model)  # every output equals a recompute's
-    finally:
-        torch.Tensor.copy_ = real_copy  # type: ignore[method-assign]
+    monkeypatch.setattr(transfer, "_host_copy", slow_copy)
+    with caplog.at_level(logging.WARNING, logger="pagedkv.engine"):
+        _run_conversations(engine, model)  # every output equals a recompute's
     assert engine.scheduler.metrics.restores_layerwise >= 1
     assert not engine.scheduler.config.layerwise_restore
     assert "does not call ForwardBatch.wait_layer" in caplog.text

@@ -127,7 +127,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="switch the content-hash prefix cache off (pure stateless HTTP)")  # fmt: skip
     g.add_argument("--no-layerwise-restore", action="store_true",
                    help="wait for a whole host-to-GPU restore before its prefill starts "
-                        "(default: the prefill waits for each layer's copy only)")  # fmt: skip
+                        "(default on CUDA: the prefill waits for each layer's copy only; "
+                        "always whole on CPU)")  # fmt: skip
     g = p.add_argument_group("remote tier (KV blocks shared by replicas through Redis/Valkey)")
     g.add_argument("--remote-url", default=None,
                    help="redis://host:port/db of the shared store (default: none)")  # fmt: skip
@@ -351,8 +352,9 @@ def engine_config_from_args(
         idle_ttl_s=args.idle_ttl,
         reuse_prefix=not getattr(args, "no_prefix_cache", False),
         backup_idle=True,  # with a host tier: idle sessions' blocks written back early
-        # a restore copies layer by layer and the prefill waits per layer (overlap)
-        layerwise_restore=not getattr(args, "no_layerwise_restore", False),
+        # on a GPU a restore copies layer by layer and the prefill waits per layer; on a
+        # CPU the copy thread and the prefill share the cores, and overlap costs time
+        layerwise_restore=cuda and not getattr(args, "no_layerwise_restore", False),
         **(scheduler_caps or {}),
     )
     remote_url = getattr(args, "remote_url", None)

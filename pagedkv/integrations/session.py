@@ -94,8 +94,11 @@ class PagedLM:
             num_host_blocks=num_host_blocks,
             max_batch_tokens=max_batch_tokens,
             prefill_chunk_tokens=prefill_chunk_tokens or max_batch_tokens,
-            # restores overlap the prefill layer by layer unless the caller says otherwise
-            scheduler=SchedulerConfig(**{"layerwise_restore": True, **scheduler}),
+            # on a GPU restores overlap the prefill layer by layer unless the caller says
+            # otherwise (on a CPU the copy and the prefill would share the cores)
+            scheduler=SchedulerConfig(
+                **{"layerwise_restore": self.model.device.type == "cuda", **scheduler}
+            ),
             device=str(self.model.device),
             seed=seed,
             tenant=tenant,

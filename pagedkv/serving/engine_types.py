@@ -24,9 +24,11 @@ class EngineConfig:
             chunks fill what is left, oldest request first.
         prefill_chunk_tokens: new tokens of one sequence per step (chunked prefill).
         scheduler: admission, pinning and eviction (`reuse_prefix=False` switches the
-            content-hash cache off: a pure stateless server for HTTP). The default has
-            `layerwise_restore=True`: a restored turn's prefill starts while its prefix
-            is still being copied in, each layer waiting for its own copy.
+            content-hash cache off: a pure stateless server for HTTP).
+            `layerwise_restore=True` starts a restored turn's prefill while its prefix
+            is still being copied in, each layer waiting for its own copy (`pagedkv
+            serve` and `PagedLM` turn it on for CUDA devices; on a CPU the copy and the
+            prefill compete for the same cores).
         device: where the model and the device pool live.
         seed: seeds sampling.
         hash_secret: the block hasher's tenant-root secret (None: random per process).
@@ -51,9 +53,7 @@ class EngineConfig:
     num_host_blocks: int = 2048
     max_batch_tokens: int = 512
     prefill_chunk_tokens: int = 512
-    scheduler: SchedulerConfig = field(
-        default_factory=lambda: SchedulerConfig(layerwise_restore=True)
-    )
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     device: str = "cpu"
     seed: int = 0
     hash_secret: bytes | None = None
