@@ -475,6 +475,21 @@ def test_a_session_closed_before_it_returns_wasted_its_prefetch() -> None:
     assert sched.metrics.blocks_prefetch_wasted == 3  # counted against the budget
 
 
+def test_closing_a_session_drops_its_undelivered_events() -> None:
+    sched, clock, gpu = _prefetching_scheduler()
+    _offload_a(sched, clock, gpu)
+    clock.now += 1.0
+    sched.poll()
+    assert sched.begin_turn("a", [4]) is None  # parked on its prefetch
+    clock.now += 1.0
+    for r in sched.cache.poll():  # the copy lands between polls: TurnReady is pending
+        sched._on_transfer(r)
+    assert [ev.session_id for ev in sched._events] == ["a"]
+    sched.close_session("a", offload=False)
+    assert sched.poll() == []  # no event for a closed session
+    sched.check_invariants()
+
+
 def test_closing_a_session_parked_on_its_prefetch_releases_it() -> None:
     sched, clock, gpu = _prefetching_scheduler()
     _offload_a(sched, clock, gpu)

@@ -339,6 +339,11 @@ class SessionScheduler(Residency):
         s.queued_at = None
         self._tenant_held.discard(session_id)
         del self._sessions[session_id]
+        # events not yet delivered for it (a turn admitted meanwhile) are void now
+        if any(ev.session_id == session_id for ev in self._events):
+            kept = [ev for ev in self._events if ev.session_id != session_id]
+            self._events.clear()
+            self._events.extend(kept)
         self._admit_queued()
 
     def set_max_pinned_sessions(self, cap: int) -> None:
