@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import torch
-from engine_helpers import TOK, greedy, reference
+from engine_helpers import TOK, greedy, reference, run_conversations
 from tier_helpers import SPEC
 
 from pagedkv.cache.block_manager import BlockManager
@@ -25,7 +25,7 @@ from pagedkv.model.llama import LlamaModel
 from pagedkv.scheduler.config import SchedulerConfig
 from pagedkv.scheduler.errors import SessionError
 from pagedkv.scheduler.scheduler import SessionScheduler
-from pagedkv.serving.conversation import Item, Message, render_prompt
+from pagedkv.serving.conversation import Message, render_prompt
 from pagedkv.serving.engine import Engine
 from pagedkv.serving.engine_types import EngineConfig, EngineRequest, TurnDone
 from pagedkv.serving.factory import build_engine, build_model
@@ -290,40 +290,6 @@ def test_closing_a_session_with_its_restore_uncommitted_releases_everything() ->
 # -- the engine: outputs are bit-identical to a whole restore and to a recompute ---------------
 
 
-def _run_conversations(engine: Engine, model: LlamaModel) -> list[Item]:
-    sessions = [f"s{i}" for i in range(4)]
-    convs: dict[str, list[Item]] = {sid: [Message("user", f"{sid} " * 20)] for sid in sessions}
-    items: list[Item] = []
-    for sid in sessions:
-        engine.open_session(sid)
-    n = 0
-    for turn in range(3):
-        for sid in sessions:
-            prompt = render_prompt(TOK, instructions=None, tools=(), items=convs[sid])
-            n += 1
-            events: list[Any] = []
-            engine.submit(
-                EngineRequest(
-                    request_id=f"r{n}", session_id=sid, prompt_tokens=tuple(prompt),
-                    output=greedy(4),
-                ),
-                events.append,
-            )  # fmt: skip
-            engine.run_until_idle()
-            done = events[-1]
-            assert isinstance(done, TurnDone), events
-            assert done.item == reference(model, prompt, greedy(4))[1], (turn, sid)
-            assert done.item is not None
-            items.append(done.item)
-            convs[sid] += [done.item, Message("user", f"turn {turn} " * 5)]
-    for sid in sessions:
-        engine.close_session(sid)
-    engine.run_until_idle()
-    engine.scheduler.check_invariants()
-    engine.cache.check_invariants()
-    return items
-
-
 def _every_third() -> Any:
     seen = [0]
 
@@ -352,7 +318,7 @@ def test_layerwise_restores_give_the_same_outputs(model: LlamaModel, fail: bool)
             )
             if fail:
                 engine.cache.engine = FaultInjectingEngine(engine.cache.engine, _every_third())  # type: ignore[arg-type]
-            outputs[layerwise] = _run_conversations(engine, model)
+            outputs[layerwise] = run_conversations(engine, model)
             m = engine.scheduler.metrics
             assert m.blocks_restored > 0
             assert (m.restores_layerwise > 0) == layerwise
@@ -389,7 +355,7 @@ def test_a_model_that_skips_wait_layer_is_caught_and_its_steps_computed_again(
     )  # fmt: skip
     monkeypatch.setattr(transfer, "_host_copy", slow_copy)
     with caplog.at_level(logging.WARNING, logger="pagedkv.engine"):
-        _run_conversations(engine, model)  # every output equals a recompute's
+        run_conversations(engine, model)  # every output equals a recompute's
     assert engine.scheduler.metrics.restores_layerwise >= 1
     assert not engine.scheduler.config.layerwise_restore
     assert "does not call ForwardBatch.wait_layer" in caplog.text

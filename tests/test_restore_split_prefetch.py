@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import torch
-from engine_helpers import TOK, greedy, reference
+from engine_helpers import run_conversations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from sched_helpers import Clock, make_scheduler, run_turn
@@ -32,8 +32,6 @@ from pagedkv.scheduler.errors import SessionError
 from pagedkv.scheduler.eviction import IdleGapModel
 from pagedkv.scheduler.scheduler import SessionScheduler, TurnReady
 from pagedkv.scheduler.session import SessionState as S
-from pagedkv.serving.conversation import Item, Message, render_prompt
-from pagedkv.serving.engine_types import EngineRequest, TurnDone
 from pagedkv.serving.factory import build_engine, build_model
 from pagedkv.tiers.kv_store import KVStore
 from pagedkv.tiers.tiered import TieredKVCache
@@ -191,40 +189,9 @@ def test_split_restores_give_the_same_outputs(model: LlamaModel, fraction: float
             return j
 
         engine.scheduler._split_plan = plan  # type: ignore[method-assign]
-        sessions = [f"s{i}" for i in range(4)]
-        convs: dict[str, list[Item]] = {sid: [Message("user", f"{sid} " * 20)] for sid in sessions}
-        events: dict[str, list[Any]] = {}
-        for sid in sessions:
-            engine.open_session(sid)
-        n = 0
-        for turn in range(3):
-            for sid in sessions:
-                prompt = render_prompt(TOK, instructions=None, tools=(), items=convs[sid])
-                n += 1
-                rid = f"r{n}"
-                events[rid] = []
-                engine.submit(
-                    EngineRequest(
-                        request_id=rid,
-                        session_id=sid,
-                        prompt_tokens=tuple(prompt),
-                        output=greedy(4),
-                    ),
-                    events[rid].append,
-                )
-                engine.run_until_idle()
-                done = events[rid][-1]
-                assert isinstance(done, TurnDone), events[rid]
-                assert done.item == reference(model, prompt, greedy(4))[1], (turn, sid)
-                assert done.item is not None
-                convs[sid] += [done.item, Message("user", f"turn {turn} " * 5)]
+        run_conversations(engine, model)  # every output equals a recompute's
         m = engine.scheduler.metrics
         assert m.restores_split > 0 and m.tokens_split_recomputed > 0, splits
-        for sid in sessions:
-            engine.close_session(sid)
-        engine.run_until_idle()
-        engine.scheduler.check_invariants()
-        engine.cache.check_invariants()
     finally:
         torch.set_num_threads(threads)
 

@@ -37,8 +37,8 @@ class SchedulerMetrics:
     blocks_prefetched: int = 0  # copied host -> GPU ahead of a return (`prefetch`)
     bytes_prefetched: int = 0
     blocks_prefetch_used: int = 0  # of those, found on the GPU when their session returned
-    # of those, released, offloaded, refused at landing or failed before it returned
-    # (a prefetched session closed before it returns is neither used nor wasted here)
+    # of those, released, offloaded, refused at landing, failed or closed before their
+    # session returned
     blocks_prefetch_wasted: int = 0
 
     def as_dict(self) -> dict[str, int]:

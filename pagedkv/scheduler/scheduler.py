@@ -246,12 +246,10 @@ class SessionScheduler(Residency):
             self._on_transfer(result)
         valid = self._restore_done.pop(session_id)
         del self._restoring_plans[session_id]
-        lost = max(0, planned - valid)
-        if valid < planned:
+        if valid < planned:  # the tokens the copy did not bring are computed instead
             self.metrics.restores_layerwise_failed += 1
-        if lost:
-            self.metrics.tokens_hit_host -= lost
-            self.metrics.tokens_computed += lost
+            self.metrics.tokens_hit_host -= planned - valid
+            self.metrics.tokens_computed += planned - valid
         return min(valid, planned)
 
     def _check_committed(self, session_id: object, what: str) -> None:

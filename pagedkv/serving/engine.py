@@ -643,15 +643,18 @@ class Engine:
             time.sleep(self.config.step_delay_s)
         cfg = self.config
         budget = cfg.max_batch_tokens
-        # a restore that already finished is committed now: a failed one is computed
-        # again from its valid prefix instead of running a step over bad K/V
-        self._commit_restores([j for j in self._running if j.restore and j.restore.done()])
+        decoding, now = False, 0.0
+        restoring = [j for j in self._running if j.restore is not None]
+        if restoring:
+            # a restore that already finished is committed now: a failed one is computed
+            # again from its valid prefix instead of running a step over bad K/V
+            self._commit_restores([j for j in restoring if j.restore and j.restore.done()])
+            decoding = any(j.pending and j.phase != "prefill" for j in self._running)
+            now = time.monotonic()
         order = [j for j in self._running if j.phase != "prefill"]
         order += [j for j in self._running if j.phase == "prefill"]
         picked: list[tuple[_Job, int]] = []
         chunks: list[SeqChunk] = []
-        decoding = any(j.pending and j.phase != "prefill" for j in self._running)
-        now = time.monotonic()
         for job in order:
             if not job.pending:
                 continue
@@ -743,9 +746,8 @@ class Engine:
                 continue
             job.restore = None
             valid = self.scheduler.commit_restore(job.session.key)
-            if redo_all:
-                valid = min(valid, job.pos)  # its step read K/V that may not have landed
-            if valid < job.pos or redo_all:
+            if redo_all or valid < job.pos:  # with redo_all its step read K/V too early
+                valid = min(valid, job.pos)
                 table = self.cache.gpu.table(job.session.key)
                 job.pos = valid
                 job.pending = table.tokens[valid : table.num_tokens].tolist()

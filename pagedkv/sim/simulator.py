@@ -507,7 +507,7 @@ class _Replay:
         restore = node.restore_of.pop(plan.session_id, None)  # type: ignore[call-overload]
         layered = restore is not None and self.policy.layerwise
         first_layer = now
-        if restore is not None and self.policy.layerwise:
+        if layered:
             _admitted, copy_start, copy_end, _n = restore
             first_layer = copy_start + (copy_end - copy_start) / cost.num_layers
             start = max(node.gpu_free_s, first_layer)
